@@ -1,0 +1,140 @@
+//! The `proposal` example package: a three-party vote.
+//!
+//! `propose` (protocol "proposal" v1) asks every counterparty to vote on a
+//! proposal, then tells each the outcome: commit if all accepted, abort
+//! otherwise. Body `{"counterparties": ["<X.500>", ...], "proposal": "<text>"}`,
+//! result `{"accepted": bool, "votes": {"<X.500>": bool, ...}}`.
+//!
+//! It shows both kinds of sub-flow: `collect_vote` is a plain function, so
+//! its session uses the caller's protocol ("proposal"); `fetch_receipt` is an
+//! `#[initiating_flow]` of its own, so while it runs its session uses
+//! "proposal-receipt".
+
+use std::collections::BTreeMap;
+
+use braid_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Request body of `propose`.
+#[derive(Debug, Deserialize)]
+struct ProposeArgs {
+    counterparties: Vec<String>,
+    proposal: String,
+}
+
+/// Result of `propose`.
+#[derive(Debug, Serialize)]
+struct Outcome {
+    accepted: bool,
+    votes: BTreeMap<String, bool>,
+}
+
+/// Initiator to voter: what to vote on.
+#[derive(Debug, Serialize, Deserialize)]
+struct Proposal {
+    text: String,
+}
+
+/// Voter to initiator.
+#[derive(Debug, Serialize, Deserialize)]
+struct Vote {
+    accept: bool,
+}
+
+/// Initiator to voter: the decision.
+#[derive(Debug, Serialize, Deserialize)]
+enum Decision {
+    Commit,
+    Abort,
+}
+
+/// Asks every counterparty to vote, then sends each the decision.
+#[braid_sdk::initiating_flow(protocol = "proposal", version = 1)]
+fn propose(args: ProposeArgs) -> braid_sdk::Result<Outcome> {
+    if args.counterparties.is_empty() {
+        return Err(FlowError::InvalidArguments(
+            "`counterparties` must name at least one party".into(),
+        ));
+    }
+    let mut sessions = Vec::with_capacity(args.counterparties.len());
+    let mut votes = BTreeMap::new();
+    for counterparty in &args.counterparties {
+        let (session, accept) = collect_vote(counterparty, &args.proposal)?;
+        sessions.push(session);
+        votes.insert(counterparty.clone(), accept);
+    }
+    let accepted = votes.values().all(|&accept| accept);
+    let decision = if accepted {
+        Decision::Commit
+    } else {
+        Decision::Abort
+    };
+    for session in &sessions {
+        session.send(&decision)?;
+        session.close()?;
+    }
+    for counterparty in &args.counterparties {
+        let receipt = fetch_receipt(ReceiptRequest {
+            counterparty: counterparty.clone(),
+        })?;
+        log::info(format_args!("decision acknowledged by {}", receipt.signer));
+    }
+    Ok(Outcome { accepted, votes })
+}
+
+/// Sub-flow (plain function): opens a session under the caller's protocol,
+/// sends the proposal and returns the open session with the vote.
+fn collect_vote(counterparty: &str, proposal: &str) -> braid_sdk::Result<(Session, bool)> {
+    let session = Session::initiate(counterparty)?;
+    session.send(&Proposal {
+        text: proposal.to_owned(),
+    })?;
+    let vote: Vote = session.receive()?;
+    Ok((session, vote.accept))
+}
+
+/// Votes: accept unless the proposal contains the word "reject".
+#[braid_sdk::responder_flow(protocol = "proposal", version = 1)]
+fn vote(session: Session) -> braid_sdk::Result<()> {
+    let proposal: Proposal = session.receive()?;
+    let accept = !proposal
+        .text
+        .split(|c: char| !c.is_alphanumeric())
+        .any(|word| word.eq_ignore_ascii_case("reject"));
+    session.send(&Vote { accept })?;
+    let decision: Decision = session.receive()?;
+    log::info(format_args!("proposal decided: {decision:?}"));
+    Ok(())
+}
+
+/// Body of `fetch_receipt` (also startable on its own).
+#[derive(Debug, Deserialize)]
+struct ReceiptRequest {
+    counterparty: String,
+}
+
+/// Voter to initiator: confirms it has the decision.
+#[derive(Debug, Serialize, Deserialize)]
+struct Receipt {
+    signer: String,
+}
+
+/// Sub-flow with its own protocol: asks a party for a receipt.
+#[braid_sdk::initiating_flow(protocol = "proposal-receipt", version = 1)]
+fn fetch_receipt(request: ReceiptRequest) -> braid_sdk::Result<Receipt> {
+    let session = Session::initiate(&request.counterparty)?;
+    session.send(&())?;
+    let receipt: Receipt = session.receive()?;
+    session.close()?;
+    Ok(receipt)
+}
+
+/// Answers a receipt request.
+#[braid_sdk::responder_flow(protocol = "proposal-receipt", version = 1)]
+fn sign_receipt(session: Session) -> braid_sdk::Result<()> {
+    session.receive::<()>()?;
+    session.send(&Receipt { signer: whoami() })?;
+    Ok(())
+}
+
+braid_sdk::export_flows!(propose, vote, fetch_receipt, sign_receipt);

@@ -1,0 +1,136 @@
+//! The embedded node: every worker in one process over the embedded store
+//! and the in-process bus.
+
+use anyhow::Context as _;
+use braid_bus::InProcessBus;
+use braid_flow::{FlowWorker, WorkerConfig};
+use braid_rest::Auth;
+use braid_runtime::{Limits, Runtime, RuntimeConfig};
+use braid_storage::embedded::EmbeddedStore;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Settings of an embedded node.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// Directory for the node's store, compiled-package cache and files.
+    #[arg(long, env = "BRAID_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Address of the REST API (port 0 picks a free port; the URL is
+    /// written to DATA_DIR/rest.url).
+    #[arg(long, env = "BRAID_REST_ADDR", default_value = "127.0.0.1:8888")]
+    pub rest_addr: SocketAddr,
+    /// Flows kept live (with a wasm instance) at once; the rest are
+    /// evicted and resumed by replay.
+    #[arg(long, env = "BRAID_MAX_LIVE_FLOWS", default_value_t = 2000)]
+    pub max_live_flows: usize,
+    /// Linear-memory cap per flow, MiB.
+    #[arg(long, env = "BRAID_FLOW_MEMORY_MIB", default_value_t = 64)]
+    pub flow_memory_mib: usize,
+    /// CPU time one flow instance may use, ms.
+    #[arg(long, env = "BRAID_FLOW_CPU_MS", default_value_t = 10_000)]
+    pub flow_cpu_ms: u64,
+    /// Wasm stack limit per flow, KiB.
+    #[arg(long, env = "BRAID_FLOW_STACK_KIB", default_value_t = 512)]
+    pub flow_stack_kib: usize,
+    /// Messages a flow may send without suspending.
+    #[arg(long, env = "BRAID_MAX_OUTBOUND_PER_CHECKPOINT", default_value_t = 10_000)]
+    pub max_outbound_per_checkpoint: usize,
+    /// How long a flow's `receive` waits before the session times out, ms.
+    #[arg(long, env = "BRAID_SESSION_TIMEOUT_MS", default_value_t = 600_000)]
+    pub session_timeout_ms: u64,
+    /// Name of the application network (part of every holding id).
+    #[arg(long, env = "BRAID_GROUP", default_value = "default")]
+    pub group: String,
+}
+
+impl NodeArgs {
+    /// Defaults for a node under `data_dir` on a free loopback port.
+    pub fn local(data_dir: PathBuf) -> NodeArgs {
+        NodeArgs {
+            data_dir,
+            rest_addr: "127.0.0.1:0".parse().expect("valid"),
+            max_live_flows: 2000,
+            flow_memory_mib: 64,
+            flow_cpu_ms: 10_000,
+            flow_stack_kib: 512,
+            max_outbound_per_checkpoint: 10_000,
+            session_timeout_ms: 600_000,
+            group: "default".into(),
+        }
+    }
+}
+
+/// A started node.
+pub struct Node {
+    /// Base URL of the REST API.
+    pub url: String,
+    /// The flow worker.
+    pub worker: FlowWorker,
+    /// Where the REST server runs.
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts every worker; returns once the REST API listens and its URL is
+/// in `DATA_DIR/rest.url`.
+pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
+    let dir = &args.data_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let store = Arc::new(
+        EmbeddedStore::open(&dir.join("braid.redb"))
+            .with_context(|| format!("opening the store in {}", dir.display()))?,
+    );
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
+        limits: Limits {
+            memory_bytes: args.flow_memory_mib << 20,
+            stack_bytes: args.flow_stack_kib << 10,
+            cpu_budget: Duration::from_millis(args.flow_cpu_ms),
+            max_outbound_per_checkpoint: args.max_outbound_per_checkpoint,
+            session_timeout: Duration::from_millis(args.session_timeout_ms),
+            ..Limits::default()
+        },
+        max_instances: (args.max_live_flows + 64) as u32,
+        cache_dir: dir.join("compiled"),
+    })?);
+    let (bus, bus_rx) = InProcessBus::new();
+    let worker = FlowWorker::start(
+        store.clone(),
+        Arc::new(bus),
+        bus_rx,
+        runtime,
+        WorkerConfig {
+            max_live_flows: args.max_live_flows,
+            group: args.group.clone(),
+        },
+    )
+    .await?;
+    let auth = Arc::new(
+        Auth::init(
+            store.as_ref(),
+            std::env::var("BRAID_ADMIN_PASSWORD").ok(),
+            &dir.join("admin-password"),
+        )
+        .await?,
+    );
+    let listener = tokio::net::TcpListener::bind(args.rest_addr)
+        .await
+        .with_context(|| format!("binding the REST API to {}", args.rest_addr))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(braid_rest::run(
+        listener,
+        worker.clone(),
+        auth,
+        std::future::pending(),
+    ));
+    let tmp = dir.join("rest.url.tmp");
+    std::fs::write(&tmp, &url)?;
+    std::fs::rename(&tmp, dir.join("rest.url"))?;
+    tracing::info!(%url, data_dir = %dir.display(), "node started");
+    Ok(Node {
+        url,
+        worker,
+        server,
+    })
+}

@@ -1,0 +1,837 @@
+//! The flow worker: starts flows, commits their checkpoints, releases their
+//! messages, routes session messages to flows of this node, and keeps a
+//! bounded set of flows live (the rest are evicted and resumed by replay).
+//!
+//! Ordering that makes crashes harmless:
+//! - a checkpoint (journal entries + outbox + status) commits in one store
+//!   transaction, and only then are its messages published;
+//! - the router writes a delivered message to the receiver's inbox and
+//!   deletes it from the outbox in one transaction, and only then wakes
+//!   the receiver;
+//! - at start-up every outbox message is published again (receivers drop
+//!   duplicates by sequence number) and every unfinished flow is resumed.
+
+use braid_bus::{Bus, BusReceiver};
+use braid_runtime::{Checkpoint, Event, FlowEnv, FlowInput, Package, RunOutcome, Runtime};
+use braid_storage::{FlowRecord, Op, PackageRecord, Store, StoreError, VnodeRecord};
+use braid_types::{
+    Body, Checksum, ClientRequestId, Endpoint, FailureKind, FlowFailure, FlowId, FlowInfo,
+    FlowStart, FlowStatus, HoldingId, SessionFault, SessionMessage, Side, X500Name, now_millis,
+};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+
+/// A request the worker refuses; each maps to a 4xx.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Something named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// It exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is not acceptable as it stands.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed; retry later.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// Flow worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Flows kept live (with an instance) at once.
+    pub max_live_flows: usize,
+    /// The application network's name (part of every holding id).
+    pub group: String,
+}
+
+#[derive(Debug)]
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    evicting: bool,
+}
+
+#[derive(Default)]
+struct State {
+    vnodes: HashMap<HoldingId, VnodeRecord>,
+    names: HashMap<X500Name, HoldingId>,
+    packages: HashMap<Checksum, PackageRecord>,
+    flows: HashMap<FlowId, FlowRecord>,
+    by_client: HashMap<(HoldingId, ClientRequestId), Option<FlowId>>,
+    by_vnode: HashMap<HoldingId, Vec<FlowId>>,
+    live: HashMap<FlowId, Live>,
+    /// Live flows at a suspension, oldest first: the eviction order.
+    lru: BTreeMap<u64, FlowId>,
+    lru_pos: HashMap<FlowId, u64>,
+    tick: u64,
+    queue: VecDeque<FlowId>,
+    queued: HashSet<FlowId>,
+    retries: HashMap<FlowId, u32>,
+}
+
+impl State {
+    fn unsuspend(&mut self, f: &FlowId) {
+        if let Some(t) = self.lru_pos.remove(f) {
+            self.lru.remove(&t);
+        }
+    }
+
+    fn mark_suspended(&mut self, f: FlowId) {
+        self.unsuspend(&f);
+        self.tick += 1;
+        self.lru.insert(self.tick, f);
+        self.lru_pos.insert(f, self.tick);
+    }
+
+    fn insert_flow(&mut self, r: FlowRecord) {
+        if !self.flows.contains_key(&r.id) {
+            self.by_vnode.entry(r.holding).or_default().push(r.id);
+            if let FlowStart::Client {
+                client_request_id, ..
+            } = &r.start
+            {
+                self.by_client
+                    .insert((r.holding, client_request_id.clone()), Some(r.id));
+            }
+        }
+        self.flows.insert(r.id, r);
+    }
+}
+
+/// The flow worker of one node.
+#[derive(Clone)]
+pub struct FlowWorker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    runtime: Arc<Runtime>,
+    config: WorkerConfig,
+    state: Mutex<State>,
+    changes: broadcast::Sender<FlowRecord>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("flow worker state lock")
+    }
+}
+
+impl FlowWorker {
+    /// Loads the node's state, resumes unfinished flows, republishes the
+    /// outbox and starts routing messages from `bus_rx`.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        bus_rx: BusReceiver,
+        runtime: Arc<Runtime>,
+        config: WorkerConfig,
+    ) -> anyhow::Result<FlowWorker> {
+        let snap = store.load().await?;
+        let (changes, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            store: store.clone(),
+            bus,
+            runtime: runtime.clone(),
+            config,
+            state: Mutex::new(State::default()),
+            changes,
+        });
+        for p in &snap.packages {
+            let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
+                anyhow::anyhow!("package {} has metadata but no bytes", p.checksum)
+            })?;
+            if let Err(e) = runtime.load(p.checksum, &bytes).await {
+                tracing::error!(checksum = %p.checksum, cause = %e, "stored package no longer loads");
+            }
+        }
+        let now = now_millis();
+        let mut timers = Vec::new();
+        {
+            let mut st = inner.lock();
+            for v in snap.vnodes {
+                st.names.insert(v.name.clone(), v.holding);
+                st.vnodes.insert(v.holding, v);
+            }
+            for p in snap.packages {
+                st.packages.insert(p.checksum, p);
+            }
+            let inbox: HashSet<FlowId> = snap.inbox_flows.into_iter().collect();
+            let mut ready = Vec::new();
+            for r in snap.flows {
+                if !r.status.is_terminal() {
+                    match r.wake_at_ms {
+                        _ if r.status == FlowStatus::StartRequested || inbox.contains(&r.id) => {
+                            ready.push((r.created_ms, r.id))
+                        }
+                        Some(w) if w <= now => ready.push((r.created_ms, r.id)),
+                        Some(w) => timers.push((r.id, w)),
+                        None => {}
+                    }
+                }
+                st.insert_flow(r);
+            }
+            ready.sort();
+            for (_, id) in ready {
+                if st.queued.insert(id) {
+                    st.queue.push_back(id);
+                }
+            }
+            tracing::info!(
+                flows = st.flows.len(),
+                resuming = st.queue.len(),
+                timers = timers.len(),
+                outbox = snap.outbox.len(),
+                "flow worker state loaded"
+            );
+        }
+        let w = FlowWorker { inner };
+        for (id, at) in timers {
+            w.wake_at(id, at);
+        }
+        tokio::spawn(route(w.clone(), bus_rx));
+        if !snap.outbox.is_empty() {
+            let _ = w.inner.bus.publish(snap.outbox);
+        }
+        w.pump();
+        Ok(w)
+    }
+
+    /// Status changes as they commit.
+    pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Stores a package after checking it is a braid flow package.
+    /// Uploading the same bytes again returns the existing record.
+    pub async fn upload_package(&self, bytes: Vec<u8>) -> Result<(PackageRecord, bool), WorkerError> {
+        let checksum = Checksum::of(&bytes);
+        if let Some(p) = self.inner.lock().packages.get(&checksum) {
+            return Ok((p.clone(), false));
+        }
+        let pkg = self
+            .inner
+            .runtime
+            .load(checksum, &bytes)
+            .await
+            .map_err(|e| WorkerError::Invalid(e.to_string()))?;
+        let rec = PackageRecord {
+            checksum,
+            flows: pkg.flows.clone(),
+            size: bytes.len() as u64,
+            uploaded_ms: now_millis(),
+        };
+        self.inner
+            .store
+            .write(vec![Op::PutPackage(rec.clone(), bytes)])
+            .await?;
+        self.inner.lock().packages.insert(checksum, rec.clone());
+        Ok((rec, true))
+    }
+
+    /// Packages stored.
+    pub fn packages(&self) -> Vec<PackageRecord> {
+        self.inner.lock().packages.values().cloned().collect()
+    }
+
+    /// Creates a vnode running `package`.
+    pub async fn create_vnode(&self, name: X500Name, package: Checksum) -> Result<VnodeRecord, WorkerError> {
+        let holding = HoldingId::derive(&name, &self.inner.config.group);
+        let rec = {
+            let st = self.inner.lock();
+            if !st.packages.contains_key(&package) {
+                return Err(WorkerError::NotFound(format!(
+                    "no package with checksum {package}; upload it first (POST /api/v1/package)"
+                )));
+            }
+            if st.vnodes.contains_key(&holding) {
+                return Err(WorkerError::Conflict(format!(
+                    "a virtual node named {name} exists already (holdingId {holding})"
+                )));
+            }
+            VnodeRecord {
+                holding,
+                name: name.clone(),
+                package,
+                created_ms: now_millis(),
+            }
+        };
+        self.inner.store.write(vec![Op::PutVnode(rec.clone())]).await?;
+        let mut st = self.inner.lock();
+        st.names.insert(name, holding);
+        st.vnodes.insert(holding, rec.clone());
+        Ok(rec)
+    }
+
+    /// All vnodes.
+    pub fn vnodes(&self) -> Vec<VnodeRecord> {
+        let mut v: Vec<_> = self.inner.lock().vnodes.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// One vnode.
+    pub fn vnode(&self, holding: &HoldingId) -> Option<VnodeRecord> {
+        self.inner.lock().vnodes.get(holding).cloned()
+    }
+
+    /// The flows a vnode's package offers.
+    pub fn vnode_flows(&self, holding: &HoldingId) -> Result<Vec<FlowInfo>, WorkerError> {
+        let st = self.inner.lock();
+        let v = st
+            .vnodes
+            .get(holding)
+            .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+        Ok(st
+            .packages
+            .get(&v.package)
+            .map(|p| p.flows.clone())
+            .unwrap_or_default())
+    }
+
+    /// Development only: switches a vnode, and every unfinished flow of it,
+    /// to another package. Live flows are evicted so they resume on the new
+    /// code by replay; a replay that diverges fails that flow.
+    pub async fn force_package(&self, holding: HoldingId, package: Checksum) -> Result<VnodeRecord, WorkerError> {
+        let (vrec, flows) = {
+            let st = self.inner.lock();
+            if !st.packages.contains_key(&package) {
+                return Err(WorkerError::NotFound(format!("no package with checksum {package}")));
+            }
+            let mut v = st
+                .vnodes
+                .get(&holding)
+                .cloned()
+                .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+            v.package = package;
+            let flows: Vec<FlowRecord> = st
+                .by_vnode
+                .get(&holding)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| st.flows.get(id))
+                .filter(|r| !r.status.is_terminal())
+                .map(|r| FlowRecord {
+                    package,
+                    ..r.clone()
+                })
+                .collect();
+            (v, flows)
+        };
+        let mut ops = vec![Op::PutVnode(vrec.clone())];
+        ops.extend(flows.iter().cloned().map(|r| Op::PutFlow(Box::new(r))));
+        self.inner.store.write(ops).await?;
+        let mut st = self.inner.lock();
+        st.vnodes.insert(holding, vrec.clone());
+        for r in flows {
+            if let Some(l) = st.live.get_mut(&r.id) {
+                l.evicting = true;
+                let _ = l.events.send(Event::Evict);
+            }
+            st.unsuspend(&r.id);
+            if let Some(cur) = st.flows.get_mut(&r.id) {
+                cur.package = package;
+            }
+        }
+        Ok(vrec)
+    }
+
+    /// Starts a flow for a client. The start is durable before this returns.
+    pub async fn start_flow(
+        &self,
+        holding: HoldingId,
+        client_request_id: ClientRequestId,
+        flow_name: String,
+        request_body: String,
+    ) -> Result<FlowRecord, WorkerError> {
+        let key = (holding, client_request_id.clone());
+        let rec = {
+            let mut st = self.inner.lock();
+            let v = st
+                .vnodes
+                .get(&holding)
+                .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+            let package = v.package;
+            let flows = st.packages.get(&package).map(|p| p.flows.as_slice()).unwrap_or(&[]);
+            match flows.iter().find(|f| f.name == flow_name) {
+                Some(f) if f.startable => {}
+                Some(_) => {
+                    return Err(WorkerError::Invalid(format!(
+                        "flow {flow_name:?} is a responder flow and cannot be started by a client"
+                    )));
+                }
+                None => {
+                    let names: Vec<&str> = flows.iter().filter(|f| f.startable).map(|f| f.name.as_str()).collect();
+                    return Err(WorkerError::NotFound(format!(
+                        "virtual node {holding} has no flow named {flow_name:?}; startable flows: {names:?}"
+                    )));
+                }
+            }
+            if st.by_client.contains_key(&key) {
+                return Err(WorkerError::Conflict(format!(
+                    "clientRequestId {client_request_id} was already used on virtual node {holding}"
+                )));
+            }
+            st.by_client.insert(key.clone(), None);
+            let now = now_millis();
+            FlowRecord {
+                id: FlowId::random(),
+                holding,
+                flow_name,
+                package,
+                start: FlowStart::Client {
+                    client_request_id,
+                    request_body,
+                },
+                status: FlowStatus::StartRequested,
+                result: None,
+                error: None,
+                created_ms: now,
+                updated_ms: now,
+                wake_at_ms: None,
+                seed: rand::random(),
+                journal_len: 0,
+            }
+        };
+        if let Err(e) = self.inner.store.write(vec![Op::PutFlow(Box::new(rec.clone()))]).await {
+            self.inner.lock().by_client.remove(&key);
+            return Err(e.into());
+        }
+        {
+            let mut st = self.inner.lock();
+            st.insert_flow(rec.clone());
+            if st.queued.insert(rec.id) {
+                st.queue.push_back(rec.id);
+            }
+        }
+        let _ = self.inner.changes.send(rec.clone());
+        self.pump();
+        Ok(rec)
+    }
+
+    /// A client-started flow's record.
+    pub fn flow_by_client(&self, holding: &HoldingId, id: &ClientRequestId) -> Option<FlowRecord> {
+        let st = self.inner.lock();
+        let fid = st.by_client.get(&(*holding, id.clone()))?.as_ref()?;
+        st.flows.get(fid).cloned()
+    }
+
+    /// Every flow of a vnode, oldest first.
+    pub fn flows_of(&self, holding: &HoldingId) -> Vec<FlowRecord> {
+        let st = self.inner.lock();
+        st.by_vnode
+            .get(holding)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| st.flows.get(id).cloned())
+            .collect()
+    }
+
+    /// How many flows have an instance now, and how many are known.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        (st.live.len(), st.flows.len())
+    }
+
+    fn wake_at(&self, id: FlowId, at_ms: u64) {
+        let w = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_millis()))).await;
+            w.schedule(id);
+        });
+    }
+
+    /// Makes sure a flow will run: queued unless it is live or finished.
+    fn schedule(&self, id: FlowId) {
+        {
+            let mut st = self.inner.lock();
+            let terminal = st.flows.get(&id).is_none_or(|r| r.status.is_terminal());
+            if terminal || st.live.contains_key(&id) || !st.queued.insert(id) {
+                return;
+            }
+            st.queue.push_back(id);
+        }
+        self.pump();
+    }
+
+    /// Starts queued flows while there is room; makes room by evicting the
+    /// longest-suspended live flows.
+    fn pump(&self) {
+        let mut st = self.inner.lock();
+        let max = self.inner.config.max_live_flows.max(1);
+        while st.live.len() < max {
+            let Some(id) = st.queue.pop_front() else { break };
+            st.queued.remove(&id);
+            let Some(rec) = st.flows.get_mut(&id) else { continue };
+            if rec.status.is_terminal() {
+                continue;
+            }
+            if rec.status == FlowStatus::StartRequested {
+                rec.status = FlowStatus::Running;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            st.live.insert(id, Live { events: tx, evicting: false });
+            tokio::spawn(drive(self.clone(), id, rx));
+        }
+        let evicting = st.live.values().filter(|l| l.evicting).count();
+        let mut want = st.queue.len().saturating_sub(evicting);
+        while want > 0 {
+            let Some((_, id)) = st.lru.pop_first() else { break };
+            st.lru_pos.remove(&id);
+            if let Some(l) = st.live.get_mut(&id) {
+                l.evicting = true;
+                let _ = l.events.send(Event::Evict);
+                want -= 1;
+            }
+        }
+    }
+
+    fn publish(&self, msgs: Vec<SessionMessage>) {
+        if let Err(e) = self.inner.bus.publish(msgs) {
+            // The messages stay in the outbox and are published on restart.
+            tracing::warn!(cause = %e, "could not publish messages");
+        }
+    }
+
+    fn checkpoint_ops(rec: &FlowRecord, cp: &Checkpoint) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 2);
+        if !cp.entries.is_empty() {
+            ops.push(Op::AppendJournal {
+                flow: rec.id,
+                start: cp.first_index,
+                entries: cp.entries.clone(),
+            });
+        }
+        ops.extend(cp.outbound.iter().map(|m| Op::PutOutbox(Box::new(m.clone()))));
+        ops.extend(cp.consumed.iter().map(|k| Op::DeleteInbox(k.clone())));
+        ops.push(Op::PutFlow(Box::new(rec.clone())));
+        ops
+    }
+}
+
+struct Env {
+    worker: FlowWorker,
+}
+
+#[async_trait::async_trait]
+impl FlowEnv for Env {
+    async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()> {
+        let inner = &self.worker.inner;
+        let rec = {
+            let st = inner.lock();
+            let mut r = st
+                .flows
+                .get(&flow)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("flow {flow} vanished"))?;
+            if r.status != FlowStatus::Running {
+                r.updated_ms = now_millis();
+            }
+            r.status = FlowStatus::Running;
+            r.wake_at_ms = cp.wake_at_ms;
+            r.journal_len = cp.first_index + cp.entries.len() as u32;
+            r
+        };
+        inner.store.write(FlowWorker::checkpoint_ops(&rec, &cp)).await?;
+        {
+            let mut st = inner.lock();
+            st.flows.insert(flow, rec.clone());
+            st.retries.remove(&flow);
+            if st.live.get(&flow).is_some_and(|l| !l.evicting) {
+                st.mark_suspended(flow);
+            }
+        }
+        let _ = inner.changes.send(rec);
+        self.worker.publish(cp.outbound);
+        // A flow just suspended: if others wait for room, evict now.
+        if !inner.lock().queue.is_empty() {
+            self.worker.pump();
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, name: &X500Name) -> Option<HoldingId> {
+        self.worker.inner.lock().names.get(name).copied()
+    }
+}
+
+async fn load_input(w: &FlowWorker, id: FlowId) -> anyhow::Result<(Arc<Package>, FlowInput)> {
+    let (rec, name) = {
+        let st = w.inner.lock();
+        let rec = st.flows.get(&id).cloned().ok_or_else(|| anyhow::anyhow!("unknown flow {id}"))?;
+        let name = st
+            .vnodes
+            .get(&rec.holding)
+            .map(|v| v.name.clone())
+            .ok_or_else(|| anyhow::anyhow!("flow {id} belongs to unknown vnode {}", rec.holding))?;
+        (rec, name)
+    };
+    let pkg = match w.inner.runtime.cached(&rec.package) {
+        Some(p) => p,
+        None => {
+            let bytes = w
+                .inner
+                .store
+                .package_bytes(&rec.package)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("package {} missing", rec.package))?;
+            w.inner.runtime.load(rec.package, &bytes).await?
+        }
+    };
+    let journal = w.inner.store.journal(&id).await?;
+    let inbox = w.inner.store.inbox(&id).await?;
+    Ok((
+        pkg,
+        FlowInput {
+            id,
+            holding: rec.holding,
+            name,
+            flow_name: rec.flow_name.clone(),
+            start: rec.start.clone(),
+            seed: rec.seed,
+            created_ms: rec.created_ms,
+            journal,
+            inbox,
+        },
+    ))
+}
+
+/// Runs one flow instance until it ends, is evicted or hits a host fault.
+async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>) {
+    let outcome = match load_input(&w, id).await {
+        Ok((pkg, input)) => {
+            let env = Arc::new(Env { worker: w.clone() });
+            w.inner.runtime.run(pkg, input, env, events).await
+        }
+        Err(e) => RunOutcome::Fault(format!("{e:#}")),
+    };
+    let mut retry_after = None;
+    match outcome {
+        RunOutcome::Finished { result, checkpoint } => {
+            let rec = {
+                let st = w.inner.lock();
+                st.flows.get(&id).cloned()
+            };
+            if let Some(mut rec) = rec {
+                rec.updated_ms = now_millis();
+                rec.wake_at_ms = None;
+                rec.journal_len = checkpoint.first_index + checkpoint.entries.len() as u32;
+                match result {
+                    Ok(json) => {
+                        rec.status = FlowStatus::Completed;
+                        rec.result = Some(json);
+                    }
+                    Err(f) => {
+                        tracing::info!(flow_id = %id, kind = ?f.kind, reason = %f.message, "flow failed");
+                        rec.status = if f.kind == FailureKind::Killed {
+                            FlowStatus::Killed
+                        } else {
+                            FlowStatus::Failed
+                        };
+                        rec.error = Some(f);
+                    }
+                }
+                match w.inner.store.write(FlowWorker::checkpoint_ops(&rec, &checkpoint)).await {
+                    Ok(()) => {
+                        w.inner.lock().flows.insert(id, rec.clone());
+                        let _ = w.inner.changes.send(rec);
+                        w.publish(checkpoint.outbound);
+                    }
+                    Err(e) => {
+                        tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun");
+                        retry_after = Some(());
+                    }
+                }
+            }
+        }
+        RunOutcome::Evicted { .. } => {}
+        RunOutcome::Fault(f) => {
+            tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry");
+            retry_after = Some(());
+        }
+    }
+    let (wake, delay) = {
+        let mut st = w.inner.lock();
+        st.live.remove(&id);
+        st.unsuspend(&id);
+        let rec = st.flows.get(&id);
+        let wake = rec.filter(|r| !r.status.is_terminal()).map(|r| r.wake_at_ms);
+        let delay = retry_after.map(|_| {
+            let n = st.retries.entry(id).or_insert(0);
+            *n += 1;
+            Duration::from_millis((50u64 << (*n).min(8)).min(10_000))
+        });
+        (wake, delay)
+    };
+    if let Some(wake) = wake {
+        if let Some(d) = delay {
+            w.wake_at(id, now_millis() + d.as_millis() as u64);
+        } else {
+            // Evicted: resume when a message is waiting (one may have raced
+            // the eviction) or when its timer is due.
+            match w.inner.store.inbox(&id).await {
+                Ok(msgs) if !msgs.is_empty() => w.schedule(id),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming");
+                    w.schedule(id);
+                }
+            }
+            if let Some(at) = wake {
+                w.wake_at(id, at);
+            }
+        }
+    }
+    w.pump();
+}
+
+/// Delivers published messages to flows of this node.
+async fn route(w: FlowWorker, mut rx: BusReceiver) {
+    while let Some(mut batch) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+            if batch.len() > 4096 {
+                break;
+            }
+        }
+        let mut backoff = 10u64;
+        loop {
+            match deliver(&w, &batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "message delivery failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(5_000);
+                }
+            }
+        }
+    }
+}
+
+async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreError> {
+    let mut ops = Vec::new();
+    let mut created: HashMap<FlowId, FlowRecord> = HashMap::new();
+    let mut wake = Vec::new();
+    let mut replies = Vec::new();
+    {
+        let st = w.inner.lock();
+        for m in batch {
+            ops.push(Op::DeleteOutbox(m.key()));
+            let dest = m.destination_flow();
+            let known = st.flows.get(&dest).or_else(|| created.get(&dest));
+            match known {
+                Some(r) if r.status.is_terminal() => {
+                    tracing::debug!(flow_id = %dest, "dropping message for finished flow");
+                }
+                Some(_) => {
+                    ops.push(Op::PutInbox(Box::new(m.clone())));
+                    wake.push(m.clone());
+                }
+                None => {
+                    let Some(init) = &m.init else {
+                        tracing::warn!(flow_id = %dest, session = %m.session, "dropping message for unknown flow (no session-init)");
+                        continue;
+                    };
+                    let Some(v) = st.vnodes.get(&m.to.holding) else {
+                        tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
+                        continue;
+                    };
+                    let responder = w
+                        .inner
+                        .runtime
+                        .cached(&v.package)
+                        .and_then(|p| p.responder_for(&init.protocol, &init.versions));
+                    let Some((flow_name, version)) = responder else {
+                        replies.push(SessionMessage {
+                            session: m.session,
+                            from: m.to.clone(),
+                            to: m.from.clone(),
+                            seq: 1,
+                            init: None,
+                            body: Body::Error(SessionFault::ProtocolUnsupported(format!(
+                                "{} has no responder for protocol {:?} versions {:?}",
+                                v.name, init.protocol, init.versions
+                            ))),
+                        });
+                        continue;
+                    };
+                    let now = now_millis();
+                    let rec = FlowRecord {
+                        id: dest,
+                        holding: v.holding,
+                        flow_name,
+                        package: v.package,
+                        start: FlowStart::Responder {
+                            session: m.session,
+                            initiator: m.from.clone(),
+                            protocol: init.protocol.clone(),
+                            version,
+                        },
+                        status: FlowStatus::StartRequested,
+                        result: None,
+                        error: None,
+                        created_ms: now,
+                        updated_ms: now,
+                        wake_at_ms: None,
+                        seed: rand::random(),
+                        journal_len: 0,
+                    };
+                    ops.push(Op::PutFlow(Box::new(rec.clone())));
+                    ops.push(Op::PutInbox(Box::new(m.clone())));
+                    created.insert(dest, rec);
+                    wake.push(m.clone());
+                }
+            }
+        }
+    }
+    ops.extend(replies.iter().cloned().map(|m| Op::PutOutbox(Box::new(m))));
+    w.inner.store.write(ops).await?;
+    let mut to_schedule = Vec::new();
+    {
+        let mut st = w.inner.lock();
+        for (_, rec) in created {
+            st.insert_flow(rec);
+        }
+        for m in wake {
+            let dest = m.destination_flow();
+            match st.live.get(&dest) {
+                Some(l) => {
+                    let _ = l.events.send(Event::Message(m));
+                    st.unsuspend(&dest);
+                }
+                None => to_schedule.push(dest),
+            }
+        }
+    }
+    for id in to_schedule {
+        w.schedule(id);
+    }
+    if !replies.is_empty() {
+        w.publish(replies);
+    }
+    Ok(())
+}
+
+/// The endpoint of a vnode for one side of a session.
+pub fn endpoint(v: &VnodeRecord, side: Side) -> Endpoint {
+    Endpoint {
+        holding: v.holding,
+        name: v.name.clone(),
+        side,
+    }
+}
+
+/// Marks a failure as the flow's error, for records built outside a run.
+pub fn failure(kind: FailureKind, message: impl Into<String>) -> FlowFailure {
+    FlowFailure {
+        kind,
+        message: message.into(),
+    }
+}

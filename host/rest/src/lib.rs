@@ -1,0 +1,467 @@
+//! The REST worker: the flow and management API over HTTP (JSON).
+//!
+//! Every request needs HTTP basic auth. Errors are JSON documents
+//! `{"code": "<STABLE_CODE>", "message": "<what to do>"}`; bad input gets a
+//! 4xx, never a 5xx, and never takes the process down.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use braid_flow::{FlowWorker, WorkerError};
+use braid_storage::{FlowRecord, Op, PackageRecord, Store, VnodeRecord};
+use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+/// Largest package upload.
+pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
+/// Largest JSON request body.
+pub const MAX_JSON_BYTES: usize = 1 << 20;
+
+const ADMIN_HASH_KEY: &str = "user/admin/argon2";
+
+/// A REST error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> ApiError {
+        match e {
+            WorkerError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", m),
+            WorkerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
+            WorkerError::Invalid(m) => ApiError::bad("INVALID_REQUEST", m),
+            WorkerError::Store(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                format!("{e}; retry later"),
+            ),
+            other => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", other.to_string()),
+        }
+    }
+}
+
+fn body_error(r: BytesRejection) -> ApiError {
+    let status = r.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, "BODY_TOO_LARGE", format!("request body too large: {}", r.body_text()))
+    } else {
+        ApiError::new(status, "BAD_BODY", r.body_text())
+    }
+}
+
+/// Checks basic-auth credentials against the stored Argon2id hash. A
+/// successful (user, password) pair is remembered as a SHA-256 digest so
+/// that each request does not pay for an Argon2 verification.
+pub struct Auth {
+    hash: String,
+    verified: Mutex<HashSet<[u8; 32]>>,
+}
+
+impl Auth {
+    /// Loads the admin credential, creating it on first start: the
+    /// password comes from `password` or is generated and written to
+    /// `generated_to` (mode 0600).
+    pub async fn init(
+        store: &dyn Store,
+        password: Option<String>,
+        generated_to: &std::path::Path,
+    ) -> anyhow::Result<Auth> {
+        use argon2::PasswordHasher;
+        if let Some(h) = store.meta(ADMIN_HASH_KEY).await? {
+            return Ok(Auth {
+                hash: String::from_utf8(h)?,
+                verified: Mutex::new(HashSet::new()),
+            });
+        }
+        let password = match password {
+            Some(p) if !p.is_empty() => p,
+            _ => {
+                use base64::Engine as _;
+                let p = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(rand::random::<[u8; 18]>());
+                write_secret(generated_to, &p)?;
+                p
+            }
+        };
+        let salt = argon2::password_hash::SaltString::encode_b64(&rand::random::<[u8; 16]>())
+            .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+        // Argon2::default() is Argon2id, m = 19 MiB, t = 2, p = 1 (OWASP).
+        let hash = argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map_err(|e| anyhow::anyhow!("hashing password: {e}"))?
+            .to_string();
+        store
+            .write(vec![Op::PutMeta(ADMIN_HASH_KEY.into(), hash.clone().into_bytes())])
+            .await?;
+        Ok(Auth {
+            hash,
+            verified: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        use argon2::PasswordVerifier;
+        use base64::Engine as _;
+        use sha2::Digest;
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m);
+        let h = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthorized("credentials required: use HTTP basic auth"))?;
+        let enc = h
+            .strip_prefix("Basic ")
+            .ok_or_else(|| unauthorized("only HTTP basic auth is supported"))?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(enc.trim())
+            .map_err(|_| unauthorized("malformed basic auth header"))?;
+        let raw = String::from_utf8(raw).map_err(|_| unauthorized("malformed basic auth header"))?;
+        let (user, pass) = raw
+            .split_once(':')
+            .ok_or_else(|| unauthorized("malformed basic auth header"))?;
+        let digest: [u8; 32] = sha2::Sha256::digest(raw.as_bytes()).into();
+        if self.verified.lock().expect("auth cache").contains(&digest) {
+            return Ok(());
+        }
+        let parsed = argon2::PasswordHash::new(&self.hash)
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "AUTH_UNAVAILABLE", "stored credential is unreadable"))?;
+        if user != "admin"
+            || argon2::Argon2::default()
+                .verify_password(pass.as_bytes(), &parsed)
+                .is_err()
+        {
+            return Err(unauthorized("wrong user name or password"));
+        }
+        self.verified.lock().expect("auth cache").insert(digest);
+        Ok(())
+    }
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()
+}
+
+#[derive(Clone)]
+struct Ctx {
+    worker: FlowWorker,
+    auth: Arc<Auth>,
+}
+
+/// Builds the API router.
+pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
+    let ctx = Ctx { worker, auth };
+    let json_routes = Router::new()
+        .route("/api/v1/package", get(list_packages))
+        .route("/api/v1/virtualnode", post(create_vnode).get(list_vnodes))
+        .route("/api/v1/virtualnode/{holding}", get(get_vnode))
+        .route("/api/v1/virtualnode/{holding}/flows", get(vnode_flows))
+        .route(
+            "/api/v1/maintenance/virtualnode/{holding}/package",
+            put(force_package),
+        )
+        .route("/api/v1/flow/{holding}", post(start_flow).get(list_flows))
+        .route("/api/v1/flow/{holding}/{client_request_id}", get(flow_status))
+        .route("/api/v1/health", get(health))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES));
+    let upload = Router::new()
+        .route("/api/v1/package", post(upload_package))
+        .layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES));
+    upload
+        .merge(json_routes)
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "NO_SUCH_ENDPOINT", "no such endpoint; see /api/v1")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "this endpoint does not support that method",
+            )
+        })
+        .with_state(ctx)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    worker: FlowWorker,
+    auth: Arc<Auth>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(worker, auth))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad("MALFORMED_JSON", format!("request body is not valid JSON: {e}")))
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value, ApiError> {
+    v.get(name)
+        .ok_or_else(|| ApiError::bad("MISSING_FIELD", format!("field {name:?} is required")))
+}
+
+fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    field(v, name)?
+        .as_str()
+        .ok_or_else(|| ApiError::bad("INVALID_FIELD", format!("field {name:?} must be a string")))
+}
+
+fn holding(s: &str) -> Result<HoldingId, ApiError> {
+    s.parse().map_err(|e: braid_types::ParseError| {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node {s:?}: {e}"))
+    })
+}
+
+fn timestamp(ms: u64) -> String {
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+fn flow_json(r: &FlowRecord) -> Value {
+    let client_request_id = match &r.start {
+        FlowStart::Client {
+            client_request_id, ..
+        } => Value::String(client_request_id.to_string()),
+        FlowStart::Responder { .. } => Value::Null,
+    };
+    let result = r
+        .result
+        .as_deref()
+        .map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned())))
+        .unwrap_or(Value::Null);
+    json!({
+        "holdingId": r.holding.to_string(),
+        "clientRequestId": client_request_id,
+        "flowId": r.id.to_string(),
+        "flowName": r.flow_name,
+        "status": r.status,
+        "result": result,
+        "error": r.error,
+        "timestamp": timestamp(r.updated_ms),
+    })
+}
+
+fn package_json(p: &PackageRecord) -> Value {
+    json!({"checksum": p.checksum.to_string(), "flows": p.flows, "size": p.size, "uploaded": timestamp(p.uploaded_ms)})
+}
+
+fn vnode_json(v: &VnodeRecord) -> Value {
+    json!({"holdingId": v.holding.to_string(), "x500Name": v.name.to_string(), "packageChecksum": v.package.to_string()})
+}
+
+async fn upload_package(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    c.auth.check(&headers)?;
+    let body = body.map_err(body_error)?;
+    if body.is_empty() {
+        return Err(ApiError::bad("EMPTY_PACKAGE", "the request body must be the package's .wasm bytes"));
+    }
+    let (rec, created) = c.worker.upload_package(body.to_vec()).await.map_err(|e| match e {
+        WorkerError::Invalid(m) => ApiError::bad("INVALID_PACKAGE", m),
+        e => e.into(),
+    })?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(package_json(&rec))).into_response())
+}
+
+async fn list_packages(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let ps: Vec<Value> = c.worker.packages().iter().map(package_json).collect();
+    Ok(Json(json!({ "packages": ps })))
+}
+
+async fn create_vnode(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    c.auth.check(&headers)?;
+    let v = parse_json(&body.map_err(body_error)?)?;
+    let name: X500Name = str_field(&v, "x500Name")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_X500_NAME", e.0))?;
+    let checksum: Checksum = str_field(&v, "packageChecksum")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
+    let rec = c.worker.create_vnode(name, checksum).await?;
+    Ok((StatusCode::CREATED, Json(vnode_json(&rec))).into_response())
+}
+
+async fn list_vnodes(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let vs: Vec<Value> = c.worker.vnodes().iter().map(vnode_json).collect();
+    Ok(Json(json!({ "virtualNodes": vs })))
+}
+
+async fn get_vnode(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let v = c
+        .worker
+        .vnode(&h)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node with holdingId {h}")))?;
+    Ok(Json(vnode_json(&v)))
+}
+
+async fn vnode_flows(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let flows = c.worker.vnode_flows(&holding(&h)?)?;
+    Ok(Json(json!({ "flows": flows })))
+}
+
+async fn force_package(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let v = parse_json(&body.map_err(body_error)?)?;
+    let checksum: Checksum = str_field(&v, "packageChecksum")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
+    let rec = c.worker.force_package(h, checksum).await?;
+    Ok(Json(vnode_json(&rec)))
+}
+
+async fn start_flow(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let v = parse_json(&body.map_err(body_error)?)?;
+    let crid: ClientRequestId = str_field(&v, "clientRequestId")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CLIENT_REQUEST_ID", e.0))?;
+    let flow_name = str_field(&v, "flowName")?.to_owned();
+    let request_body = v.get("requestBody").cloned().unwrap_or(Value::Null).to_string();
+    let rec = c.worker.start_flow(h, crid, flow_name, request_body).await?;
+    Ok((StatusCode::ACCEPTED, Json(flow_json(&rec))).into_response())
+}
+
+async fn list_flows(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    if c.worker.vnode(&h).is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node with holdingId {h}")));
+    }
+    let flows: Vec<Value> = c.worker.flows_of(&h).iter().map(flow_json).collect();
+    Ok(Json(json!({ "flows": flows })))
+}
+
+async fn flow_status(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path((h, crid)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let crid: ClientRequestId = crid
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0))?;
+    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no flow with clientRequestId {crid} on virtual node {h}"),
+        )
+    })?;
+    Ok(Json(flow_json(&rec)))
+}
+
+async fn health(State(c): State<Ctx>) -> Json<Value> {
+    let (live, known) = c.worker.counts();
+    Json(json!({"status": "UP", "liveFlows": live, "flows": known}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::timestamp;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(1_764_028_800_123), "2025-11-25T00:00:00.123Z");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,171 @@
+//! The journal: every host-call outcome a flow observed, in order.
+//!
+//! Replay answers each call from the journal; a call that does not match
+//! the entry at its position is a divergence and fails the flow.
+
+use serde::{Deserialize, Serialize};
+
+/// A session error as journaled (mirrors the WIT `session-error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessErr {
+    /// Counterparty not known.
+    CounterpartyUnknown(String),
+    /// No responder for the protocol.
+    ProtocolUnsupported(String),
+    /// Closed by the counterparty.
+    Closed,
+    /// Counterparty flow failed.
+    CounterpartyFailed(String),
+    /// Session timeout.
+    TimedOut,
+    /// Bad handle.
+    InvalidSession,
+    /// Payload too large.
+    TooLarge(u64),
+    /// Other.
+    Other(String),
+}
+
+/// One journal entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// `initiate`.
+    Initiate {
+        /// Counterparty as given.
+        counterparty: String,
+        /// Protocol.
+        protocol: String,
+        /// Versions offered.
+        versions: Vec<u32>,
+        /// Outcome.
+        result: Result<u64, SessErr>,
+    },
+    /// `send`; the payload is in the outbox, the journal keeps a digest.
+    Send {
+        /// Handle.
+        handle: u64,
+        /// Digest of the payload.
+        digest: u64,
+        /// Outcome.
+        result: Result<(), SessErr>,
+    },
+    /// `receive`.
+    Receive {
+        /// Handle.
+        handle: u64,
+        /// Whether a session message was consumed to produce the outcome.
+        consumed: bool,
+        /// Outcome.
+        result: Result<Vec<u8>, SessErr>,
+    },
+    /// `close`.
+    Close {
+        /// Handle.
+        handle: u64,
+        /// Outcome.
+        result: Result<(), SessErr>,
+    },
+    /// `sleep`: the instant it ends.
+    Sleep {
+        /// Wake time, ms since epoch.
+        wake_at_ms: u64,
+    },
+    /// `now-millis`.
+    Now {
+        /// The time returned.
+        ms: u64,
+    },
+    /// `random-bytes`.
+    Random {
+        /// The bytes returned.
+        bytes: Vec<u8>,
+    },
+}
+
+impl Entry {
+    /// A short description naming the call, for divergence errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Entry::Initiate {
+                counterparty,
+                protocol,
+                ..
+            } => format!("initiate({counterparty:?}, {protocol:?})"),
+            Entry::Send { handle, .. } => format!("send(session {handle})"),
+            Entry::Receive { handle, .. } => format!("receive(session {handle})"),
+            Entry::Close { handle, .. } => format!("close(session {handle})"),
+            Entry::Sleep { .. } => "sleep".into(),
+            Entry::Now { .. } => "now-millis".into(),
+            Entry::Random { bytes } => format!("random-bytes({})", bytes.len()),
+        }
+    }
+
+    /// Encodes for the store.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding an entry cannot fail")
+    }
+
+    /// Decodes from the store.
+    pub fn decode(b: &[u8]) -> Result<Entry, postcard::Error> {
+        postcard::from_bytes(b)
+    }
+}
+
+/// FNV-1a: a stable digest of a sent payload, so replay notices a flow
+/// that sends something different at the same step.
+pub fn digest(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_err() -> impl Strategy<Value = SessErr> {
+        prop_oneof![
+            Just(SessErr::Closed),
+            Just(SessErr::TimedOut),
+            any::<String>().prop_map(SessErr::CounterpartyFailed),
+            any::<u64>().prop_map(SessErr::TooLarge),
+        ]
+    }
+
+    fn arb_entry() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            (any::<String>(), any::<String>(), any::<Vec<u32>>(), prop::result::maybe_ok(any::<u64>(), arb_err()))
+                .prop_map(|(counterparty, protocol, versions, result)| Entry::Initiate { counterparty, protocol, versions, result }),
+            (any::<u64>(), any::<u64>()).prop_map(|(handle, digest)| Entry::Send { handle, digest, result: Ok(()) }),
+            (any::<u64>(), any::<bool>(), prop::result::maybe_ok(any::<Vec<u8>>(), arb_err()))
+                .prop_map(|(handle, consumed, result)| Entry::Receive { handle, consumed, result }),
+            any::<u64>().prop_map(|wake_at_ms| Entry::Sleep { wake_at_ms }),
+            any::<u64>().prop_map(|ms| Entry::Now { ms }),
+            any::<Vec<u8>>().prop_map(|bytes| Entry::Random { bytes }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip(e in arb_entry()) {
+            prop_assert_eq!(Entry::decode(&e.encode()).unwrap(), e);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(b in any::<Vec<u8>>()) {
+            let _ = Entry::decode(&b);
+        }
+
+        #[test]
+        fn digest_distinguishes_single_byte_changes(mut b in prop::collection::vec(any::<u8>(), 1..64), i in any::<prop::sample::Index>()) {
+            let d = digest(&b);
+            let i = i.index(b.len());
+            b[i] ^= 1;
+            prop_assert_ne!(d, digest(&b));
+        }
+    }
+}

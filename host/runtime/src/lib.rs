@@ -1,0 +1,689 @@
+//! The wasmtime engine that runs flow packages.
+//!
+//! It knows neither bus nor storage: it takes a package, a flow's journal
+//! and its queued messages, runs the flow (replaying the journal first) and
+//! reports, through [`FlowEnv::checkpoint`], each suspension's new journal
+//! entries and outbound messages; at the end it returns the result and the
+//! last checkpoint. The flow worker decides what to commit and when to send.
+//!
+//! Sandboxing: the pooling allocator with a per-flow memory cap, a wasm
+//! stack limit, a CPU budget enforced with epoch interruption (a busy flow
+//! yields every tick so it cannot starve the others), NaN canonicalisation
+//! and deterministic relaxed SIMD, no threads, and WASI imports that are
+//! present but virtual: no files, environment, arguments or sockets; clocks
+//! that show the flow's journaled time; randomness seeded per flow.
+
+mod flow;
+pub mod journal;
+
+use anyhow::Context as _;
+use braid_types::{
+    Checksum, FailureKind, FlowFailure, FlowId, FlowInfo, FlowStart, HoldingId, Protocol,
+    SessionMessage, X500Name,
+};
+use flow::{FlowState, Stop};
+use journal::Entry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "flow-package",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}
+
+/// How often the epoch advances: the preemption and CPU-accounting tick.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Per-flow limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory cap per flow instance, bytes.
+    pub memory_bytes: usize,
+    /// Wasm stack limit, bytes.
+    pub stack_bytes: usize,
+    /// CPU time one instance may use (replay included).
+    pub cpu_budget: Duration,
+    /// Messages a flow may send between two checkpoints.
+    pub max_outbound_per_checkpoint: usize,
+    /// Largest message payload.
+    pub max_message_bytes: usize,
+    /// How long `receive` waits before `timed-out`.
+    pub session_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 << 20,
+            stack_bytes: 512 << 10,
+            cpu_budget: Duration::from_secs(10),
+            max_outbound_per_checkpoint: 10_000,
+            max_message_bytes: 1 << 20,
+            session_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Engine configuration.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Per-flow limits.
+    pub limits: Limits,
+    /// Flow instances that may exist at once (sizes the instance pool).
+    pub max_instances: u32,
+    /// Where compiled components are cached, by checksum.
+    pub cache_dir: PathBuf,
+}
+
+/// Something went wrong loading a package.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The bytes are not a valid component, or it does not fit braid's
+    /// contract (imports the host does not provide, missing exports).
+    #[error("invalid package: {0}")]
+    InvalidPackage(String),
+    /// The engine could not be set up.
+    #[error("engine: {0}")]
+    Engine(String),
+}
+
+/// What a suspension hands to the environment to commit.
+#[derive(Debug, Default, Clone)]
+pub struct Checkpoint {
+    /// Index of the first new entry.
+    pub first_index: u32,
+    /// New journal entries, encoded.
+    pub entries: Vec<Vec<u8>>,
+    /// New outbound messages, to commit to the outbox and release after.
+    pub outbound: Vec<SessionMessage>,
+    /// Inbox keys consumed.
+    pub consumed: Vec<Vec<u8>>,
+    /// When to wake the flow if nothing arrives.
+    pub wake_at_ms: Option<u64>,
+}
+
+/// What a running flow needs from its worker.
+#[async_trait::async_trait]
+pub trait FlowEnv: Send + Sync + 'static {
+    /// Durably commits a suspension's checkpoint and then releases its
+    /// outbound messages. An error is a host fault.
+    async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()>;
+    /// The holding id of a counterparty, if it is a known member.
+    fn resolve(&self, name: &X500Name) -> Option<HoldingId>;
+}
+
+/// Delivered to a live flow.
+#[derive(Debug)]
+pub enum Event {
+    /// A message, already durable in the flow's inbox.
+    Message(SessionMessage),
+    /// Unload at the next suspension; the flow resumes later by replay.
+    Evict,
+    /// Stop the flow as KILLED.
+    Kill(String),
+}
+
+/// Everything needed to run (or resume) one flow.
+#[derive(Debug)]
+pub struct FlowInput {
+    /// Flow id.
+    pub id: FlowId,
+    /// Its vnode.
+    pub holding: HoldingId,
+    /// Its vnode's name.
+    pub name: X500Name,
+    /// The flow to run.
+    pub flow_name: String,
+    /// How it started.
+    pub start: FlowStart,
+    /// Seed for WASI randomness.
+    pub seed: u64,
+    /// Creation time (initial virtual time).
+    pub created_ms: u64,
+    /// Committed journal, encoded.
+    pub journal: Vec<Vec<u8>>,
+    /// Messages waiting in the inbox.
+    pub inbox: Vec<SessionMessage>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// The flow ended; commit `checkpoint` with the result.
+    Finished {
+        /// JSON result or failure.
+        result: Result<String, FlowFailure>,
+        /// Everything not yet committed, plus closes/errors for open sessions.
+        checkpoint: Checkpoint,
+    },
+    /// The flow was unloaded at a suspension (its state is committed).
+    Evicted {
+        /// A message arrived that it did not consume: resume it soon.
+        pending_delivery: bool,
+        /// When it wants to be woken.
+        wake_at_ms: Option<u64>,
+    },
+    /// A host fault (store down, ...): nothing was committed past the last
+    /// checkpoint; retry later.
+    Fault(String),
+}
+
+/// A compiled package, ready to instantiate.
+pub struct Package {
+    pre: bindings::FlowPackagePre<FlowCtx>,
+    /// What the package offers.
+    pub flows: Vec<FlowInfo>,
+}
+
+impl Package {
+    /// The responder flow for `protocol` speaking one of `versions`, and
+    /// the version agreed (the highest common one).
+    pub fn responder_for(&self, protocol: &str, versions: &[u32]) -> Option<(String, u32)> {
+        self.flows.iter().find_map(|f| {
+            let p = f.responds_to.as_ref()?;
+            if p.name != protocol {
+                return None;
+            }
+            let v = p.versions.iter().filter(|v| versions.contains(v)).max()?;
+            Some((f.name.clone(), *v))
+        })
+    }
+}
+
+/// Store data of one flow instance.
+pub struct FlowCtx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemLimiter,
+    st: FlowState,
+}
+
+impl WasiView for FlowCtx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+struct MemLimiter {
+    cap: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.hit = true;
+            return Err(wasmtime::format_err!(
+                "memory limit exceeded: the flow asked for {desired} bytes, the cap is {}",
+                self.cap
+            ));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// The wall clock WASI shows a flow: its journaled virtual time.
+struct VirtualWall(Arc<AtomicU64>);
+
+impl wasmtime_wasi::HostWallClock for VirtualWall {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// The monotonic clock WASI shows a flow: virtual time since its start.
+struct VirtualMonotonic(Arc<AtomicU64>, u64);
+
+impl wasmtime_wasi::HostMonotonicClock for VirtualMonotonic {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+    fn now(&self) -> u64 {
+        self.0
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.1)
+            .saturating_mul(1_000_000)
+    }
+}
+
+/// The engine and its package cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<FlowCtx>,
+    config: RuntimeConfig,
+    packages: Mutex<HashMap<Checksum, Arc<Package>>>,
+}
+
+/// The environment used while asking a package what it offers: it never
+/// suspends (describe must not call the host).
+struct NoEnv;
+
+#[async_trait::async_trait]
+impl FlowEnv for NoEnv {
+    async fn checkpoint(&self, _: FlowId, _: Checkpoint) -> anyhow::Result<()> {
+        anyhow::bail!("describe() may not suspend")
+    }
+    fn resolve(&self, _: &X500Name) -> Option<HoldingId> {
+        None
+    }
+}
+
+impl Runtime {
+    /// Builds the engine, the linker and the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let l = &config.limits;
+        let mut cfg = wasmtime::Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true)
+            // No `threads` feature is compiled in: shared memory and atomics
+            // waits are rejected at validation.
+            .max_wasm_stack(l.stack_bytes)
+            // The async (fiber) stack holds the wasm stack plus host frames.
+            .async_stack_size(l.stack_bytes + (256 << 10));
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        let n = config.max_instances.max(8);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .total_stacks(n)
+            .max_memory_size(l.memory_bytes);
+        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        cfg.memory_reservation(l.memory_bytes as u64)
+            .memory_guard_size(64 << 10);
+        let engine = Engine::new(&cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        bindings::FlowPackage::add_to_linker::<FlowCtx, HasSelf<FlowCtx>>(&mut linker, |c| c)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("braid-epoch".into())
+            .spawn(move || {
+                while let Some(e) = weak.upgrade() {
+                    e.increment_epoch();
+                    drop(e);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        std::fs::create_dir_all(&config.cache_dir)
+            .map_err(|e| RuntimeError::Engine(format!("cache dir: {e}")))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+            packages: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limits flows run under.
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    /// A package already loaded.
+    pub fn cached(&self, checksum: &Checksum) -> Option<Arc<Package>> {
+        self.packages
+            .lock()
+            .expect("package cache lock")
+            .get(checksum)
+            .cloned()
+    }
+
+    /// Compiles (or loads the cached compilation of) a package, checks it
+    /// is a braid flow package and learns its flows.
+    pub async fn load(&self, checksum: Checksum, bytes: &[u8]) -> Result<Arc<Package>, RuntimeError> {
+        if let Some(p) = self.cached(&checksum) {
+            return Ok(p);
+        }
+        let component = self.compile(checksum, bytes).await?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| RuntimeError::InvalidPackage(format!("{e:#}")))?;
+        let pre = bindings::FlowPackagePre::new(pre)
+            .map_err(|e| RuntimeError::InvalidPackage(format!("not a braid flow package: {e:#}")))?;
+        let flows = self.describe(&pre).await?;
+        let pkg = Arc::new(Package { pre, flows });
+        self.packages
+            .lock()
+            .expect("package cache lock")
+            .insert(checksum, pkg.clone());
+        Ok(pkg)
+    }
+
+    async fn compile(&self, checksum: Checksum, bytes: &[u8]) -> Result<Component, RuntimeError> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let path = self
+            .config
+            .cache_dir
+            .join(format!("{checksum}-{:016x}.cwasm", h.finish()));
+        if path.exists() {
+            match load_cached(&self.engine, &path) {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(path = %path.display(), cause = %e, "ignoring unusable compiled package cache entry"),
+            }
+        }
+        if !bytes.starts_with(b"\0asm") {
+            return Err(RuntimeError::InvalidPackage(
+                "not a WebAssembly binary (missing \\0asm magic)".into(),
+            ));
+        }
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &owned))
+            .await
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?
+            .map_err(|e| RuntimeError::InvalidPackage(format!("{e:#}")))?;
+        match component.serialize() {
+            Ok(ser) => {
+                let tmp = path.with_extension("tmp");
+                if let Err(e) = std::fs::write(&tmp, ser).and_then(|_| std::fs::rename(&tmp, &path)) {
+                    tracing::warn!(cause = %e, "could not cache compiled package");
+                }
+            }
+            Err(e) => tracing::warn!(cause = %e, "could not serialise compiled package"),
+        }
+        Ok(component)
+    }
+
+    fn new_store(&self, st: FlowState, seed: u64, created_ms: u64) -> Store<FlowCtx> {
+        use rand::SeedableRng;
+        let mut b = WasiCtx::builder();
+        b.wall_clock(VirtualWall(st.virtual_now.clone()))
+            .monotonic_clock(VirtualMonotonic(st.virtual_now.clone(), created_ms))
+            .secure_random(rand::rngs::StdRng::seed_from_u64(seed))
+            .insecure_random(rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed))
+            .insecure_random_seed(seed as u128)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let ctx = FlowCtx {
+            wasi: b.build(),
+            table: ResourceTable::new(),
+            limiter: MemLimiter {
+                cap: self.config.limits.memory_bytes,
+                hit: false,
+            },
+            st,
+        };
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|c| &mut c.limiter);
+        let budget = self.config.limits.cpu_budget;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let st = &mut ctx.data_mut().st;
+            st.charge_cpu();
+            if st.cpu_used > budget {
+                return Err(st.halt(Stop::Cpu));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store
+    }
+
+    fn state(&self, input: &FlowInput, env: Arc<dyn FlowEnv>, events: mpsc::UnboundedReceiver<Event>) -> anyhow::Result<FlowState> {
+        let journal = input
+            .journal
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Entry::decode(b).with_context(|| format!("journal entry {i} of flow {} is corrupt", input.id)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let committed = journal.len();
+        let mut st = FlowState {
+            id: input.id,
+            holding: input.holding,
+            name: input.name.clone(),
+            journal,
+            cursor: 0,
+            committed,
+            outbound: Vec::new(),
+            consumed: Vec::new(),
+            sessions: HashMap::new(),
+            by_session: HashMap::new(),
+            next_handle: 1,
+            inbox: HashMap::new(),
+            events,
+            env,
+            limits: self.config.limits.clone(),
+            stop: None,
+            panic_message: None,
+            virtual_now: Arc::new(AtomicU64::new(input.created_ms)),
+            cpu_used: Duration::ZERO,
+            cpu_mark: Instant::now(),
+            wake_at: None,
+            pending_delivery: false,
+        };
+        st.open_responder_session(&input.start);
+        for m in &input.inbox {
+            st.accept(m.clone());
+        }
+        Ok(st)
+    }
+
+    async fn describe(&self, pre: &bindings::FlowPackagePre<FlowCtx>) -> Result<Vec<FlowInfo>, RuntimeError> {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let name: X500Name = "O=Describe, L=Nowhere, C=GB".parse().expect("valid");
+        let input = FlowInput {
+            id: FlowId::from_bytes([0; 16]),
+            holding: HoldingId::derive(&name, ""),
+            name,
+            flow_name: String::new(),
+            start: FlowStart::Client {
+                client_request_id: "describe".parse().expect("valid"),
+                request_body: "null".into(),
+            },
+            seed: 0,
+            created_ms: 0,
+            journal: vec![],
+            inbox: vec![],
+        };
+        let st = self
+            .state(&input, Arc::new(NoEnv), rx)
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let mut store = self.new_store(st, 0, 0);
+        let inst = pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| RuntimeError::InvalidPackage(format!("instantiation failed: {e:#}")))?;
+        let flows = inst
+            .braid_flow_guest()
+            .call_describe(&mut store)
+            .await
+            .map_err(|e| RuntimeError::InvalidPackage(format!("describe() failed: {e:#}")))?;
+        let flows: Vec<FlowInfo> = flows
+            .into_iter()
+            .map(|f| FlowInfo {
+                name: f.name,
+                startable: f.startable,
+                initiates: f.initiates.map(|p| Protocol {
+                    name: p.name,
+                    versions: p.versions,
+                }),
+                responds_to: f.responds_to.map(|p| Protocol {
+                    name: p.name,
+                    versions: p.versions,
+                }),
+            })
+            .collect();
+        if flows.is_empty() {
+            return Err(RuntimeError::InvalidPackage("the package exports no flows".into()));
+        }
+        Ok(flows)
+    }
+
+    /// Runs a flow: replays its journal, then continues live until it ends
+    /// or is evicted. Suspensions are committed through `env`.
+    pub async fn run(
+        &self,
+        package: Arc<Package>,
+        input: FlowInput,
+        env: Arc<dyn FlowEnv>,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> RunOutcome {
+        let st = match self.state(&input, env, events) {
+            Ok(s) => s,
+            Err(e) => {
+                return RunOutcome::Finished {
+                    result: Err(FlowFailure {
+                        kind: FailureKind::Trap,
+                        message: format!("{e:#}"),
+                    }),
+                    checkpoint: Checkpoint::default(),
+                };
+            }
+        };
+        let mut store = self.new_store(st, input.seed, input.created_ms);
+        let start = match &input.start {
+            FlowStart::Client { request_body, .. } => {
+                bindings::exports::braid::flow::guest::Start::Client(request_body.clone())
+            }
+            FlowStart::Responder { .. } => bindings::exports::braid::flow::guest::Start::Responder(1),
+        };
+        let outcome = match package.pre.instantiate_async(&mut store).await {
+            Ok(inst) => {
+                inst.braid_flow_guest()
+                    .call_run(&mut store, &input.flow_name, &start)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let data = store.data_mut();
+        let st = &mut data.st;
+        let result = match outcome {
+            Ok(Ok(json)) => Ok(json),
+            Ok(Err(reason)) => Err(FlowFailure {
+                kind: FailureKind::FlowFailed,
+                message: reason,
+            }),
+            Err(err) => match st.stop.clone() {
+                Some(Stop::Evicted) => {
+                    return RunOutcome::Evicted {
+                        pending_delivery: st.pending_delivery,
+                        wake_at_ms: st.wake_at,
+                    };
+                }
+                Some(Stop::Fault(f)) => return RunOutcome::Fault(f),
+                Some(Stop::Killed(why)) => Err(FlowFailure {
+                    kind: FailureKind::Killed,
+                    message: why,
+                }),
+                Some(Stop::NonDeterminism(m)) => Err(FlowFailure {
+                    kind: FailureKind::NonDeterminism,
+                    message: m,
+                }),
+                Some(Stop::Cpu) => Err(FlowFailure {
+                    kind: FailureKind::CpuLimit,
+                    message: format!(
+                        "CPU budget exceeded: the flow ran for more than {} ms of CPU time",
+                        self.config.limits.cpu_budget.as_millis()
+                    ),
+                }),
+                Some(Stop::Outbound) => Err(FlowFailure {
+                    kind: FailureKind::OutboundLimit,
+                    message: format!(
+                        "outbound message limit exceeded: more than {} messages sent without suspending",
+                        self.config.limits.max_outbound_per_checkpoint
+                    ),
+                }),
+                None if data.limiter.hit => Err(FlowFailure {
+                    kind: FailureKind::MemoryLimit,
+                    message: format!(
+                        "memory limit exceeded: the flow tried to grow its memory beyond the cap of {} MiB",
+                        self.config.limits.memory_bytes >> 20
+                    ),
+                }),
+                None if err.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) => {
+                    Err(FlowFailure {
+                        kind: FailureKind::StackLimit,
+                        message: format!(
+                            "stack limit exceeded: the flow overflowed its {} KiB wasm stack",
+                            self.config.limits.stack_bytes >> 10
+                        ),
+                    })
+                }
+                None => Err(FlowFailure {
+                    kind: FailureKind::Trap,
+                    message: match &st.panic_message {
+                        Some(p) => format!("the flow panicked: {p}"),
+                        None => format!("the flow trapped: {}", root_cause(&err)),
+                    },
+                }),
+            },
+        };
+        // The memory limiter hit is reported even if the guest turned the
+        // failed allocation into its own abort.
+        let result = match result {
+            Err(f) if data.limiter.hit && f.kind == FailureKind::Trap => Err(FlowFailure {
+                kind: FailureKind::MemoryLimit,
+                message: format!(
+                    "memory limit exceeded: the flow tried to grow its memory beyond the cap of {} MiB",
+                    self.config.limits.memory_bytes >> 20
+                ),
+            }),
+            r => r,
+        };
+        let st = &mut store.data_mut().st;
+        st.end_sessions(result.as_ref().err().map(|f| f.message.as_str()));
+        st.wake_at = None;
+        RunOutcome::Finished {
+            result,
+            checkpoint: st.take_checkpoint(),
+        }
+    }
+}
+
+fn root_cause(err: &wasmtime::Error) -> String {
+    if let Some(t) = err.downcast_ref::<wasmtime::Trap>() {
+        return t.to_string();
+    }
+    format!("{err:#}")
+}
+
+#[allow(unsafe_code)]
+fn load_cached(engine: &Engine, path: &std::path::Path) -> anyhow::Result<Component> {
+    // SAFETY: the file was written by `Component::serialize` of this
+    // engine configuration (the name carries the engine's compatibility
+    // hash) into the node's own data directory.
+    let c = unsafe { Component::deserialize_file(engine, path) }?;
+    Ok(c)
+}

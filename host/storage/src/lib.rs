@@ -1,0 +1,158 @@
+//! The durable `Store`: checkpoints (journals), outbox, inbox, packages,
+//! vnodes and flow records.
+//!
+//! The flow worker writes through [`Store::write`], one atomic, durable batch
+//! per call. Implementations commit many callers' batches together (group
+//! commit) so durable throughput is not bounded by one fsync per flow.
+//! [`embedded::EmbeddedStore`] keeps everything in one redb file under the
+//! node's data directory; a PostgreSQL implementation slots in behind the
+//! same trait.
+
+pub mod embedded;
+
+use braid_types::{
+    Checksum, FlowFailure, FlowId, FlowInfo, FlowStart, FlowStatus, HoldingId, SessionMessage,
+    X500Name,
+};
+use serde::{Deserialize, Serialize};
+
+/// A store operation failed. Callers treat this as a host fault: retry, or
+/// stop the flow without committing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database reported an error; check disk space and permissions.
+    #[error("store: {0}")]
+    Database(String),
+    /// A stored record could not be decoded: the data directory is corrupt
+    /// or was written by an incompatible version.
+    #[error("store: corrupt record in {table}: {detail}")]
+    Corrupt {
+        /// Which table.
+        table: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The store has shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// A virtual node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnodeRecord {
+    /// Short id.
+    pub holding: HoldingId,
+    /// Identity.
+    pub name: X500Name,
+    /// The package new flows run.
+    pub package: Checksum,
+    /// Creation time, ms since epoch.
+    pub created_ms: u64,
+}
+
+/// A package's metadata (its bytes are stored apart).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRecord {
+    /// SHA-256 of the bytes.
+    pub checksum: Checksum,
+    /// The flows it offers.
+    pub flows: Vec<FlowInfo>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Upload time.
+    pub uploaded_ms: u64,
+}
+
+/// Everything durable about one flow except its journal and inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    /// Id.
+    pub id: FlowId,
+    /// The vnode it runs for.
+    pub holding: HoldingId,
+    /// Flow name within the package.
+    pub flow_name: String,
+    /// The package it runs.
+    pub package: Checksum,
+    /// How it was started.
+    pub start: FlowStart,
+    /// Status.
+    pub status: FlowStatus,
+    /// JSON result once completed.
+    pub result: Option<String>,
+    /// Failure once failed or killed.
+    pub error: Option<FlowFailure>,
+    /// Created, ms since epoch.
+    pub created_ms: u64,
+    /// Last status change, ms since epoch.
+    pub updated_ms: u64,
+    /// When a suspended flow wants to be woken (sleep end or receive timeout).
+    pub wake_at_ms: Option<u64>,
+    /// Seed for the flow's virtual WASI randomness.
+    pub seed: u64,
+    /// Number of journal entries committed.
+    pub journal_len: u32,
+}
+
+/// One write; a batch of them commits atomically.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Insert or replace a flow record.
+    PutFlow(Box<FlowRecord>),
+    /// Append journal entries starting at index `start`.
+    AppendJournal {
+        /// The flow.
+        flow: FlowId,
+        /// Index of the first entry.
+        start: u32,
+        /// Encoded entries.
+        entries: Vec<Vec<u8>>,
+    },
+    /// Queue a message for release (the transactional outbox).
+    PutOutbox(Box<SessionMessage>),
+    /// A released message is durable at its destination.
+    DeleteOutbox(Vec<u8>),
+    /// A message delivered to a flow of this node.
+    PutInbox(Box<SessionMessage>),
+    /// A flow consumed (or dropped) an inbox message.
+    DeleteInbox(Vec<u8>),
+    /// Insert or replace a vnode.
+    PutVnode(VnodeRecord),
+    /// Store a package.
+    PutPackage(PackageRecord, Vec<u8>),
+    /// Node-level settings (admin credentials, ...).
+    PutMeta(String, Vec<u8>),
+}
+
+/// What a node loads when it starts.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// All vnodes.
+    pub vnodes: Vec<VnodeRecord>,
+    /// All package metadata.
+    pub packages: Vec<PackageRecord>,
+    /// All flows.
+    pub flows: Vec<FlowRecord>,
+    /// Messages committed but perhaps not delivered.
+    pub outbox: Vec<SessionMessage>,
+    /// Flows with inbox messages waiting.
+    pub inbox_flows: Vec<FlowId>,
+}
+
+/// Durable state behind a node.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Applies `ops` atomically and durably; returns once committed.
+    async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Everything needed at start-up.
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// A package's bytes.
+    async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A flow's committed journal.
+    async fn journal(&self, flow: &FlowId) -> Result<Vec<Vec<u8>>, StoreError>;
+    /// Messages waiting for a flow.
+    async fn inbox(&self, flow: &FlowId) -> Result<Vec<SessionMessage>, StoreError>;
+    /// A node-level setting.
+    async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+}

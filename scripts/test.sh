@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every check CI runs: formatting, clippy (host and flow packages), the
+# build of the `braid` binary, then every test of the workspace, including
+# the end-to-end suite in tests/ that starts real `braid` nodes.
+#
+# Extra arguments go to `cargo test`, e.g.
+#   scripts/test.sh -p braid-e2e -- --nocapture
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Outside the repo so that clean checkouts and CI share a build cache.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/braid/target}"
+# The wasm builds (clippy here, `braid package build` in the e2e tests) use
+# their own target dir: the e2e tests build packages while `cargo test` may
+# still hold the lock on the host's target dir.
+export BRAID_WASM_TARGET_DIR="${BRAID_WASM_TARGET_DIR:-$HOME/.cache/braid/wasm-target}"
+
+bash scripts/ensure-wasm-target.sh
+
+echo "==> host: fmt and clippy" >&2
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+
+if [[ -f examples-flows/Cargo.toml ]]; then
+    echo "==> examples-flows (and sdk): fmt and clippy" >&2
+    (
+        cd examples-flows
+        cargo fmt --all --check
+        CARGO_TARGET_DIR="$BRAID_WASM_TARGET_DIR" \
+            cargo clippy --workspace --all-targets --target wasm32-wasip2 -- -D warnings
+    )
+fi
+
+echo "==> build braid" >&2
+cargo build -p braid-cli
+
+echo "==> tests" >&2
+cargo test --workspace "$@"

@@ -1,0 +1,95 @@
+//! Replacing the code under a suspended flow: replay of the old journal with
+//! new code diverges and the flow fails with a clear non-determinism error;
+//! new flows then run the new code.
+
+use std::time::Duration;
+
+use braid_e2e::{Node, Pkg, package_bytes, wait_until};
+use serde_json::json;
+
+use crate::{ALICE, BOB, ping_body, start_pings};
+
+#[test]
+fn replaying_with_changed_code_fails_with_non_determinism() {
+    const N: usize = 5;
+    let node = Node::start();
+    let alice = node.vnode(ALICE, Pkg::Ping);
+    let bob = node.vnode(BOB, Pkg::Ping);
+    let api = node.api().clone();
+    let v2 = api.upload_package(&package_bytes(Pkg::PingV2));
+
+    let ids = start_pings(&api, &alice, BOB, "nd", N, 4000);
+    // Suspended: every initiator has sent its ping and waits for the pong,
+    // every responder sleeps.
+    wait_until("pings to be suspended", Duration::from_secs(60), || {
+        let flows = api.list_flows(&alice);
+        let finished: Vec<String> = flows
+            .iter()
+            .filter(|f| f.is_terminal())
+            .map(|f| f.describe())
+            .collect();
+        assert!(
+            finished.is_empty(),
+            "pings finished before the package switch (too slow to catch them suspended?): {finished:?}"
+        );
+        let running = flows.iter().filter(|f| f.status == "RUNNING").count();
+        let responders = api
+            .list_flows(&bob)
+            .iter()
+            .filter(|f| f.client_request_id.is_none())
+            .count();
+        if running == N && responders == N {
+            Ok(())
+        } else {
+            Err(format!(
+                "{running}/{N} initiators running, {responders}/{N} responders"
+            ))
+        }
+    });
+
+    let resp = api
+        .put_json(
+            &format!("/api/v1/maintenance/virtualnode/{alice}/package"),
+            &json!({"packageChecksum": v2}),
+        )
+        .expect("force-switch package");
+    resp.expect_status(&[200], "force-switch Alice to ping-v2");
+
+    let flows = api.wait_all_terminal(&alice, &ids, Duration::from_secs(60));
+    for st in &flows {
+        assert_eq!(
+            st.status,
+            "FAILED",
+            "replay with v2 should diverge: {}",
+            st.describe()
+        );
+        let err = st
+            .error
+            .as_ref()
+            .unwrap_or_else(|| panic!("no error: {}", st.describe()));
+        assert_eq!(err.kind, "NON_DETERMINISM", "{}", st.describe());
+        assert!(
+            err.message.to_lowercase().contains("step"),
+            "the non-determinism message should name the diverging step: {:?}",
+            err.message
+        );
+    }
+
+    // New flows run v2 from scratch.
+    api.start_flow(&alice, "v2", "ping", &ping_body(BOB, 10, 0));
+    let st = api.wait_terminal(&alice, "v2");
+    assert_eq!(st.status, "COMPLETED", "{}", st.describe());
+    assert_eq!(
+        st.result["version"],
+        2,
+        "not the v2 result: {}",
+        st.describe()
+    );
+    assert_eq!(st.result["n"], 11, "{}", st.describe());
+    assert_eq!(st.result["responder"], BOB, "{}", st.describe());
+    assert!(
+        st.result["startedAtMs"].is_u64(),
+        "v2 result lacks startedAtMs: {}",
+        st.describe()
+    );
+}
