@@ -22,6 +22,12 @@ echo "==> host: fmt and clippy" >&2
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "==> sdk: fmt and clippy" >&2
+(cd sdk && cargo fmt --check && CARGO_TARGET_DIR="$BRAID_WASM_TARGET_DIR" \
+    cargo clippy --all-targets --target wasm32-wasip2 -- -D warnings)
+(cd sdk/macros && cargo fmt --check && CARGO_TARGET_DIR="$BRAID_WASM_TARGET_DIR" \
+    cargo clippy --all-targets -- -D warnings)
+
 if [[ -f examples-flows/Cargo.toml ]]; then
     echo "==> examples-flows (and sdk): fmt and clippy" >&2
     (

@@ -5,7 +5,7 @@
 //! - locate the `braid` binary built by `cargo build -p braid-cli`
 //!   ([`braid_bin`]),
 //! - build the example flow packages once per test process with
-//!   `braid package build` ([`package`]),
+//!   `braid package build` ([`package_bytes`]),
 //! - run embedded nodes on a loopback port with a private data directory,
 //!   kill them with SIGKILL and restart them on the same directory ([`Node`]),
 //! - drive the REST API with a small blocking client ([`Api`]),
@@ -157,33 +157,27 @@ impl Pkg {
 }
 
 struct Built {
-    paths: Vec<(Pkg, PathBuf)>,
+    bytes: Vec<(Pkg, Vec<u8>)>,
 }
 
-/// The component file for `pkg`, built (once per test process, always
-/// freshly: cargo makes a rebuild cheap) with `braid package build`.
-pub fn package(pkg: Pkg) -> PathBuf {
+/// The bytes of the component for `pkg`, built (once per test process,
+/// always freshly: cargo makes a rebuild cheap) with `braid package build`.
+pub fn package_bytes(pkg: Pkg) -> Vec<u8> {
     static BUILT: OnceLock<Built> = OnceLock::new();
     let built = BUILT.get_or_init(build_packages);
     built
-        .paths
+        .bytes
         .iter()
         .find(|(p, _)| *p == pkg)
-        .map(|(_, path)| path.clone())
+        .map(|(_, bytes)| bytes.clone())
         .expect("every package is built")
-}
-
-/// The bytes of the component file for `pkg`.
-pub fn package_bytes(pkg: Pkg) -> Vec<u8> {
-    let path = package(pkg);
-    fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
 fn build_packages() -> Built {
     let bin = braid_bin();
     let out = fresh_dir("packages");
     let wasm_target = wasm_target_dir();
-    let mut paths = Vec::new();
+    let mut packages = Vec::new();
     for pkg in Pkg::ALL {
         let crate_dir = repo_root().join("examples-flows").join(pkg.crate_dir());
         let file = out.join(format!("{}.wasm", pkg.crate_dir()));
@@ -216,9 +210,12 @@ fn build_packages() -> Built {
             file.display(),
             started.elapsed()
         );
-        paths.push((pkg, file));
+        let bytes = fs::read(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        packages.push((pkg, bytes));
     }
-    Built { paths }
+    // Kept in memory, so nothing is left behind in the temp dir.
+    let _ = fs::remove_dir_all(&out);
+    Built { bytes: packages }
 }
 
 // ---------------------------------------------------------------------------
@@ -362,7 +359,15 @@ impl Node {
             .expect("open node log");
         let mut marker = log.try_clone().expect("clone log handle");
         let _ = writeln!(marker, "\n===== [e2e] starting braid node =====");
-        let child = Command::new(braid_bin())
+        let mut cmd = Command::new(braid_bin());
+        // Only the options the test asks for: no BRAID_* from the caller's
+        // environment (they are clap fallbacks of the node's flags).
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("BRAID_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd
             .arg("node")
             .arg("start")
             .arg("--data-dir")
@@ -751,6 +756,28 @@ impl Api {
         )
     }
 
+    /// Starts a flow, idempotently: `Ok(true)` on `202`, `Ok(false)` on
+    /// `409` (the request was accepted earlier, e.g. before a crash lost the
+    /// answer), `Err` when the request did not get through (retry it);
+    /// panics on any other answer.
+    pub fn submit_flow(
+        &self,
+        holding: &str,
+        client_request_id: &str,
+        flow_name: &str,
+        body: &Value,
+    ) -> Result<bool, NetError> {
+        let resp = self.try_start_flow(holding, client_request_id, flow_name, body)?;
+        match resp.status {
+            202 => Ok(true),
+            409 => Ok(false),
+            other => panic!(
+                "start flow {flow_name} {client_request_id}: unexpected HTTP {other}: {}",
+                resp.text
+            ),
+        }
+    }
+
     /// Starts a flow; panics unless `202`.
     pub fn start_flow(
         &self,
@@ -867,7 +894,7 @@ impl Api {
         )
     }
 
-    /// Waits until the vnode has exactly-or-more `count` responder flows and
+    /// Waits until the vnode has at least `count` responder flows and
     /// all of them are terminal; returns them.
     pub fn wait_responders_terminal(
         &self,

@@ -71,8 +71,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -111,9 +112,8 @@ fn examples_dir() -> PathBuf {
 }
 
 async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let dir = data_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()))
-    });
+    let dir = data_dir
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("braid-demo-{}", std::process::id())));
     eprintln!("building the ping package...");
     let wasm = package::build(&examples_dir().join("ping"), &dir.join("ping.wasm"))?;
     let password = "demo-password";

@@ -36,7 +36,11 @@ pub struct NodeArgs {
     #[arg(long, env = "BRAID_FLOW_STACK_KIB", default_value_t = 512)]
     pub flow_stack_kib: usize,
     /// Messages a flow may send without suspending.
-    #[arg(long, env = "BRAID_MAX_OUTBOUND_PER_CHECKPOINT", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "BRAID_MAX_OUTBOUND_PER_CHECKPOINT",
+        default_value_t = 10_000
+    )]
     pub max_outbound_per_checkpoint: usize,
     /// How long a flow's `receive` waits before the session times out, ms.
     #[arg(long, env = "BRAID_SESSION_TIMEOUT_MS", default_value_t = 600_000)]

@@ -12,10 +12,18 @@ pub fn ensure_target() -> anyhow::Result<()> {
         .args(["target", "list", "--installed"])
         .output();
     match out {
-        Ok(o) if String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == TARGET) => Ok(()),
+        Ok(o)
+            if String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == TARGET) =>
+        {
+            Ok(())
+        }
         Ok(_) => {
             eprintln!("installing the {TARGET} target with rustup...");
-            let st = Command::new("rustup").args(["target", "add", TARGET]).status()?;
+            let st = Command::new("rustup")
+                .args(["target", "add", TARGET])
+                .status()?;
             if !st.success() {
                 bail!("`rustup target add {TARGET}` failed; install the target and retry");
             }
@@ -36,18 +44,32 @@ pub fn build(crate_dir: &Path, output: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{} has no Cargo.toml", crate_dir.display()))?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--release", "--target", TARGET, "--message-format=json-render-diagnostics", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            TARGET,
+            "--message-format=json-render-diagnostics",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo")?;
     if !out.status.success() {
-        bail!("cargo build of {} failed (see the messages above)", crate_dir.display());
+        bail!(
+            "cargo build of {} failed (see the messages above)",
+            crate_dir.display()
+        );
     }
     let mut wasm = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        if v["reason"] != "compiler-artifact" || v["manifest_path"].as_str().map(Path::new) != Some(manifest.as_path()) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact"
+            || v["manifest_path"].as_str().map(Path::new) != Some(manifest.as_path())
+        {
             continue;
         }
         if let Some(files) = v["filenames"].as_array() {
@@ -59,7 +81,10 @@ pub fn build(crate_dir: &Path, output: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     let wasm = wasm.with_context(|| {
-        format!("{} produced no .wasm: is it a `crate-type = [\"cdylib\"]` app crate?", crate_dir.display())
+        format!(
+            "{} produced no .wasm: is it a `crate-type = [\"cdylib\"]` app crate?",
+            crate_dir.display()
+        )
     })?;
     if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;

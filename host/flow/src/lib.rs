@@ -72,6 +72,8 @@ struct State {
     queue: VecDeque<FlowId>,
     queued: HashSet<FlowId>,
     retries: HashMap<FlowId, u32>,
+    /// Live flows told to evict that have not exited yet.
+    evicting: usize,
 }
 
 impl State {
@@ -86,6 +88,19 @@ impl State {
         self.tick += 1;
         self.lru.insert(self.tick, f);
         self.lru_pos.insert(f, self.tick);
+    }
+
+    /// Tells a live flow to unload at its next suspension.
+    fn evict(&mut self, f: &FlowId) -> bool {
+        match self.live.get_mut(f) {
+            Some(l) if !l.evicting => {
+                l.evicting = true;
+                self.evicting += 1;
+                let _ = l.events.send(Event::Evict);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn insert_flow(&mut self, r: FlowRecord) {
@@ -135,7 +150,7 @@ impl FlowWorker {
         config: WorkerConfig,
     ) -> anyhow::Result<FlowWorker> {
         let snap = store.load().await?;
-        let (changes, _) = broadcast::channel(1024);
+        let (changes, _) = broadcast::channel(16384);
         let inner = Arc::new(Inner {
             store: store.clone(),
             bus,
@@ -211,7 +226,10 @@ impl FlowWorker {
 
     /// Stores a package after checking it is a braid flow package.
     /// Uploading the same bytes again returns the existing record.
-    pub async fn upload_package(&self, bytes: Vec<u8>) -> Result<(PackageRecord, bool), WorkerError> {
+    pub async fn upload_package(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Result<(PackageRecord, bool), WorkerError> {
         let checksum = Checksum::of(&bytes);
         if let Some(p) = self.inner.lock().packages.get(&checksum) {
             return Ok((p.clone(), false));
@@ -242,7 +260,11 @@ impl FlowWorker {
     }
 
     /// Creates a vnode running `package`.
-    pub async fn create_vnode(&self, name: X500Name, package: Checksum) -> Result<VnodeRecord, WorkerError> {
+    pub async fn create_vnode(
+        &self,
+        name: X500Name,
+        package: Checksum,
+    ) -> Result<VnodeRecord, WorkerError> {
         let holding = HoldingId::derive(&name, &self.inner.config.group);
         let rec = {
             let st = self.inner.lock();
@@ -263,7 +285,10 @@ impl FlowWorker {
                 created_ms: now_millis(),
             }
         };
-        self.inner.store.write(vec![Op::PutVnode(rec.clone())]).await?;
+        self.inner
+            .store
+            .write(vec![Op::PutVnode(rec.clone())])
+            .await?;
         let mut st = self.inner.lock();
         st.names.insert(name, holding);
         st.vnodes.insert(holding, rec.clone());
@@ -285,10 +310,9 @@ impl FlowWorker {
     /// The flows a vnode's package offers.
     pub fn vnode_flows(&self, holding: &HoldingId) -> Result<Vec<FlowInfo>, WorkerError> {
         let st = self.inner.lock();
-        let v = st
-            .vnodes
-            .get(holding)
-            .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+        let v = st.vnodes.get(holding).ok_or_else(|| {
+            WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
+        })?;
         Ok(st
             .packages
             .get(&v.package)
@@ -299,17 +323,21 @@ impl FlowWorker {
     /// Development only: switches a vnode, and every unfinished flow of it,
     /// to another package. Live flows are evicted so they resume on the new
     /// code by replay; a replay that diverges fails that flow.
-    pub async fn force_package(&self, holding: HoldingId, package: Checksum) -> Result<VnodeRecord, WorkerError> {
+    pub async fn force_package(
+        &self,
+        holding: HoldingId,
+        package: Checksum,
+    ) -> Result<VnodeRecord, WorkerError> {
         let (vrec, flows) = {
             let st = self.inner.lock();
             if !st.packages.contains_key(&package) {
-                return Err(WorkerError::NotFound(format!("no package with checksum {package}")));
+                return Err(WorkerError::NotFound(format!(
+                    "no package with checksum {package}"
+                )));
             }
-            let mut v = st
-                .vnodes
-                .get(&holding)
-                .cloned()
-                .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+            let mut v = st.vnodes.get(&holding).cloned().ok_or_else(|| {
+                WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
+            })?;
             v.package = package;
             let flows: Vec<FlowRecord> = st
                 .by_vnode
@@ -331,10 +359,7 @@ impl FlowWorker {
         let mut st = self.inner.lock();
         st.vnodes.insert(holding, vrec.clone());
         for r in flows {
-            if let Some(l) = st.live.get_mut(&r.id) {
-                l.evicting = true;
-                let _ = l.events.send(Event::Evict);
-            }
+            st.evict(&r.id);
             st.unsuspend(&r.id);
             if let Some(cur) = st.flows.get_mut(&r.id) {
                 cur.package = package;
@@ -354,12 +379,15 @@ impl FlowWorker {
         let key = (holding, client_request_id.clone());
         let rec = {
             let mut st = self.inner.lock();
-            let v = st
-                .vnodes
-                .get(&holding)
-                .ok_or_else(|| WorkerError::NotFound(format!("no virtual node with holdingId {holding}")))?;
+            let v = st.vnodes.get(&holding).ok_or_else(|| {
+                WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
+            })?;
             let package = v.package;
-            let flows = st.packages.get(&package).map(|p| p.flows.as_slice()).unwrap_or(&[]);
+            let flows = st
+                .packages
+                .get(&package)
+                .map(|p| p.flows.as_slice())
+                .unwrap_or(&[]);
             match flows.iter().find(|f| f.name == flow_name) {
                 Some(f) if f.startable => {}
                 Some(_) => {
@@ -368,7 +396,11 @@ impl FlowWorker {
                     )));
                 }
                 None => {
-                    let names: Vec<&str> = flows.iter().filter(|f| f.startable).map(|f| f.name.as_str()).collect();
+                    let names: Vec<&str> = flows
+                        .iter()
+                        .filter(|f| f.startable)
+                        .map(|f| f.name.as_str())
+                        .collect();
                     return Err(WorkerError::NotFound(format!(
                         "virtual node {holding} has no flow named {flow_name:?}; startable flows: {names:?}"
                     )));
@@ -400,7 +432,12 @@ impl FlowWorker {
                 journal_len: 0,
             }
         };
-        if let Err(e) = self.inner.store.write(vec![Op::PutFlow(Box::new(rec.clone()))]).await {
+        if let Err(e) = self
+            .inner
+            .store
+            .write(vec![Op::PutFlow(Box::new(rec.clone()))])
+            .await
+        {
             self.inner.lock().by_client.remove(&key);
             return Err(e.into());
         }
@@ -467,9 +504,13 @@ impl FlowWorker {
         let mut st = self.inner.lock();
         let max = self.inner.config.max_live_flows.max(1);
         while st.live.len() < max {
-            let Some(id) = st.queue.pop_front() else { break };
+            let Some(id) = st.queue.pop_front() else {
+                break;
+            };
             st.queued.remove(&id);
-            let Some(rec) = st.flows.get_mut(&id) else { continue };
+            let Some(rec) = st.flows.get_mut(&id) else {
+                continue;
+            };
             if rec.status.is_terminal() {
                 continue;
             }
@@ -477,17 +518,22 @@ impl FlowWorker {
                 rec.status = FlowStatus::Running;
             }
             let (tx, rx) = mpsc::unbounded_channel();
-            st.live.insert(id, Live { events: tx, evicting: false });
+            st.live.insert(
+                id,
+                Live {
+                    events: tx,
+                    evicting: false,
+                },
+            );
             tokio::spawn(drive(self.clone(), id, rx));
         }
-        let evicting = st.live.values().filter(|l| l.evicting).count();
-        let mut want = st.queue.len().saturating_sub(evicting);
+        let mut want = st.queue.len().saturating_sub(st.evicting);
         while want > 0 {
-            let Some((_, id)) = st.lru.pop_first() else { break };
+            let Some((_, id)) = st.lru.pop_first() else {
+                break;
+            };
             st.lru_pos.remove(&id);
-            if let Some(l) = st.live.get_mut(&id) {
-                l.evicting = true;
-                let _ = l.events.send(Event::Evict);
+            if st.evict(&id) {
                 want -= 1;
             }
         }
@@ -509,7 +555,11 @@ impl FlowWorker {
                 entries: cp.entries.clone(),
             });
         }
-        ops.extend(cp.outbound.iter().map(|m| Op::PutOutbox(Box::new(m.clone()))));
+        ops.extend(
+            cp.outbound
+                .iter()
+                .map(|m| Op::PutOutbox(Box::new(m.clone()))),
+        );
         ops.extend(cp.consumed.iter().map(|k| Op::DeleteInbox(k.clone())));
         ops.push(Op::PutFlow(Box::new(rec.clone())));
         ops
@@ -539,7 +589,10 @@ impl FlowEnv for Env {
             r.journal_len = cp.first_index + cp.entries.len() as u32;
             r
         };
-        inner.store.write(FlowWorker::checkpoint_ops(&rec, &cp)).await?;
+        inner
+            .store
+            .write(FlowWorker::checkpoint_ops(&rec, &cp))
+            .await?;
         {
             let mut st = inner.lock();
             st.flows.insert(flow, rec.clone());
@@ -565,7 +618,11 @@ impl FlowEnv for Env {
 async fn load_input(w: &FlowWorker, id: FlowId) -> anyhow::Result<(Arc<Package>, FlowInput)> {
     let (rec, name) = {
         let st = w.inner.lock();
-        let rec = st.flows.get(&id).cloned().ok_or_else(|| anyhow::anyhow!("unknown flow {id}"))?;
+        let rec = st
+            .flows
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("unknown flow {id}"))?;
         let name = st
             .vnodes
             .get(&rec.holding)
@@ -638,7 +695,12 @@ async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>
                         rec.error = Some(f);
                     }
                 }
-                match w.inner.store.write(FlowWorker::checkpoint_ops(&rec, &checkpoint)).await {
+                match w
+                    .inner
+                    .store
+                    .write(FlowWorker::checkpoint_ops(&rec, &checkpoint))
+                    .await
+                {
                     Ok(()) => {
                         w.inner.lock().flows.insert(id, rec.clone());
                         let _ = w.inner.changes.send(rec);
@@ -659,10 +721,14 @@ async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>
     }
     let (wake, delay) = {
         let mut st = w.inner.lock();
-        st.live.remove(&id);
+        if st.live.remove(&id).is_some_and(|l| l.evicting) {
+            st.evicting -= 1;
+        }
         st.unsuspend(&id);
         let rec = st.flows.get(&id);
-        let wake = rec.filter(|r| !r.status.is_terminal()).map(|r| r.wake_at_ms);
+        let wake = rec
+            .filter(|r| !r.status.is_terminal())
+            .map(|r| r.wake_at_ms);
         let delay = retry_after.map(|_| {
             let n = st.retries.entry(id).or_insert(0);
             *n += 1;

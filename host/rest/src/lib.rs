@@ -68,7 +68,11 @@ impl From<WorkerError> for ApiError {
                 "STORE_UNAVAILABLE",
                 format!("{e}; retry later"),
             ),
-            other => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", other.to_string()),
+            other => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                other.to_string(),
+            ),
         }
     }
 }
@@ -76,7 +80,11 @@ impl From<WorkerError> for ApiError {
 fn body_error(r: BytesRejection) -> ApiError {
     let status = r.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "BODY_TOO_LARGE", format!("request body too large: {}", r.body_text()))
+        ApiError::new(
+            status,
+            "BODY_TOO_LARGE",
+            format!("request body too large: {}", r.body_text()),
+        )
     } else {
         ApiError::new(status, "BAD_BODY", r.body_text())
     }
@@ -124,7 +132,10 @@ impl Auth {
             .map_err(|e| anyhow::anyhow!("hashing password: {e}"))?
             .to_string();
         store
-            .write(vec![Op::PutMeta(ADMIN_HASH_KEY.into(), hash.clone().into_bytes())])
+            .write(vec![Op::PutMeta(
+                ADMIN_HASH_KEY.into(),
+                hash.clone().into_bytes(),
+            )])
             .await?;
         Ok(Auth {
             hash,
@@ -147,7 +158,8 @@ impl Auth {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(enc.trim())
             .map_err(|_| unauthorized("malformed basic auth header"))?;
-        let raw = String::from_utf8(raw).map_err(|_| unauthorized("malformed basic auth header"))?;
+        let raw =
+            String::from_utf8(raw).map_err(|_| unauthorized("malformed basic auth header"))?;
         let (user, pass) = raw
             .split_once(':')
             .ok_or_else(|| unauthorized("malformed basic auth header"))?;
@@ -155,8 +167,13 @@ impl Auth {
         if self.verified.lock().expect("auth cache").contains(&digest) {
             return Ok(());
         }
-        let parsed = argon2::PasswordHash::new(&self.hash)
-            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "AUTH_UNAVAILABLE", "stored credential is unreadable"))?;
+        let parsed = argon2::PasswordHash::new(&self.hash).map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "AUTH_UNAVAILABLE",
+                "stored credential is unreadable",
+            )
+        })?;
         if user != "admin"
             || argon2::Argon2::default()
                 .verify_password(pass.as_bytes(), &parsed)
@@ -201,7 +218,10 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
             put(force_package),
         )
         .route("/api/v1/flow/{holding}", post(start_flow).get(list_flows))
-        .route("/api/v1/flow/{holding}/{client_request_id}", get(flow_status))
+        .route(
+            "/api/v1/flow/{holding}/{client_request_id}",
+            get(flow_status),
+        )
         .route("/api/v1/health", get(health))
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES));
     let upload = Router::new()
@@ -210,7 +230,11 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
     upload
         .merge(json_routes)
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "NO_SUCH_ENDPOINT", "no such endpoint; see /api/v1")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NO_SUCH_ENDPOINT",
+                "no such endpoint; see /api/v1",
+            )
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -235,7 +259,12 @@ pub async fn run(
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad("MALFORMED_JSON", format!("request body is not valid JSON: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(
+            "MALFORMED_JSON",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })
 }
 
 fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value, ApiError> {
@@ -251,7 +280,11 @@ fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, ApiError> {
 
 fn holding(s: &str) -> Result<HoldingId, ApiError> {
     s.parse().map_err(|e: braid_types::ParseError| {
-        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node {s:?}: {e}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no virtual node {s:?}: {e}"),
+        )
     })
 }
 
@@ -318,13 +351,24 @@ async fn upload_package(
     c.auth.check(&headers)?;
     let body = body.map_err(body_error)?;
     if body.is_empty() {
-        return Err(ApiError::bad("EMPTY_PACKAGE", "the request body must be the package's .wasm bytes"));
+        return Err(ApiError::bad(
+            "EMPTY_PACKAGE",
+            "the request body must be the package's .wasm bytes",
+        ));
     }
-    let (rec, created) = c.worker.upload_package(body.to_vec()).await.map_err(|e| match e {
-        WorkerError::Invalid(m) => ApiError::bad("INVALID_PACKAGE", m),
-        e => e.into(),
-    })?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let (rec, created) = c
+        .worker
+        .upload_package(body.to_vec())
+        .await
+        .map_err(|e| match e {
+            WorkerError::Invalid(m) => ApiError::bad("INVALID_PACKAGE", m),
+            e => e.into(),
+        })?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(package_json(&rec))).into_response())
 }
 
@@ -364,10 +408,13 @@ async fn get_vnode(
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
-    let v = c
-        .worker
-        .vnode(&h)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node with holdingId {h}")))?;
+    let v = c.worker.vnode(&h).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no virtual node with holdingId {h}"),
+        )
+    })?;
     Ok(Json(vnode_json(&v)))
 }
 
@@ -410,8 +457,15 @@ async fn start_flow(
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CLIENT_REQUEST_ID", e.0))?;
     let flow_name = str_field(&v, "flowName")?.to_owned();
-    let request_body = v.get("requestBody").cloned().unwrap_or(Value::Null).to_string();
-    let rec = c.worker.start_flow(h, crid, flow_name, request_body).await?;
+    let request_body = v
+        .get("requestBody")
+        .cloned()
+        .unwrap_or(Value::Null)
+        .to_string();
+    let rec = c
+        .worker
+        .start_flow(h, crid, flow_name, request_body)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(flow_json(&rec))).into_response())
 }
 
@@ -423,7 +477,11 @@ async fn list_flows(
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("no virtual node with holdingId {h}")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no virtual node with holdingId {h}"),
+        ));
     }
     let flows: Vec<Value> = c.worker.flows_of(&h).iter().map(flow_json).collect();
     Ok(Json(json!({ "flows": flows })))
@@ -436,9 +494,9 @@ async fn flow_status(
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
-    let crid: ClientRequestId = crid
-        .parse()
-        .map_err(|e: braid_types::ParseError| ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0))?;
+    let crid: ClientRequestId = crid.parse().map_err(|e: braid_types::ParseError| {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0)
+    })?;
     let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

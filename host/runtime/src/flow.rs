@@ -314,12 +314,12 @@ impl FlowState {
 
     /// Applies a receive outcome to the session state (live and replay alike).
     fn apply_receive(&mut self, handle: u64, consumed: bool, result: &Result<Vec<u8>, SessErr>) {
-        if let Some(s) = self.sessions.get_mut(&handle) {
-            if consumed {
-                s.next_recv += 1;
-                if let Err(e) = result {
-                    s.ended = Some(e.clone());
-                }
+        if let Some(s) = self.sessions.get_mut(&handle)
+            && consumed
+        {
+            s.next_recv += 1;
+            if let Err(e) = result {
+                s.ended = Some(e.clone());
             }
         }
     }
@@ -341,9 +341,18 @@ fn same_call(journal: &Entry, call: &Entry) -> bool {
                 ..
             },
         ) => a == b && p == q && v == w,
-        (Entry::Send { handle: a, digest: d, .. }, Entry::Send { handle: b, digest: e, .. }) => {
-            a == b && d == e
-        }
+        (
+            Entry::Send {
+                handle: a,
+                digest: d,
+                ..
+            },
+            Entry::Send {
+                handle: b,
+                digest: e,
+                ..
+            },
+        ) => a == b && d == e,
         (Entry::Receive { handle: a, .. }, Entry::Receive { handle: b, .. }) => a == b,
         (Entry::Close { handle: a, .. }, Entry::Close { handle: b, .. }) => a == b,
         (Entry::Random { bytes: a }, Entry::Random { bytes: b }) => a.len() == b.len(),
@@ -555,7 +564,10 @@ impl host::Host for crate::FlowCtx {
         Ok(wit_result(result))
     }
 
-    async fn counterparty(&mut self, s: u64) -> wasmtime::Result<Result<String, types::SessionError>> {
+    async fn counterparty(
+        &mut self,
+        s: u64,
+    ) -> wasmtime::Result<Result<String, types::SessionError>> {
         Ok(wit_result(
             self.st.session(s).map(|x| x.peer.name.to_string()),
         ))
@@ -565,9 +577,11 @@ impl host::Host for crate::FlowCtx {
         &mut self,
         s: u64,
     ) -> wasmtime::Result<Result<u32, types::SessionError>> {
-        Ok(wit_result(self.st.session(s).map(|x| {
-            x.versions.iter().copied().max().unwrap_or(0)
-        })))
+        Ok(wit_result(
+            self.st
+                .session(s)
+                .map(|x| x.versions.iter().copied().max().unwrap_or(0)),
+        ))
     }
 
     async fn sleep(&mut self, millis: u64) -> wasmtime::Result<()> {

@@ -138,11 +138,35 @@ mod tests {
 
     fn arb_entry() -> impl Strategy<Value = Entry> {
         prop_oneof![
-            (any::<String>(), any::<String>(), any::<Vec<u32>>(), prop::result::maybe_ok(any::<u64>(), arb_err()))
-                .prop_map(|(counterparty, protocol, versions, result)| Entry::Initiate { counterparty, protocol, versions, result }),
-            (any::<u64>(), any::<u64>()).prop_map(|(handle, digest)| Entry::Send { handle, digest, result: Ok(()) }),
-            (any::<u64>(), any::<bool>(), prop::result::maybe_ok(any::<Vec<u8>>(), arb_err()))
-                .prop_map(|(handle, consumed, result)| Entry::Receive { handle, consumed, result }),
+            (
+                any::<String>(),
+                any::<String>(),
+                any::<Vec<u32>>(),
+                prop::result::maybe_ok(any::<u64>(), arb_err())
+            )
+                .prop_map(|(counterparty, protocol, versions, result)| {
+                    Entry::Initiate {
+                        counterparty,
+                        protocol,
+                        versions,
+                        result,
+                    }
+                }),
+            (any::<u64>(), any::<u64>()).prop_map(|(handle, digest)| Entry::Send {
+                handle,
+                digest,
+                result: Ok(())
+            }),
+            (
+                any::<u64>(),
+                any::<bool>(),
+                prop::result::maybe_ok(any::<Vec<u8>>(), arb_err())
+            )
+                .prop_map(|(handle, consumed, result)| Entry::Receive {
+                    handle,
+                    consumed,
+                    result
+                }),
             any::<u64>().prop_map(|wake_at_ms| Entry::Sleep { wake_at_ms }),
             any::<u64>().prop_map(|ms| Entry::Now { ms }),
             any::<Vec<u8>>().prop_map(|bytes| Entry::Random { bytes }),

@@ -369,7 +369,11 @@ impl Runtime {
 
     /// Compiles (or loads the cached compilation of) a package, checks it
     /// is a braid flow package and learns its flows.
-    pub async fn load(&self, checksum: Checksum, bytes: &[u8]) -> Result<Arc<Package>, RuntimeError> {
+    pub async fn load(
+        &self,
+        checksum: Checksum,
+        bytes: &[u8],
+    ) -> Result<Arc<Package>, RuntimeError> {
         if let Some(p) = self.cached(&checksum) {
             return Ok(p);
         }
@@ -378,8 +382,9 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| RuntimeError::InvalidPackage(format!("{e:#}")))?;
-        let pre = bindings::FlowPackagePre::new(pre)
-            .map_err(|e| RuntimeError::InvalidPackage(format!("not a braid flow package: {e:#}")))?;
+        let pre = bindings::FlowPackagePre::new(pre).map_err(|e| {
+            RuntimeError::InvalidPackage(format!("not a braid flow package: {e:#}"))
+        })?;
         let flows = self.describe(&pre).await?;
         let pkg = Arc::new(Package { pre, flows });
         self.packages
@@ -400,7 +405,9 @@ impl Runtime {
         if path.exists() {
             match load_cached(&self.engine, &path) {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(), cause = %e, "ignoring unusable compiled package cache entry"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), cause = %e, "ignoring unusable compiled package cache entry")
+                }
             }
         }
         if !bytes.starts_with(b"\0asm") {
@@ -417,7 +424,8 @@ impl Runtime {
         match component.serialize() {
             Ok(ser) => {
                 let tmp = path.with_extension("tmp");
-                if let Err(e) = std::fs::write(&tmp, ser).and_then(|_| std::fs::rename(&tmp, &path)) {
+                if let Err(e) = std::fs::write(&tmp, ser).and_then(|_| std::fs::rename(&tmp, &path))
+                {
                     tracing::warn!(cause = %e, "could not cache compiled package");
                 }
             }
@@ -461,12 +469,20 @@ impl Runtime {
         store
     }
 
-    fn state(&self, input: &FlowInput, env: Arc<dyn FlowEnv>, events: mpsc::UnboundedReceiver<Event>) -> anyhow::Result<FlowState> {
+    fn state(
+        &self,
+        input: &FlowInput,
+        env: Arc<dyn FlowEnv>,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> anyhow::Result<FlowState> {
         let journal = input
             .journal
             .iter()
             .enumerate()
-            .map(|(i, b)| Entry::decode(b).with_context(|| format!("journal entry {i} of flow {} is corrupt", input.id)))
+            .map(|(i, b)| {
+                Entry::decode(b)
+                    .with_context(|| format!("journal entry {i} of flow {} is corrupt", input.id))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let committed = journal.len();
         let mut st = FlowState {
@@ -500,7 +516,10 @@ impl Runtime {
         Ok(st)
     }
 
-    async fn describe(&self, pre: &bindings::FlowPackagePre<FlowCtx>) -> Result<Vec<FlowInfo>, RuntimeError> {
+    async fn describe(
+        &self,
+        pre: &bindings::FlowPackagePre<FlowCtx>,
+    ) -> Result<Vec<FlowInfo>, RuntimeError> {
         let (_tx, rx) = mpsc::unbounded_channel();
         let name: X500Name = "O=Describe, L=Nowhere, C=GB".parse().expect("valid");
         let input = FlowInput {
@@ -546,7 +565,9 @@ impl Runtime {
             })
             .collect();
         if flows.is_empty() {
-            return Err(RuntimeError::InvalidPackage("the package exports no flows".into()));
+            return Err(RuntimeError::InvalidPackage(
+                "the package exports no flows".into(),
+            ));
         }
         Ok(flows)
     }
@@ -577,7 +598,9 @@ impl Runtime {
             FlowStart::Client { request_body, .. } => {
                 bindings::exports::braid::flow::guest::Start::Client(request_body.clone())
             }
-            FlowStart::Responder { .. } => bindings::exports::braid::flow::guest::Start::Responder(1),
+            FlowStart::Responder { .. } => {
+                bindings::exports::braid::flow::guest::Start::Responder(1)
+            }
         };
         let outcome = match package.pre.instantiate_async(&mut store).await {
             Ok(inst) => {
@@ -632,7 +655,9 @@ impl Runtime {
                         self.config.limits.memory_bytes >> 20
                     ),
                 }),
-                None if err.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::StackOverflow) => {
+                None if err.downcast_ref::<wasmtime::Trap>()
+                    == Some(&wasmtime::Trap::StackOverflow) =>
+                {
                     Err(FlowFailure {
                         kind: FailureKind::StackLimit,
                         message: format!(

@@ -32,7 +32,19 @@ type Reply = oneshot::Sender<Result<(), StoreError>>;
 /// The embedded, file-backed store.
 pub struct EmbeddedStore {
     db: Arc<Database>,
-    tx: std_mpsc::Sender<(Vec<Op>, Reply)>,
+    tx: Option<std_mpsc::Sender<(Vec<Op>, Reply)>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer; joining it releases the
+        // database file before anyone can open it again.
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -89,11 +101,15 @@ impl EmbeddedStore {
         }
         let (tx, rx) = std_mpsc::channel::<(Vec<Op>, Reply)>();
         let wdb = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("braid-store-writer".into())
             .spawn(move || writer_loop(&wdb, rx))
             .map_err(db_err)?;
-        Ok(EmbeddedStore { db, tx })
+        Ok(EmbeddedStore {
+            db,
+            tx: Some(tx),
+            writer: Some(writer),
+        })
     }
 
     fn read<T>(
@@ -214,7 +230,11 @@ impl Store for EmbeddedStore {
             return Ok(());
         }
         let (reply, wait) = oneshot::channel();
-        self.tx.send((ops, reply)).map_err(|_| StoreError::Closed)?;
+        self.tx
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send((ops, reply))
+            .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -344,10 +364,15 @@ mod tests {
             for t in tasks {
                 t.await.unwrap().unwrap();
             }
-            s.write(vec![Op::PutInbox(Box::new(msg(flow, 1))), Op::PutInbox(Box::new(msg(flow, 2)))])
+            s.write(vec![
+                Op::PutInbox(Box::new(msg(flow, 1))),
+                Op::PutInbox(Box::new(msg(flow, 2))),
+            ])
+            .await
+            .unwrap();
+            s.write(vec![Op::DeleteInbox(msg(flow, 1).key())])
                 .await
                 .unwrap();
-            s.write(vec![Op::DeleteInbox(msg(flow, 1).key())]).await.unwrap();
         }
         let s = EmbeddedStore::open(&path).unwrap();
         let j = s.journal(&flow).await.unwrap();

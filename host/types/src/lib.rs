@@ -14,7 +14,11 @@ use std::str::FromStr;
 pub struct ParseError(pub String);
 
 fn hex_of_len(s: &str, len: usize, what: &str) -> Result<(), ParseError> {
-    if s.len() != len || !s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if s.len() != len
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err(ParseError(format!(
             "{what} must be {len} lower-case hex characters, got {s:?}"
         )));

@@ -68,6 +68,7 @@ fn ping_proposal_and_idempotent_start() {
     let st = api.wait_terminal(&alice, "p1");
     assert_ping_ok(&st, 41, BOB);
     assert_eq!(st.flow_name.as_deref(), Some("ping"));
+    assert!(!st.timestamp.is_null(), "no timestamp: {}", st.describe());
     assert!(
         st.flow_id.as_deref().is_some_and(|id| !id.is_empty()),
         "no flowId: {}",
