@@ -8,7 +8,9 @@
 //!   `braid package build` ([`package_bytes`]),
 //! - run embedded nodes on a loopback port with a private data directory,
 //!   kill them with SIGKILL and restart them on the same directory ([`Node`]),
-//! - drive the REST API with a small blocking client ([`Api`]),
+//! - drive the REST API with a small blocking client ([`Api`]) over HTTPS,
+//!   trusting the development CA each node makes under `DATA_DIR/tls/`
+//!   ([`trust_ca`]),
 //! - wait for conditions by polling with a deadline ([`wait_until`]).
 //!
 //! Nothing here sleeps to synchronise: every wait polls a condition and fails
@@ -16,11 +18,10 @@
 
 #![warn(missing_docs)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -279,6 +280,12 @@ impl NodeOptions {
     pub fn max_outbound_per_checkpoint(self, n: u64) -> Self {
         self.flag("--max-outbound-per-checkpoint", n)
     }
+    /// `--insecure-http`: plain HTTP (the node accepts it on loopback
+    /// only).
+    pub fn insecure_http(mut self) -> Self {
+        self.args.push("--insecure-http".to_string());
+        self
+    }
     /// Starts a node with these options.
     pub fn start(self) -> Node {
         Node::start_with(self)
@@ -331,6 +338,12 @@ impl Node {
     /// The file the node's stdout and stderr go to.
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.join("braid.log")
+    }
+
+    /// The development CA's certificate, which clients trust:
+    /// `DATA_DIR/tls/ca.pem`.
+    pub fn ca_path(&self) -> PathBuf {
+        self.data_dir.join("tls/ca.pem")
     }
 
     /// The REST client for the running process.
@@ -403,6 +416,16 @@ impl Node {
             },
         );
         assert!(!url.ends_with('/'), "rest.url has a trailing slash: {url}");
+        if url.starts_with("https://") {
+            let ca = self.ca_path();
+            let pem = fs::read(&ca).unwrap_or_else(|e| {
+                panic!(
+                    "the node serves HTTPS but {} is unreadable: {e}",
+                    ca.display()
+                )
+            });
+            trust_ca(&url, pem);
+        }
         self.api = Api::new(url.clone());
         *self.shared_url.write().unwrap() = url;
 
@@ -617,6 +640,28 @@ fn parse_status(v: &Value) -> FlowStatus {
     st
 }
 
+/// The CA certificate (PEM) to trust for each node base URL the tests
+/// know; [`Node`] registers its node's `DATA_DIR/tls/ca.pem` here before
+/// building its [`Api`], so that `Api::new(url)` and [`raw_request`] trust
+/// the right CA from the URL alone.
+fn trusted_cas() -> &'static RwLock<HashMap<String, Vec<u8>>> {
+    static CAS: OnceLock<RwLock<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    CAS.get_or_init(Default::default)
+}
+
+/// Trusts the CA in `ca_pem` (PEM bytes) for the node at `base`.
+pub fn trust_ca(base: &str, ca_pem: Vec<u8>) {
+    trusted_cas()
+        .write()
+        .unwrap()
+        .insert(base.to_string(), ca_pem);
+}
+
+/// The CA trusted for `base`, if any.
+pub fn ca_for(base: &str) -> Option<Vec<u8>> {
+    trusted_cas().read().unwrap().get(base).cloned()
+}
+
 /// A blocking REST client for one node, authenticated as admin.
 #[derive(Debug, Clone)]
 pub struct Api {
@@ -628,13 +673,20 @@ pub struct Api {
 pub type NetError = reqwest::Error;
 
 impl Api {
-    /// A client for the node at `base` (e.g. `http://127.0.0.1:41234`).
+    /// A client for the node at `base` (e.g. `https://127.0.0.1:41234`),
+    /// trusting only the CA registered for it with [`trust_ca`] (no
+    /// built-in roots).
     pub fn new(base: String) -> Api {
-        let client = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(4)
-            .build()
-            .expect("build reqwest client");
+            .tls_built_in_root_certs(false);
+        if let Some(pem) = ca_for(&base) {
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&pem).expect("the node's ca.pem is PEM"),
+            );
+        }
+        let client = builder.build().expect("build reqwest client");
         Api { base, client }
     }
 
@@ -964,10 +1016,11 @@ pub fn assert_all_completed(flows: &[FlowStatus], what: &str) {
 // stops reading when the server answers early
 // ---------------------------------------------------------------------------
 
-/// Sends one HTTP/1.1 request over a raw socket, writing the body from a
-/// separate thread while reading the answer, so an early answer (e.g. `413`
-/// before the body is read) is seen even if the server then drops the
-/// connection. Returns the status code and body.
+/// Sends one HTTP/1.1 request over a raw connection (TLS for `https://`
+/// bases, trusting the CA registered with [`trust_ca`]), writing the body
+/// while reading the answer, so an early answer (e.g. `413` before the body
+/// is read) is seen even if the server then drops the connection. Returns
+/// the status code and body.
 pub fn raw_request(
     base: &str,
     method: &str,
@@ -975,11 +1028,11 @@ pub fn raw_request(
     content_type: &str,
     body: Arc<Vec<u8>>,
 ) -> std::io::Result<Resp> {
-    let authority = base
-        .strip_prefix("http://")
-        .expect("raw_request speaks plain http only");
-    let mut stream = TcpStream::connect(authority)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let (tls, authority) = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
+        (Some(a), _) => (true, a),
+        (None, Some(a)) => (false, a),
+        _ => panic!("raw_request needs an http:// or https:// base, got {base}"),
+    };
     let auth =
         base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN_USER}:{ADMIN_PASSWORD}"));
     let mut head = String::new();
@@ -989,39 +1042,98 @@ pub fn raw_request(
          Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    let mut writer = stream.try_clone()?;
-    let body_writer = std::thread::spawn(move || {
-        // Errors are expected when the server refuses the body early.
-        for chunk in body.chunks(64 * 1024) {
-            if writer.write_all(chunk).is_err() {
-                break;
-            }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(authority).await?;
+        if tls {
+            let config = tls_client_config(base);
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority, |(h, _)| h)
+                .trim_matches(['[', ']']);
+            let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                .map_err(std::io::Error::other)?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            exchange(stream, head, body).await
+        } else {
+            exchange(tcp, head, body).await
         }
-    });
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                if let Some(resp) = parse_complete_response(&raw) {
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                    let _ = body_writer.join();
-                    return Ok(resp);
-                }
-            }
-            Err(e) if raw.is_empty() => {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-                let _ = body_writer.join();
-                return Err(e);
-            }
-            Err(_) => break,
+    })
+}
+
+fn tls_client_config(base: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(pem) = ca_for(base) {
+        use rustls::pki_types::pem::PemObject as _;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots
+                .add(cert.expect("the node's ca.pem is PEM"))
+                .expect("a usable CA certificate");
         }
     }
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    let _ = body_writer.join();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// Writes `head` and `body` on one task while reading the answer on
+/// another (over the same stream, split), returning as soon as a complete
+/// response has arrived.
+async fn exchange<S>(stream: S, head: String, body: Arc<Vec<u8>>) -> std::io::Result<Resp>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        // Errors are expected when the server refuses the body early.
+        for chunk in body.chunks(64 * 1024) {
+            wr.write_all(chunk).await?;
+        }
+        wr.flush().await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    if parse_complete_response(&raw).is_some() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if raw.is_empty() => return Err(e),
+                Err(_) => return Ok(()),
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    match read {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) if raw.is_empty() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in 60 s",
+            ));
+        }
+        Err(_) => {}
+    }
     parse_complete_response(&raw).ok_or_else(|| {
         std::io::Error::other(format!(
             "incomplete HTTP response: {:?}",

@@ -268,9 +268,10 @@ async fn recovery(dir: &Path, wasm: &Path, count: usize) -> anyhow::Result<serde
         }
         anyhow::bail!("node did not start; see {}/node.log", dir.display())
     }
-    let http = reqwest::Client::new();
     let mut child = spawn(dir)?;
     let base = url(dir).await?;
+    // The node made its development CA on this first start.
+    let http = crate::client::async_client(&dir.join("tls/ca.pem"))?;
     let api = |u: &str, p: &str| format!("{u}/api/v1/{p}");
     let pkg: serde_json::Value = http
         .post(api(&base, "package"))

@@ -1,18 +1,40 @@
 //! The `braid` binary: runs a node, builds packages, runs the demo and the
-//! benchmark.
+//! benchmark, and is a client of a node's REST API (packages, vnodes,
+//! flows, users, roles).
 
 mod bench;
+mod client;
+mod commands;
 mod node;
 mod package;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code of a command that failed (request refused, node unreachable,
+/// bad input...). `flow start --wait` and `flow watch` use 0, 1 and 2 for
+/// how the flow ended.
+const ERROR_EXIT: u8 = 3;
 
 /// braid: multi-party workflows as sandboxed WebAssembly flows.
+///
+/// Client commands (package upload/list, vnode, flow, user, role) talk to a
+/// node's REST API over HTTPS. Say where once with braid init, or per
+/// command with --url/--ca/--user or BRAID_URL, BRAID_CA, BRAID_USER; the
+/// password always comes from the environment (BRAID_PASSWORD).
+///
+/// Example:
+///   braid init --url https://127.0.0.1:8888 --ca node1/tls/ca.pem --user admin
+///   export BRAID_PASSWORD=secret
+///   braid package upload ping.wasm
+///   braid flow start 1a2b3c4d5e6f ping --body '{"counterparty":"O=Bob, L=New York, C=US","n":1}' --wait
 #[derive(Parser)]
-#[command(name = "braid", version, about, long_about = None)]
+#[command(name = "braid", version, about, long_about)]
 struct Cli {
+    #[command(flatten)]
+    conn: client::ConnArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,10 +46,40 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
-    /// Build flow packages.
+    /// Write the client profile (URL, CA, user) used by the client
+    /// commands, to ~/.config/braid/config.toml or $BRAID_CONFIG.
+    ///
+    /// Example: braid init --url https://127.0.0.1:8888 --ca ./node1/tls/ca.pem --user admin
+    Init {
+        /// Read the password from this environment variable instead of
+        /// BRAID_PASSWORD (BRAID_PASSWORD still wins when set).
+        #[arg(long)]
+        password_env: Option<String>,
+    },
+    /// Build, upload and list flow packages.
     Package {
         #[command(subcommand)]
         command: PackageCommand,
+    },
+    /// Create, list and upgrade virtual nodes.
+    Vnode {
+        #[command(subcommand)]
+        command: commands::VnodeCommand,
+    },
+    /// Start, follow, list and kill flows.
+    Flow {
+        #[command(subcommand)]
+        command: commands::FlowCommand,
+    },
+    /// Manage users (and their roles).
+    User {
+        #[command(subcommand)]
+        command: commands::UserCommand,
+    },
+    /// Manage roles (and their permissions).
+    Role {
+        #[command(subcommand)]
+        command: commands::RoleCommand,
     },
     /// Start an embedded node with two example vnodes, run `ping` between
     /// them and print the result.
@@ -65,37 +117,87 @@ enum PackageCommand {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Upload a package to the node; prints its checksum and flows.
+    ///
+    /// Example: braid package upload ping.wasm
+    Upload {
+        /// The package (.wasm) file.
+        file: PathBuf,
+    },
+    /// List the node's packages.
+    ///
+    /// Example: braid package list
+    List,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let local = matches!(
+        cli.command,
+        Command::Node { .. } | Command::Demo { .. } | Command::Bench(_)
+    );
+    // Client commands print what they fetched; keep their stderr quiet.
+    let default_filter = if local {
+        "info,wasmtime=warn,cranelift=warn"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")
-            }),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(ERROR_EXIT)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let conn = cli.conn;
     match cli.command {
         Command::Package {
             command: PackageCommand::Build { crate_dir, output },
         } => {
             let out = package::build(&crate_dir, &output)?;
             println!("{}", out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Package {
+            command: PackageCommand::Upload { file },
+        } => commands::package_upload(&conn.client()?, &file),
+        Command::Package {
+            command: PackageCommand::List,
+        } => commands::package_list(&conn.client()?),
+        Command::Init { password_env } => {
+            let path = conn.init(password_env)?;
+            eprintln!("wrote {}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Vnode { command } => commands::vnode(&conn.client()?, command),
+        Command::Flow { command } => commands::flow(&conn.client()?, command),
+        Command::User { command } => commands::user(&conn.client()?, command),
+        Command::Role { command } => commands::role(&conn.client()?, command),
         Command::Node {
             command: NodeCommand::Start(args),
         } => runtime()?.block_on(async {
             let node = node::start(&args).await?;
             tokio::select! {
-                r = node.server => { r??; Ok(()) }
-                _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(()) }
+                r = node.server => { r??; Ok(ExitCode::SUCCESS) }
+                _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(ExitCode::SUCCESS) }
             }
         }),
-        Command::Demo { data_dir } => runtime()?.block_on(demo(data_dir)),
-        Command::Bench(args) => runtime()?.block_on(bench::run(args)),
+        Command::Demo { data_dir } => runtime()?
+            .block_on(demo(data_dir))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => runtime()?
+            .block_on(bench::run(args))
+            .map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -128,7 +230,7 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let password = std::env::var("BRAID_ADMIN_PASSWORD")?;
     let node = node::start(&node::NodeArgs::local(dir.join("node"))).await?;
     eprintln!("node listening at {} (data in {})", node.url, dir.display());
-    let http = reqwest::Client::new();
+    let http = client::async_client(&dir.join("node/tls/ca.pem"))?;
     let api = |path: &str| format!("{}/api/v1/{path}", node.url);
     let pkg: serde_json::Value = http
         .post(api("package"))

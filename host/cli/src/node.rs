@@ -7,7 +7,7 @@ use braid_flow::{FlowWorker, WorkerConfig};
 use braid_rest::Auth;
 use braid_runtime::{Limits, Runtime, RuntimeConfig};
 use braid_storage::embedded::EmbeddedStore;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +48,23 @@ pub struct NodeArgs {
     /// Name of the application network (part of every holding id).
     #[arg(long, env = "BRAID_GROUP", default_value = "default")]
     pub group: String,
+    /// The REST API's certificate chain (PEM, leaf first). Without it the
+    /// node makes a development CA and certificate under DATA_DIR/tls/
+    /// (clients trust DATA_DIR/tls/ca.pem).
+    #[arg(long, env = "BRAID_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "BRAID_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra host names or IP addresses clients use to reach the node; the
+    /// development certificate is made valid for them (besides localhost,
+    /// 127.0.0.1, ::1 and the REST address).
+    #[arg(long, env = "BRAID_PUBLIC_HOST", value_delimiter = ',')]
+    pub public_host: Vec<String>,
+    /// Serve the REST API over plain HTTP instead of HTTPS. Only allowed
+    /// when --rest-addr is a loopback address.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_http: bool,
 }
 
 impl NodeArgs {
@@ -63,6 +80,10 @@ impl NodeArgs {
             max_outbound_per_checkpoint: 10_000,
             session_timeout_ms: 600_000,
             group: "default".into(),
+            tls_cert: None,
+            tls_key: None,
+            public_host: Vec::new(),
+            insecure_http: false,
         }
     }
 }
@@ -81,6 +102,13 @@ pub struct Node {
 /// in `DATA_DIR/rest.url`.
 pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     let dir = &args.data_dir;
+    if args.insecure_http && !args.rest_addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve plain HTTP on {}: --insecure-http is only allowed on a loopback \
+             address (127.0.0.1 or ::1); drop --insecure-http to serve HTTPS",
+            args.rest_addr
+        );
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     let store = Arc::new(
         EmbeddedStore::open(&dir.join("braid.redb"))
@@ -112,7 +140,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     .await?;
     let auth = Arc::new(
         Auth::init(
-            store.as_ref(),
+            store.clone(),
             std::env::var("BRAID_ADMIN_PASSWORD").ok(),
             &dir.join("admin-password"),
         )
@@ -121,13 +149,35 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     let listener = tokio::net::TcpListener::bind(args.rest_addr)
         .await
         .with_context(|| format!("binding the REST API to {}", args.rest_addr))?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let server = tokio::spawn(braid_rest::run(
-        listener,
-        worker.clone(),
-        auth,
-        std::future::pending(),
-    ));
+    let mut local = listener.local_addr()?;
+    // A wildcard address is not something to connect to; local clients
+    // reach it on loopback.
+    if local.ip().is_unspecified() {
+        local.set_ip(match local {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let server = if args.insecure_http {
+        tracing::warn!("serving the REST API over plain HTTP (--insecure-http)");
+        tokio::spawn(braid_rest::run(
+            listener,
+            worker.clone(),
+            auth,
+            std::future::pending(),
+        ))
+    } else {
+        let tls = tls_config(args)?;
+        tokio::spawn(braid_rest::run_tls(
+            listener,
+            tls,
+            worker.clone(),
+            auth,
+            std::future::pending(),
+        ))
+    };
+    let scheme = if args.insecure_http { "http" } else { "https" };
+    let url = format!("{scheme}://{local}");
     let tmp = dir.join("rest.url.tmp");
     std::fs::write(&tmp, &url)?;
     std::fs::rename(&tmp, dir.join("rest.url"))?;
@@ -136,5 +186,34 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         url,
         worker,
         server,
+    })
+}
+
+/// The REST API's TLS configuration: the operator's certificate, else the
+/// development one under DATA_DIR/tls/ (made on first start).
+fn tls_config(args: &NodeArgs) -> anyhow::Result<Arc<braid_rest::tls::ServerConfig>> {
+    use braid_rest::tls;
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => {
+            let mut names = args.public_host.clone();
+            if !args.rest_addr.ip().is_unspecified() {
+                names.push(args.rest_addr.ip().to_string());
+            }
+            let dev = tls::danger::dev_certificate(&args.data_dir.join("tls"), &names)
+                .context("making the development TLS certificate")?;
+            tracing::info!(
+                ca = %dev.ca_pem.display(),
+                "serving HTTPS with a development certificate; clients trust the CA file"
+            );
+            (dev.cert_pem, dev.key_pem)
+        }
+    };
+    tls::server_config(&cert, &key).with_context(|| {
+        format!(
+            "loading the REST API's TLS certificate {} and key {}",
+            cert.display(),
+            key.display()
+        )
     })
 }

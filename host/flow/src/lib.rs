@@ -23,6 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
+pub mod metrics;
+pub use metrics::{FlowEvent, Histogram, Metrics};
+
 /// A request the worker refuses; each maps to a 4xx.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -74,6 +77,8 @@ struct State {
     retries: HashMap<FlowId, u32>,
     /// Live flows told to evict that have not exited yet.
     evicting: usize,
+    /// Kills requested and not yet carried out, with their reasons.
+    kills: HashMap<FlowId, String>,
 }
 
 impl State {
@@ -131,6 +136,7 @@ struct Inner {
     config: WorkerConfig,
     state: Mutex<State>,
     changes: broadcast::Sender<FlowRecord>,
+    metrics: Metrics,
 }
 
 impl Inner {
@@ -158,6 +164,7 @@ impl FlowWorker {
             config,
             state: Mutex::new(State::default()),
             changes,
+            metrics: Metrics::default(),
         });
         for p in &snap.packages {
             let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
@@ -283,6 +290,7 @@ impl FlowWorker {
                 name: name.clone(),
                 package,
                 created_ms: now_millis(),
+                flow_starts_enabled: true,
             }
         };
         self.inner
@@ -318,6 +326,123 @@ impl FlowWorker {
             .get(&v.package)
             .map(|p| p.flows.clone())
             .unwrap_or_default())
+    }
+
+    /// A package's record.
+    pub fn package(&self, checksum: &Checksum) -> Option<PackageRecord> {
+        self.inner.lock().packages.get(checksum).cloned()
+    }
+
+    /// Deletes a package no vnode and no unfinished flow uses.
+    pub async fn delete_package(&self, checksum: Checksum) -> Result<(), WorkerError> {
+        {
+            let st = self.inner.lock();
+            if !st.packages.contains_key(&checksum) {
+                return Err(WorkerError::NotFound(format!(
+                    "no package with checksum {checksum}"
+                )));
+            }
+            if let Some(v) = st.vnodes.values().find(|v| v.package == checksum) {
+                return Err(WorkerError::Conflict(format!(
+                    "package {checksum} is in use by virtual node {} ({}); upgrade it first",
+                    v.holding, v.name
+                )));
+            }
+            if st
+                .flows
+                .values()
+                .any(|f| f.package == checksum && !f.status.is_terminal())
+            {
+                return Err(WorkerError::Conflict(format!(
+                    "package {checksum} still runs unfinished flows; wait for them to finish"
+                )));
+            }
+        }
+        self.inner
+            .store
+            .write(vec![Op::DeletePackage(checksum)])
+            .await?;
+        self.inner.lock().packages.remove(&checksum);
+        Ok(())
+    }
+
+    /// Points a vnode at another package: new flows run it, flows already
+    /// running finish on the package they started with.
+    pub async fn upgrade_vnode(
+        &self,
+        holding: HoldingId,
+        package: Checksum,
+    ) -> Result<VnodeRecord, WorkerError> {
+        self.update_vnode(holding, |st, v| {
+            if !st.packages.contains_key(&package) {
+                return Err(WorkerError::NotFound(format!(
+                    "no package with checksum {package}; upload it first"
+                )));
+            }
+            v.package = package;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Enables or disables client flow starts on a vnode.
+    pub async fn set_flow_starts(
+        &self,
+        holding: HoldingId,
+        enabled: bool,
+    ) -> Result<VnodeRecord, WorkerError> {
+        self.update_vnode(holding, |_, v| {
+            v.flow_starts_enabled = enabled;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_vnode(
+        &self,
+        holding: HoldingId,
+        change: impl FnOnce(&State, &mut VnodeRecord) -> Result<(), WorkerError>,
+    ) -> Result<VnodeRecord, WorkerError> {
+        let rec = {
+            let st = self.inner.lock();
+            let mut v = st.vnodes.get(&holding).cloned().ok_or_else(|| {
+                WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
+            })?;
+            change(&st, &mut v)?;
+            v
+        };
+        self.inner
+            .store
+            .write(vec![Op::PutVnode(rec.clone())])
+            .await?;
+        self.inner.lock().vnodes.insert(holding, rec.clone());
+        Ok(rec)
+    }
+
+    /// Kills an unfinished flow: it ends KILLED and its counterparties'
+    /// sessions fail. A flow that is not live is resumed to be killed.
+    pub fn kill(&self, flow: FlowId, reason: String) -> Result<FlowRecord, WorkerError> {
+        let rec = {
+            let mut st = self.inner.lock();
+            let rec = st
+                .flows
+                .get(&flow)
+                .cloned()
+                .ok_or_else(|| WorkerError::NotFound(format!("no flow {flow}")))?;
+            if rec.status.is_terminal() {
+                return Err(WorkerError::Conflict(format!(
+                    "flow {flow} has already ended ({:?})",
+                    rec.status
+                )));
+            }
+            st.kills.insert(flow, reason.clone());
+            if let Some(l) = st.live.get(&flow) {
+                let _ = l.events.send(Event::Kill(reason));
+            }
+            rec
+        };
+        self.schedule(flow);
+        Ok(rec)
     }
 
     /// Development only: switches a vnode, and every unfinished flow of it,
@@ -448,6 +573,7 @@ impl FlowWorker {
                 st.queue.push_back(rec.id);
             }
         }
+        self.inner.metrics.count(holding, FlowEvent::Started);
         let _ = self.inner.changes.send(rec.clone());
         self.pump();
         Ok(rec)
@@ -469,6 +595,27 @@ impl FlowWorker {
             .flatten()
             .filter_map(|id| st.flows.get(id).cloned())
             .collect()
+    }
+
+    /// The worker's metrics, with live and unfinished-flow gauges appended.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        self.inner.metrics.render(out);
+        let st = self.inner.lock();
+        let unfinished = st
+            .flows
+            .values()
+            .filter(|f| !f.status.is_terminal())
+            .count();
+        let live = st.live.len();
+        let suspended_live = st.lru.len();
+        drop(st);
+        let _ = writeln!(
+            out,
+            "# HELP braid_flows_live Flows with a wasm instance.\n# TYPE braid_flows_live gauge\nbraid_flows_live {live}\n\
+             # HELP braid_flows_suspended_live Live flows waiting at a suspension.\n# TYPE braid_flows_suspended_live gauge\nbraid_flows_suspended_live {suspended_live}\n\
+             # HELP braid_flows_unfinished Flows not yet ended (live or evicted).\n# TYPE braid_flows_unfinished gauge\nbraid_flows_unfinished {unfinished}"
+        );
     }
 
     /// How many flows have an instance now, and how many are known.
@@ -546,23 +693,47 @@ impl FlowWorker {
         }
     }
 
-    fn checkpoint_ops(rec: &FlowRecord, cp: &Checkpoint) -> Vec<Op> {
+    /// Commits a flow's checkpoint in one transaction: journal entries,
+    /// consumed inbox entries, the flow record and its outbound messages.
+    /// A message for a vnode of this node goes straight into the
+    /// receiver's inbox in the same transaction (and the receiver is woken
+    /// after the commit); anything else goes to the outbox and is published
+    /// after the commit.
+    async fn commit_checkpoint(&self, rec: &FlowRecord, cp: Checkpoint) -> Result<(), StoreError> {
         let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 2);
         if !cp.entries.is_empty() {
             ops.push(Op::AppendJournal {
                 flow: rec.id,
                 start: cp.first_index,
-                entries: cp.entries.clone(),
+                entries: cp.entries,
             });
         }
-        ops.extend(
-            cp.outbound
-                .iter()
-                .map(|m| Op::PutOutbox(Box::new(m.clone()))),
-        );
-        ops.extend(cp.consumed.iter().map(|k| Op::DeleteInbox(k.clone())));
+        ops.extend(cp.consumed.into_iter().map(Op::DeleteInbox));
         ops.push(Op::PutFlow(Box::new(rec.clone())));
-        ops
+        let mut local = Delivery::default();
+        let mut remote = Vec::new();
+        {
+            let st = self.inner.lock();
+            for m in cp.outbound {
+                if st.vnodes.contains_key(&m.to.holding) {
+                    local.plan(self, &st, &m);
+                } else {
+                    ops.push(Op::PutOutbox(Box::new(m.clone())));
+                    remote.push(m);
+                }
+            }
+        }
+        ops.append(&mut local.ops);
+        let t = std::time::Instant::now();
+        self.inner.store.write(ops).await?;
+        self.inner.metrics.checkpoint_commit.observe(t.elapsed());
+        // The record first, so that anything the receivers do next sees it.
+        self.inner.lock().flows.insert(rec.id, rec.clone());
+        local.apply(self);
+        if !remote.is_empty() {
+            self.publish(remote);
+        }
+        Ok(())
     }
 }
 
@@ -589,10 +760,7 @@ impl FlowEnv for Env {
             r.journal_len = cp.first_index + cp.entries.len() as u32;
             r
         };
-        inner
-            .store
-            .write(FlowWorker::checkpoint_ops(&rec, &cp))
-            .await?;
+        self.worker.commit_checkpoint(&rec, cp).await?;
         {
             let mut st = inner.lock();
             st.flows.insert(flow, rec.clone());
@@ -602,7 +770,6 @@ impl FlowEnv for Env {
             }
         }
         let _ = inner.changes.send(rec);
-        self.worker.publish(cp.outbound);
         // A flow just suspended: if others wait for room, evict now.
         if !inner.lock().queue.is_empty() {
             self.worker.pump();
@@ -695,16 +862,16 @@ async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>
                         rec.error = Some(f);
                     }
                 }
-                match w
-                    .inner
-                    .store
-                    .write(FlowWorker::checkpoint_ops(&rec, &checkpoint))
-                    .await
-                {
+                match w.commit_checkpoint(&rec, checkpoint).await {
                     Ok(()) => {
+                        let ev = match rec.status {
+                            FlowStatus::Completed => FlowEvent::Completed,
+                            FlowStatus::Killed => FlowEvent::Killed,
+                            _ => FlowEvent::Failed,
+                        };
+                        w.inner.metrics.count(rec.holding, ev);
                         w.inner.lock().flows.insert(id, rec.clone());
                         let _ = w.inner.changes.send(rec);
-                        w.publish(checkpoint.outbound);
                     }
                     Err(e) => {
                         tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun");
@@ -729,6 +896,9 @@ async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>
         let wake = rec
             .filter(|r| !r.status.is_terminal())
             .map(|r| r.wake_at_ms);
+        if wake.is_none() {
+            st.kills.remove(&id);
+        }
         let delay = retry_after.map(|_| {
             let n = st.retries.entry(id).or_insert(0);
             *n += 1;
@@ -781,107 +951,132 @@ async fn route(w: FlowWorker, mut rx: BusReceiver) {
     }
 }
 
+/// The store writes and follow-ups that deliver messages to flows of this
+/// node. Planned under the state lock, written in one transaction (with
+/// whatever else the caller commits), applied after the commit.
+#[derive(Default)]
+struct Delivery {
+    ops: Vec<Op>,
+    created: HashMap<FlowId, FlowRecord>,
+    wake: Vec<SessionMessage>,
+    replies: Vec<SessionMessage>,
+}
+
+impl Delivery {
+    /// Plans delivery of `m`: into the receiver's inbox, starting the
+    /// responder flow its session-init names, or a protocol error back.
+    fn plan(&mut self, w: &FlowWorker, st: &State, m: &SessionMessage) {
+        let dest = m.destination_flow();
+        let known = st.flows.get(&dest).or_else(|| self.created.get(&dest));
+        match known {
+            Some(r) if r.status.is_terminal() => {
+                tracing::debug!(flow_id = %dest, "dropping message for finished flow");
+            }
+            Some(_) => {
+                self.ops.push(Op::PutInbox(Box::new(m.clone())));
+                self.wake.push(m.clone());
+            }
+            None => {
+                let Some(init) = &m.init else {
+                    tracing::warn!(flow_id = %dest, session = %m.session, "dropping message for unknown flow (no session-init)");
+                    return;
+                };
+                let Some(v) = st.vnodes.get(&m.to.holding) else {
+                    tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
+                    return;
+                };
+                let responder = w
+                    .inner
+                    .runtime
+                    .cached(&v.package)
+                    .and_then(|p| p.responder_for(&init.protocol, &init.versions));
+                let Some((flow_name, version)) = responder else {
+                    let reply = SessionMessage {
+                        session: m.session,
+                        from: m.to.clone(),
+                        to: m.from.clone(),
+                        seq: 1,
+                        init: None,
+                        body: Body::Error(SessionFault::ProtocolUnsupported(format!(
+                            "{} has no responder for protocol {:?} versions {:?}",
+                            v.name, init.protocol, init.versions
+                        ))),
+                    };
+                    self.ops.push(Op::PutOutbox(Box::new(reply.clone())));
+                    self.replies.push(reply);
+                    return;
+                };
+                let now = now_millis();
+                let rec = FlowRecord {
+                    id: dest,
+                    holding: v.holding,
+                    flow_name,
+                    package: v.package,
+                    start: FlowStart::Responder {
+                        session: m.session,
+                        initiator: m.from.clone(),
+                        protocol: init.protocol.clone(),
+                        version,
+                    },
+                    status: FlowStatus::StartRequested,
+                    result: None,
+                    error: None,
+                    created_ms: now,
+                    updated_ms: now,
+                    wake_at_ms: None,
+                    seed: rand::random(),
+                    journal_len: 0,
+                };
+                self.ops.push(Op::PutFlow(Box::new(rec.clone())));
+                self.ops.push(Op::PutInbox(Box::new(m.clone())));
+                self.created.insert(dest, rec);
+                self.wake.push(m.clone());
+            }
+        }
+    }
+
+    /// After the commit: registers new flows and wakes receivers.
+    fn apply(self, w: &FlowWorker) {
+        let mut to_schedule = Vec::new();
+        {
+            let mut st = w.inner.lock();
+            for (_, rec) in self.created {
+                w.inner.metrics.count(rec.holding, FlowEvent::Started);
+                st.insert_flow(rec);
+            }
+            for m in self.wake {
+                let dest = m.destination_flow();
+                match st.live.get(&dest) {
+                    Some(l) => {
+                        let _ = l.events.send(Event::Message(m));
+                        st.unsuspend(&dest);
+                    }
+                    None => to_schedule.push(dest),
+                }
+            }
+        }
+        for id in to_schedule {
+            w.schedule(id);
+        }
+        if !self.replies.is_empty() {
+            w.publish(self.replies);
+        }
+    }
+}
+
+/// Delivers a batch taken from the bus: each message moves from the
+/// outbox to its receiver's inbox in one transaction.
 async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreError> {
-    let mut ops = Vec::new();
-    let mut created: HashMap<FlowId, FlowRecord> = HashMap::new();
-    let mut wake = Vec::new();
-    let mut replies = Vec::new();
+    let mut d = Delivery::default();
     {
         let st = w.inner.lock();
         for m in batch {
-            ops.push(Op::DeleteOutbox(m.key()));
-            let dest = m.destination_flow();
-            let known = st.flows.get(&dest).or_else(|| created.get(&dest));
-            match known {
-                Some(r) if r.status.is_terminal() => {
-                    tracing::debug!(flow_id = %dest, "dropping message for finished flow");
-                }
-                Some(_) => {
-                    ops.push(Op::PutInbox(Box::new(m.clone())));
-                    wake.push(m.clone());
-                }
-                None => {
-                    let Some(init) = &m.init else {
-                        tracing::warn!(flow_id = %dest, session = %m.session, "dropping message for unknown flow (no session-init)");
-                        continue;
-                    };
-                    let Some(v) = st.vnodes.get(&m.to.holding) else {
-                        tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
-                        continue;
-                    };
-                    let responder = w
-                        .inner
-                        .runtime
-                        .cached(&v.package)
-                        .and_then(|p| p.responder_for(&init.protocol, &init.versions));
-                    let Some((flow_name, version)) = responder else {
-                        replies.push(SessionMessage {
-                            session: m.session,
-                            from: m.to.clone(),
-                            to: m.from.clone(),
-                            seq: 1,
-                            init: None,
-                            body: Body::Error(SessionFault::ProtocolUnsupported(format!(
-                                "{} has no responder for protocol {:?} versions {:?}",
-                                v.name, init.protocol, init.versions
-                            ))),
-                        });
-                        continue;
-                    };
-                    let now = now_millis();
-                    let rec = FlowRecord {
-                        id: dest,
-                        holding: v.holding,
-                        flow_name,
-                        package: v.package,
-                        start: FlowStart::Responder {
-                            session: m.session,
-                            initiator: m.from.clone(),
-                            protocol: init.protocol.clone(),
-                            version,
-                        },
-                        status: FlowStatus::StartRequested,
-                        result: None,
-                        error: None,
-                        created_ms: now,
-                        updated_ms: now,
-                        wake_at_ms: None,
-                        seed: rand::random(),
-                        journal_len: 0,
-                    };
-                    ops.push(Op::PutFlow(Box::new(rec.clone())));
-                    ops.push(Op::PutInbox(Box::new(m.clone())));
-                    created.insert(dest, rec);
-                    wake.push(m.clone());
-                }
-            }
+            d.ops.push(Op::DeleteOutbox(m.key()));
+            d.plan(w, &st, m);
         }
     }
-    ops.extend(replies.iter().cloned().map(|m| Op::PutOutbox(Box::new(m))));
-    w.inner.store.write(ops).await?;
-    let mut to_schedule = Vec::new();
-    {
-        let mut st = w.inner.lock();
-        for (_, rec) in created {
-            st.insert_flow(rec);
-        }
-        for m in wake {
-            let dest = m.destination_flow();
-            match st.live.get(&dest) {
-                Some(l) => {
-                    let _ = l.events.send(Event::Message(m));
-                    st.unsuspend(&dest);
-                }
-                None => to_schedule.push(dest),
-            }
-        }
-    }
-    for id in to_schedule {
-        w.schedule(id);
-    }
-    if !replies.is_empty() {
-        w.publish(replies);
-    }
+    w.inner.store.write(std::mem::take(&mut d.ops)).await?;
+    d.apply(w);
     Ok(())
 }
 

@@ -19,7 +19,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 mod auth;
-pub use auth::Auth;
+mod rbac;
+pub mod tls;
+pub use auth::{Auth, AuthStore, Principal};
 
 /// Largest package upload.
 pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
@@ -108,6 +110,22 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
         .route("/api/v1/virtualnode", post(create_vnode).get(list_vnodes))
         .route("/api/v1/virtualnode/{holding}", get(get_vnode))
         .route("/api/v1/virtualnode/{holding}/flows", get(vnode_flows))
+        .route("/api/v1/virtualnode/{holding}/package", put(upgrade_vnode))
+        .route("/api/v1/virtualnode/{holding}/state", put(vnode_state))
+        .route(
+            "/api/v1/package/{checksum}",
+            get(get_package).delete(delete_package),
+        )
+        .route("/api/v1/flow/{holding}/events", get(vnode_events))
+        .route(
+            "/api/v1/flow/{holding}/{client_request_id}/events",
+            get(flow_events),
+        )
+        .route(
+            "/api/v1/flow/{holding}/{client_request_id}/kill",
+            post(kill_flow),
+        )
+        .route("/metrics", get(metrics))
         .route(
             "/api/v1/maintenance/virtualnode/{holding}/package",
             put(force_package),
@@ -124,6 +142,7 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES));
     upload
         .merge(json_routes)
+        .merge(rbac::routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -138,6 +157,11 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
                 "this endpoint does not support that method",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.auth.clone(),
+            auth::guard,
+        ))
+        .layer(axum::middleware::from_fn(observe_latency))
         .with_state(ctx)
 }
 
@@ -149,6 +173,20 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(worker, auth))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Serves the API over HTTPS on `listener` until `shutdown` completes;
+/// `tls` comes from [`tls::server_config`].
+pub async fn run_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    worker: FlowWorker,
+    auth: Arc<Auth>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(tls::TlsListener::new(listener, tls)?, router(worker, auth))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -352,6 +390,8 @@ async fn start_flow(
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CLIENT_REQUEST_ID", e.0))?;
     let flow_name = str_field(&v, "flowName")?.to_owned();
+    c.auth
+        .permit(&headers, &format!("flow:start:{h}:{flow_name}"))?;
     let request_body = v
         .get("requestBody")
         .cloned()
@@ -368,6 +408,7 @@ async fn list_flows(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(h): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
@@ -378,7 +419,24 @@ async fn list_flows(
             format!("no virtual node with holdingId {h}"),
         ));
     }
-    let flows: Vec<Value> = c.worker.flows_of(&h).iter().map(flow_json).collect();
+    let want = match q.get("status") {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<braid_types::FlowStatus>(Value::String(s.clone())).map_err(|_| {
+                ApiError::bad(
+                    "INVALID_STATUS",
+                    format!("unknown status {s:?}; use START_REQUESTED, RUNNING, COMPLETED, FAILED or KILLED"),
+                )
+            })?,
+        ),
+    };
+    let flows: Vec<Value> = c
+        .worker
+        .flows_of(&h)
+        .iter()
+        .filter(|r| want.is_none_or(|w| r.status == w))
+        .map(flow_json)
+        .collect();
     Ok(Json(json!({ "flows": flows })))
 }
 
@@ -405,6 +463,226 @@ async fn flow_status(
 async fn health(State(c): State<Ctx>) -> Json<Value> {
     let (live, known) = c.worker.counts();
     Json(json!({"status": "UP", "liveFlows": live, "flows": known}))
+}
+
+fn checksum_path(s: &str) -> Result<Checksum, ApiError> {
+    s.parse().map_err(|e: braid_types::ParseError| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no package {s:?}: {e}"),
+        )
+    })
+}
+
+fn client_request(s: &str) -> Result<ClientRequestId, ApiError> {
+    s.parse().map_err(|e: braid_types::ParseError| {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0)
+    })
+}
+
+async fn get_package(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(cs): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let cs = checksum_path(&cs)?;
+    let p = c.worker.package(&cs).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no package with checksum {cs}"),
+        )
+    })?;
+    Ok(Json(package_json(&p)))
+}
+
+async fn delete_package(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(cs): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    c.auth.check(&headers)?;
+    c.worker.delete_package(checksum_path(&cs)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn upgrade_vnode(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let v = parse_json(&body.map_err(body_error)?)?;
+    let checksum: Checksum = str_field(&v, "packageChecksum")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
+    Ok(Json(vnode_json(
+        &c.worker.upgrade_vnode(h, checksum).await?,
+    )))
+}
+
+async fn vnode_state(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let v = parse_json(&body.map_err(body_error)?)?;
+    let enabled = field(&v, "flowStartsEnabled")?.as_bool().ok_or_else(|| {
+        ApiError::bad(
+            "INVALID_FIELD",
+            "field \"flowStartsEnabled\" must be true or false",
+        )
+    })?;
+    Ok(Json(vnode_json(
+        &c.worker.set_flow_starts(h, enabled).await?,
+    )))
+}
+
+async fn kill_flow(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path((h, crid)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let crid = client_request(&crid)?;
+    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no flow with clientRequestId {crid} on virtual node {h}"),
+        )
+    })?;
+    let rec = c.worker.kill(
+        rec.id,
+        format!("killed by an operator (clientRequestId {crid})"),
+    )?;
+    Ok(Json(flow_json(&rec)))
+}
+
+type SseStream = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<axum::response::sse::Event, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+fn status_stream(
+    rx: tokio::sync::broadcast::Receiver<FlowRecord>,
+    first: Option<FlowRecord>,
+    keep: impl Fn(&FlowRecord) -> bool + Send + Sync + 'static,
+    stop_at_end: bool,
+) -> SseStream {
+    use axum::response::sse::Event;
+    use tokio::sync::broadcast::error::RecvError;
+    let keep = Arc::new(keep);
+    let s = futures_util::stream::unfold((rx, first, false), move |(mut rx, first, done)| {
+        let keep = keep.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let r = match first {
+                Some(r) => r,
+                None => loop {
+                    match rx.recv().await {
+                        Ok(r) if keep(&r) => break r,
+                        Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                        Err(RecvError::Closed) => return None,
+                    }
+                },
+            };
+            let end = stop_at_end && r.status.is_terminal();
+            let ev = Event::default()
+                .event("status")
+                .json_data(flow_json(&r))
+                .ok()?;
+            Some((Ok(ev), (rx, None, end)))
+        }
+    });
+    Box::pin(s)
+}
+
+async fn flow_events(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path((h, crid)): Path<(String, String)>,
+) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<SseStream>>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    let crid = client_request(&crid)?;
+    // Subscribe before reading the current status so no change is missed.
+    let rx = c.worker.subscribe();
+    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no flow with clientRequestId {crid} on virtual node {h}"),
+        )
+    })?;
+    let id = rec.id;
+    Ok(
+        axum::response::Sse::new(status_stream(rx, Some(rec), move |r| r.id == id, true))
+            .keep_alive(axum::response::sse::KeepAlive::default()),
+    )
+}
+
+async fn vnode_events(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Path(h): Path<String>,
+) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<SseStream>>, ApiError> {
+    c.auth.check(&headers)?;
+    let h = holding(&h)?;
+    if c.worker.vnode(&h).is_none() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("no virtual node with holdingId {h}"),
+        ));
+    }
+    let rx = c.worker.subscribe();
+    Ok(
+        axum::response::Sse::new(status_stream(rx, None, move |r| r.holding == h, false))
+            .keep_alive(axum::response::sse::KeepAlive::default()),
+    )
+}
+
+async fn metrics(State(c): State<Ctx>) -> Response {
+    let mut out = String::new();
+    c.worker.render_metrics(&mut out);
+    REST_LATENCY.render(
+        &mut out,
+        "braid_rest_request_seconds",
+        "REST request latency.",
+        "",
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+static REST_LATENCY: std::sync::LazyLock<braid_flow::Histogram> =
+    std::sync::LazyLock::new(braid_flow::Histogram::default);
+
+async fn observe_latency(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let t = std::time::Instant::now();
+    let resp = next.run(req).await;
+    REST_LATENCY.observe(t.elapsed());
+    resp
 }
 
 #[cfg(test)]

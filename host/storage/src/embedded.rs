@@ -130,7 +130,14 @@ fn writer_loop(db: &Database, rx: std_mpsc::Receiver<(Vec<Op>, Reply)>) {
                 Err(_) => break,
             }
         }
+        let t = std::time::Instant::now();
         let outcome = apply_group(db, &group);
+        tracing::trace!(
+            batches = group.len(),
+            ops = group.iter().map(|(o, _)| o.len()).sum::<usize>(),
+            micros = t.elapsed().as_micros() as u64,
+            "group commit"
+        );
         for (_, reply) in group {
             let r = match &outcome {
                 Ok(()) => Ok(()),
@@ -198,6 +205,10 @@ fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreErr
                         package_bytes
                             .insert(p.checksum.bytes().as_slice(), bytes.as_slice())
                             .map_err(db_err)?;
+                    }
+                    Op::DeletePackage(c) => {
+                        packages.remove(c.bytes().as_slice()).map_err(db_err)?;
+                        package_bytes.remove(c.bytes().as_slice()).map_err(db_err)?;
                     }
                     Op::PutMeta(k, v) => {
                         meta.insert(k.as_bytes(), v.as_slice()).map_err(db_err)?;

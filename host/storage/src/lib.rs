@@ -49,6 +49,9 @@ pub struct VnodeRecord {
     pub package: Checksum,
     /// Creation time, ms since epoch.
     pub created_ms: u64,
+    /// Whether clients may start flows (operators pause starts for
+    /// maintenance; running flows carry on).
+    pub flow_starts_enabled: bool,
 }
 
 /// A package's metadata (its bytes are stored apart).
@@ -121,6 +124,8 @@ pub enum Op {
     PutVnode(VnodeRecord),
     /// Store a package.
     PutPackage(PackageRecord, Vec<u8>),
+    /// Remove a package (metadata and bytes).
+    DeletePackage(Checksum),
     /// Node-level settings (admin credentials, ...).
     PutMeta(String, Vec<u8>),
 }

@@ -2,10 +2,12 @@
 //! them over REST. Helpers shared by the modules live here; the harness
 //! (nodes, packages, REST client) is the `braid_e2e` library.
 
+mod cli;
 mod crash;
 mod eviction;
 mod flows;
 mod nondeterminism;
+mod rbac;
 mod rest_input;
 mod sandbox;
 
