@@ -15,8 +15,8 @@ use braid_bus::{Bus, BusReceiver};
 use braid_runtime::{Checkpoint, Event, FlowEnv, FlowInput, Package, RunOutcome, Runtime};
 use braid_storage::{FlowRecord, Op, PackageRecord, Store, StoreError, VnodeRecord};
 use braid_types::{
-    Body, Checksum, ClientRequestId, Endpoint, FailureKind, FlowFailure, FlowId, FlowInfo,
-    FlowStart, FlowStatus, HoldingId, SessionFault, SessionMessage, Side, X500Name, now_millis,
+    Body, Checksum, ClientRequestId, FailureKind, FlowId, FlowInfo, FlowStart, FlowStatus,
+    HoldingId, SessionFault, SessionMessage, X500Name, now_millis,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -537,25 +537,18 @@ impl FlowWorker {
                 )));
             }
             st.by_client.insert(key.clone(), None);
-            let now = now_millis();
-            FlowRecord {
-                id: FlowId::random(),
+            FlowRecord::new(
+                FlowId::random(),
                 holding,
                 flow_name,
                 package,
-                start: FlowStart::Client {
+                FlowStart::Client {
                     client_request_id,
                     request_body,
                 },
-                status: FlowStatus::StartRequested,
-                result: None,
-                error: None,
-                created_ms: now,
-                updated_ms: now,
-                wake_at_ms: None,
-                seed: rand::random(),
-                journal_len: 0,
-            }
+                now_millis(),
+                rand::random(),
+            )
         };
         if let Err(e) = self
             .inner
@@ -1006,27 +999,20 @@ impl Delivery {
                     self.replies.push(reply);
                     return;
                 };
-                let now = now_millis();
-                let rec = FlowRecord {
-                    id: dest,
-                    holding: v.holding,
+                let rec = FlowRecord::new(
+                    dest,
+                    v.holding,
                     flow_name,
-                    package: v.package,
-                    start: FlowStart::Responder {
+                    v.package,
+                    FlowStart::Responder {
                         session: m.session,
                         initiator: m.from.clone(),
                         protocol: init.protocol.clone(),
                         version,
                     },
-                    status: FlowStatus::StartRequested,
-                    result: None,
-                    error: None,
-                    created_ms: now,
-                    updated_ms: now,
-                    wake_at_ms: None,
-                    seed: rand::random(),
-                    journal_len: 0,
-                };
+                    now_millis(),
+                    rand::random(),
+                );
                 self.ops.push(Op::PutFlow(Box::new(rec.clone())));
                 self.ops.push(Op::PutInbox(Box::new(m.clone())));
                 self.created.insert(dest, rec);
@@ -1078,21 +1064,4 @@ async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreEr
     w.inner.store.write(std::mem::take(&mut d.ops)).await?;
     d.apply(w);
     Ok(())
-}
-
-/// The endpoint of a vnode for one side of a session.
-pub fn endpoint(v: &VnodeRecord, side: Side) -> Endpoint {
-    Endpoint {
-        holding: v.holding,
-        name: v.name.clone(),
-        side,
-    }
-}
-
-/// Marks a failure as the flow's error, for records built outside a run.
-pub fn failure(kind: FailureKind, message: impl Into<String>) -> FlowFailure {
-    FlowFailure {
-        kind,
-        message: message.into(),
-    }
 }

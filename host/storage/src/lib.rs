@@ -98,6 +98,35 @@ pub struct FlowRecord {
     pub journal_len: u32,
 }
 
+impl FlowRecord {
+    /// A new flow, `START_REQUESTED`, created now with a fresh seed.
+    pub fn new(
+        id: FlowId,
+        holding: HoldingId,
+        flow_name: String,
+        package: Checksum,
+        start: FlowStart,
+        now_ms: u64,
+        seed: u64,
+    ) -> FlowRecord {
+        FlowRecord {
+            id,
+            holding,
+            flow_name,
+            package,
+            start,
+            status: FlowStatus::StartRequested,
+            result: None,
+            error: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            wake_at_ms: None,
+            seed,
+            journal_len: 0,
+        }
+    }
+}
+
 /// One write; a batch of them commits atomically.
 #[derive(Debug, Clone)]
 pub enum Op {
