@@ -507,6 +507,12 @@ impl FlowWorker {
             let v = st.vnodes.get(&holding).ok_or_else(|| {
                 WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
             })?;
+            if !v.flow_starts_enabled {
+                return Err(WorkerError::Conflict(format!(
+                    "flow starts are disabled on virtual node {holding}; \
+                     enable them with PUT /api/v1/virtualnode/{holding}/state"
+                )));
+            }
             let package = v.package;
             let flows = st
                 .packages

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod eviction;
 mod flows;
+mod management;
 mod nondeterminism;
 mod rbac;
 mod rest_input;
