@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every check CI runs: formatting, clippy (host and flow packages), the
 # build of the `braid` binary, then every test of the workspace, including
-# the end-to-end suite in tests/ that starts real `braid` nodes.
+# the end-to-end suite in tests/ that starts real `braid` nodes, and last a
+# bounded schemathesis run against a node's OpenAPI document
+# (scripts/fuzz-api.sh).
 #
 # Extra arguments go to `cargo test`, e.g.
 #   scripts/test.sh -p braid-e2e -- --nocapture
@@ -42,4 +44,14 @@ echo "==> build braid" >&2
 cargo build -p braid-cli
 
 echo "==> tests" >&2
-cargo test --workspace "$@"
+TEST_LOG="$(mktemp "${TMPDIR:-/tmp}/braid-test.XXXXXX")"
+trap 'rm -f "$TEST_LOG"' EXIT
+cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
+
+echo "==> REST API fuzz (schemathesis, ~3 min)" >&2
+bash scripts/fuzz-api.sh
+
+# One closing line with the totals of every cargo test binary above, so the
+# run's last line says how many tests ran (the fuzz run prints its own).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$TEST_LOG"

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 const LEGACY_ADMIN_HASH_KEY: &str = "user/admin/argon2";
 
 /// Paths anyone may call without credentials.
-const OPEN_PATHS: [&str; 3] = ["/api/v1/health", "/metrics", "/api/v1/openapi.json"];
+pub(crate) const OPEN_PATHS: [&str; 3] = ["/api/v1/health", "/metrics", "/api/v1/openapi.json"];
 
 /// The store [`Auth::init`] reads from and, when it is shared, writes
 /// user and role changes to.
@@ -276,7 +276,7 @@ impl Auth {
             .ok_or_else(|| unauthorized("malformed basic auth header"))?;
         let digest = self.digest(login, password);
         let now = now_ms();
-        let live = self.lock();
+        let mut live = self.lock();
         if let Err(wait_ms) = live.throttle.check(login, now) {
             return Err(throttled(login, wait_ms));
         }
@@ -295,6 +295,8 @@ impl Auth {
             .is_some_and(|v| v.digest == digest && v.hash == user.hash)
         {
             check_expiry(user, now)?;
+            // A good login forgets earlier failures, cached or not.
+            live.throttle.success(login);
             return Ok(Step::Done(Principal {
                 login: login.to_owned(),
             }));

@@ -9,7 +9,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use braid_flow::{FlowWorker, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
@@ -17,8 +16,11 @@ use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
 use serde_json::{Value, json};
 use std::future::Future;
 use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 mod auth;
+pub mod openapi;
 mod rbac;
 pub mod tls;
 pub use auth::{Auth, AuthStore, Principal};
@@ -102,52 +104,44 @@ struct Ctx {
     auth: Arc<Auth>,
 }
 
+/// Every route with its OpenAPI description. Routes are added only with
+/// `routes!`, which takes method and path from the handler's
+/// `#[utoipa::path]`: what is served is what is documented.
+pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
+    let json_routes = OpenApiRouter::new()
+        .routes(routes!(list_packages))
+        .routes(routes!(create_vnode, list_vnodes))
+        .routes(routes!(get_vnode))
+        .routes(routes!(vnode_flows))
+        .routes(routes!(upgrade_vnode))
+        .routes(routes!(vnode_state))
+        .routes(routes!(get_package, delete_package))
+        .routes(routes!(vnode_events))
+        .routes(routes!(flow_events))
+        .routes(routes!(kill_flow))
+        .routes(routes!(metrics))
+        .routes(routes!(force_package))
+        .routes(routes!(start_flow, list_flows))
+        .routes(routes!(flow_status))
+        .routes(routes!(health))
+        .routes(routes!(openapi::openapi_json))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES));
+    let upload = OpenApiRouter::new()
+        .routes(routes!(upload_package))
+        .layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES));
+    upload.merge(json_routes).merge(rbac::routes())
+}
+
 /// Builds the API router.
 pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
     let ctx = Ctx { worker, auth };
-    let json_routes = Router::new()
-        .route("/api/v1/package", get(list_packages))
-        .route("/api/v1/virtualnode", post(create_vnode).get(list_vnodes))
-        .route("/api/v1/virtualnode/{holding}", get(get_vnode))
-        .route("/api/v1/virtualnode/{holding}/flows", get(vnode_flows))
-        .route("/api/v1/virtualnode/{holding}/package", put(upgrade_vnode))
-        .route("/api/v1/virtualnode/{holding}/state", put(vnode_state))
-        .route(
-            "/api/v1/package/{checksum}",
-            get(get_package).delete(delete_package),
-        )
-        .route("/api/v1/flow/{holding}/events", get(vnode_events))
-        .route(
-            "/api/v1/flow/{holding}/{client_request_id}/events",
-            get(flow_events),
-        )
-        .route(
-            "/api/v1/flow/{holding}/{client_request_id}/kill",
-            post(kill_flow),
-        )
-        .route("/metrics", get(metrics))
-        .route(
-            "/api/v1/maintenance/virtualnode/{holding}/package",
-            put(force_package),
-        )
-        .route("/api/v1/flow/{holding}", post(start_flow).get(list_flows))
-        .route(
-            "/api/v1/flow/{holding}/{client_request_id}",
-            get(flow_status),
-        )
-        .route("/api/v1/health", get(health))
-        .layer(DefaultBodyLimit::max(MAX_JSON_BYTES));
-    let upload = Router::new()
-        .route("/api/v1/package", post(upload_package))
-        .layer(DefaultBodyLimit::max(MAX_PACKAGE_BYTES));
-    upload
-        .merge(json_routes)
-        .merge(rbac::routes())
+    let (routes, _) = api_routes().split_for_parts();
+    routes
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "NO_SUCH_ENDPOINT",
-                "no such endpoint; see /api/v1",
+                "no such endpoint; see /api/v1/openapi.json",
             )
         })
         .method_not_allowed_fallback(|| async {
@@ -276,6 +270,20 @@ fn vnode_json(v: &VnodeRecord) -> Value {
     json!({"holdingId": v.holding.to_string(), "x500Name": v.name.to_string(), "packageChecksum": v.package.to_string()})
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/package",
+    tag = "packages",
+    summary = "Upload a package",
+    request_body(content = openapi::PackageBytes, content_type = "application/octet-stream", description = "The package's .wasm bytes (`braid package build`)"),
+    responses(
+        (status = 201, description = "Uploaded", body = openapi::Package),
+        (status = 200, description = "The same bytes were uploaded before", body = openapi::Package),
+        (status = 400, description = "Empty body (`EMPTY_PACKAGE`) or not a braid package (`INVALID_PACKAGE`)", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn upload_package(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -305,12 +313,36 @@ async fn upload_package(
     Ok((status, Json(package_json(&rec))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/package",
+    tag = "packages",
+    summary = "List packages",
+    responses(
+        (status = 200, description = "Every package", body = openapi::PackageList),
+    ),
+)]
 async fn list_packages(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let ps: Vec<Value> = c.worker.packages().iter().map(package_json).collect();
     Ok(Json(json!({ "packages": ps })))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/virtualnode",
+    tag = "virtual nodes",
+    summary = "Create a virtual node",
+    request_body = openapi::CreateVnode,
+    responses(
+        (status = 201, description = "Created", body = openapi::Vnode),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 404, description = "No such package", body = openapi::Problem),
+        (status = 409, description = "A virtual node with that name exists", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn create_vnode(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -328,12 +360,34 @@ async fn create_vnode(
     Ok((StatusCode::CREATED, Json(vnode_json(&rec))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/virtualnode",
+    tag = "virtual nodes",
+    summary = "List virtual nodes",
+    responses(
+        (status = 200, description = "Every virtual node", body = openapi::VnodeList),
+    ),
+)]
 async fn list_vnodes(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let vs: Vec<Value> = c.worker.vnodes().iter().map(vnode_json).collect();
     Ok(Json(json!({ "virtualNodes": vs })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/virtualnode/{holding}",
+    tag = "virtual nodes",
+    summary = "Get a virtual node",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    responses(
+        (status = 200, description = "The virtual node", body = openapi::Vnode),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+    ),
+)]
 async fn get_vnode(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -351,6 +405,19 @@ async fn get_vnode(
     Ok(Json(vnode_json(&v)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/virtualnode/{holding}/flows",
+    tag = "virtual nodes",
+    summary = "List the flows of a virtual node's package",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    responses(
+        (status = 200, description = "The flows of the package the virtual node runs", body = openapi::FlowInfoList),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+    ),
+)]
 async fn vnode_flows(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -361,6 +428,24 @@ async fn vnode_flows(
     Ok(Json(json!({ "flows": flows })))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/maintenance/virtualnode/{holding}/package",
+    tag = "virtual nodes",
+    summary = "Development only: switch a virtual node and its unfinished flows to another package",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    request_body = openapi::SetPackage,
+    responses(
+        (status = 200, description = "Switched", body = openapi::Vnode),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 404, description = "No such virtual node or package", body = openapi::Problem),
+        (status = 409, description = "Conflicts with the virtual node's state", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn force_package(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -377,6 +462,25 @@ async fn force_package(
     Ok(Json(vnode_json(&rec)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/flow/{holding}",
+    tag = "flows",
+    summary = "Start a flow",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    request_body = openapi::StartFlow,
+    responses(
+        (status = 202, description = "Accepted", body = openapi::Flow),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 403, description = "The caller may not start this flow on this virtual node (`flow:start:<holdingId>:<flowName>`)", body = openapi::Problem),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+        (status = 409, description = "The clientRequestId was used before, or flow starts are disabled", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn start_flow(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -404,6 +508,21 @@ async fn start_flow(
     Ok((StatusCode::ACCEPTED, Json(flow_json(&rec))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/flow/{holding}",
+    tag = "flows",
+    summary = "List the flows of a virtual node",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+        ("status" = Option<openapi::FlowStatus>, Query, description = "Only flows with this status"),
+    ),
+    responses(
+        (status = 200, description = "The flows", body = openapi::FlowList),
+        (status = 400, description = "Unknown status (`INVALID_STATUS`)", body = openapi::Problem),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+    ),
+)]
 async fn list_flows(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -440,6 +559,20 @@ async fn list_flows(
     Ok(Json(json!({ "flows": flows })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/flow/{holding}/{client_request_id}",
+    tag = "flows",
+    summary = "Get a flow's status",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+        ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),
+    ),
+    responses(
+        (status = 200, description = "The flow", body = openapi::Flow),
+        (status = 404, description = "No such flow", body = openapi::Problem),
+    ),
+)]
 async fn flow_status(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -460,6 +593,15 @@ async fn flow_status(
     Ok(Json(flow_json(&rec)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/health",
+    tag = "node",
+    summary = "Liveness and readiness (no credentials needed)",
+    responses(
+        (status = 200, description = "The node is up", body = openapi::Health),
+    ),
+)]
 async fn health(State(c): State<Ctx>) -> Json<Value> {
     let (live, known) = c.worker.counts();
     Json(json!({"status": "UP", "liveFlows": live, "flows": known}))
@@ -481,6 +623,19 @@ fn client_request(s: &str) -> Result<ClientRequestId, ApiError> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/package/{checksum}",
+    tag = "packages",
+    summary = "Get a package",
+    params(
+        ("checksum" = String, Path, description = "The package's SHA-256 checksum (64 hex digits)"),
+    ),
+    responses(
+        (status = 200, description = "The package", body = openapi::Package),
+        (status = 404, description = "No such package", body = openapi::Problem),
+    ),
+)]
 async fn get_package(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -498,6 +653,21 @@ async fn get_package(
     Ok(Json(package_json(&p)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/package/{checksum}",
+    tag = "packages",
+    summary = "Delete a package no virtual node or unfinished flow uses",
+    params(
+        ("checksum" = String, Path, description = "The package's SHA-256 checksum (64 hex digits)"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such package", body = openapi::Problem),
+        (status = 409, description = "The package is in use", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn delete_package(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -508,6 +678,24 @@ async fn delete_package(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/virtualnode/{holding}/package",
+    tag = "virtual nodes",
+    summary = "Upgrade a virtual node to another package: new flows run it, running flows finish on theirs",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    request_body = openapi::SetPackage,
+    responses(
+        (status = 200, description = "Upgraded", body = openapi::Vnode),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 404, description = "No such virtual node or package", body = openapi::Problem),
+        (status = 409, description = "Conflicts with the virtual node's state", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn upgrade_vnode(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -525,6 +713,24 @@ async fn upgrade_vnode(
     )))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/virtualnode/{holding}/state",
+    tag = "virtual nodes",
+    summary = "Enable or disable client flow starts on a virtual node",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    request_body = openapi::VnodeState,
+    responses(
+        (status = 200, description = "Changed", body = openapi::Vnode),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+        (status = 409, description = "Conflicts with the virtual node's state", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn vnode_state(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -545,6 +751,22 @@ async fn vnode_state(
     )))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/flow/{holding}/{client_request_id}/kill",
+    tag = "flows",
+    summary = "Kill a running flow; its counterparties are told",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+        ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),
+    ),
+    responses(
+        (status = 200, description = "Kill requested; the flow ends `KILLED` (its status as it was)", body = openapi::Flow),
+        (status = 404, description = "No such flow", body = openapi::Problem),
+        (status = 409, description = "The flow has already ended", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
 async fn kill_flow(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -611,6 +833,20 @@ fn status_stream(
     Box::pin(s)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/flow/{holding}/{client_request_id}/events",
+    tag = "flows",
+    summary = "Stream a flow's status changes (Server-Sent Events `status`, each a Flow; ends when the flow ends)",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+        ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),
+    ),
+    responses(
+        (status = 200, description = "An event stream; each `status` event's data is a Flow", content_type = "text/event-stream", body = openapi::StatusEvent),
+        (status = 404, description = "No such flow", body = openapi::Problem),
+    ),
+)]
 async fn flow_events(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -635,6 +871,19 @@ async fn flow_events(
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/flow/{holding}/events",
+    tag = "flows",
+    summary = "Stream the status changes of a virtual node's flows (Server-Sent Events `status`, each a Flow; never ends)",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    responses(
+        (status = 200, description = "An event stream; each `status` event's data is a Flow", content_type = "text/event-stream", body = openapi::StatusEvent),
+        (status = 404, description = "No such virtual node", body = openapi::Problem),
+    ),
+)]
 async fn vnode_events(
     State(c): State<Ctx>,
     headers: HeaderMap,
@@ -656,6 +905,15 @@ async fn vnode_events(
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "node",
+    summary = "Prometheus metrics (no credentials needed)",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4", content_type = "text/plain", body = String),
+    ),
+)]
 async fn metrics(State(c): State<Ctx>) -> Response {
     let mut out = String::new();
     c.worker.render_metrics(&mut out);

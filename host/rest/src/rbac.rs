@@ -12,17 +12,18 @@
 //! written through `Store::write` before an endpoint answers.
 
 use crate::{ApiError, Ctx, body_error, parse_json, str_field, timestamp};
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
 use braid_types::HoldingId;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// The store meta key holding the serialized [`RbacState`].
 pub(crate) const STATE_KEY: &str = "rbac/v1";
@@ -42,6 +43,8 @@ const MAX_BODY: usize = 64 << 10;
 pub(crate) const MIN_PASSWORD: usize = 8;
 /// Longest password accepted (bounds the hashing work per request).
 pub(crate) const MAX_PASSWORD: usize = 1024;
+/// Latest password expiry: 9999-12-31T23:59:59.999Z, ms since the epoch.
+pub(crate) const MAX_EXPIRY_MS: u64 = 253_402_300_799_999;
 /// Longest permission pattern.
 const MAX_PATTERN: usize = 512;
 
@@ -455,10 +458,15 @@ fn expiry_field(v: &Value) -> Result<Option<u64>, ApiError> {
              (e.g. \"2030-01-31T00:00:00Z\") or milliseconds since 1970",
         )
     };
+    // Later instants would not render as RFC 3339 (four-digit years).
+    let in_range = |ms: u64| (ms <= MAX_EXPIRY_MS).then_some(ms);
     match v.get("passwordExpiry") {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_rfc3339(s).map(Some).ok_or_else(bad),
-        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(bad),
+        Some(Value::String(s)) => parse_rfc3339(s)
+            .and_then(in_range)
+            .map(Some)
+            .ok_or_else(bad),
+        Some(Value::Number(n)) => n.as_u64().and_then(in_range).map(Some).ok_or_else(bad),
         Some(_) => Err(bad()),
     }
 }
@@ -614,27 +622,35 @@ fn role_mut<'a>(s: &'a mut RbacState, name: &str) -> Result<&'a mut Role, ApiErr
 
 /// The user and role endpoints. Authentication and the method+path check
 /// are done by the guard layer in `router()`.
-pub(crate) fn routes() -> Router<Ctx> {
-    Router::new()
-        .route("/api/v1/user", post(create_user).get(list_users))
-        .route("/api/v1/user/{login}", get(get_user).delete(delete_user))
-        .route("/api/v1/user/{login}/password", put(set_password))
-        .route(
-            "/api/v1/user/{login}/role/{role}",
-            put(grant_role).delete(revoke_role),
-        )
-        .route("/api/v1/user/{login}/permissions", get(user_permissions))
-        .route("/api/v1/role", post(create_role).get(list_roles))
-        .route("/api/v1/role/{role}", get(get_role).delete(delete_role))
-        .route(
-            "/api/v1/role/{role}/permission",
-            post(add_permission).delete(remove_permission),
-        )
+pub(crate) fn routes() -> OpenApiRouter<Ctx> {
+    OpenApiRouter::new()
+        .routes(routes!(create_user, list_users))
+        .routes(routes!(get_user, delete_user))
+        .routes(routes!(set_password))
+        .routes(routes!(grant_role, revoke_role))
+        .routes(routes!(user_permissions))
+        .routes(routes!(create_role, list_roles))
+        .routes(routes!(get_role, delete_role))
+        .routes(routes!(add_permission, remove_permission))
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
 type Body = Result<Bytes, BytesRejection>;
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/user",
+    tag = "users",
+    summary = "Create a user (with no roles)",
+    request_body = crate::openapi::CreateUser,
+    responses(
+        (status = 201, description = "Created", body = crate::openapi::User),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = crate::openapi::Problem),
+        (status = 409, description = "The user exists", body = crate::openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn create_user(State(c): State<Ctx>, body: Body) -> Result<Response, ApiError> {
     let v = parse_json(&body.map_err(body_error)?)?;
     let login = str_field(&v, "loginName")?.to_owned();
@@ -667,6 +683,15 @@ async fn create_user(State(c): State<Ctx>, body: Body) -> Result<Response, ApiEr
     Ok((StatusCode::CREATED, Json(user_json(&u, now))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/user",
+    tag = "users",
+    summary = "List users",
+    responses(
+        (status = 200, description = "Every user", body = crate::openapi::UserList),
+    ),
+)]
 async fn list_users(State(c): State<Ctx>) -> Json<Value> {
     let s = c.auth.snapshot();
     let now = now_ms();
@@ -674,6 +699,19 @@ async fn list_users(State(c): State<Ctx>) -> Json<Value> {
     Json(json!({ "users": users }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/user/{login}",
+    tag = "users",
+    summary = "Get a user",
+    params(
+        ("login" = String, Path, description = "Login name"),
+    ),
+    responses(
+        (status = 200, description = "The user", body = crate::openapi::User),
+        (status = 404, description = "No such user", body = crate::openapi::Problem),
+    ),
+)]
 async fn get_user(
     State(c): State<Ctx>,
     Path(login): Path<String>,
@@ -682,6 +720,21 @@ async fn get_user(
     Ok(Json(user_json(user(&s, &login)?, now_ms())))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/user/{login}",
+    tag = "users",
+    summary = "Delete a user",
+    params(
+        ("login" = String, Path, description = "Login name"),
+    ),
+    responses(
+        (status = 200, description = "Deleted; the user as it was", body = crate::openapi::User),
+        (status = 404, description = "No such user", body = crate::openapi::Problem),
+        (status = 409, description = "The built-in admin user cannot be deleted", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn delete_user(
     State(c): State<Ctx>,
     Path(login): Path<String>,
@@ -702,6 +755,23 @@ async fn delete_user(
     Ok(Json(user_json(&u, now_ms())))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/user/{login}/password",
+    tag = "users",
+    summary = "Set a user's password and its expiry",
+    params(
+        ("login" = String, Path, description = "Login name"),
+    ),
+    request_body = crate::openapi::SetPassword,
+    responses(
+        (status = 200, description = "Changed", body = crate::openapi::User),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = crate::openapi::Problem),
+        (status = 404, description = "No such user", body = crate::openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn set_password(
     State(c): State<Ctx>,
     Path(login): Path<String>,
@@ -725,6 +795,21 @@ async fn set_password(
     Ok(Json(user_json(&u, now_ms())))
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/v1/user/{login}/role/{role}",
+    tag = "users",
+    summary = "Grant a role to a user",
+    params(
+        ("login" = String, Path, description = "Login name"),
+        ("role" = String, Path, description = "Role name"),
+    ),
+    responses(
+        (status = 200, description = "Granted", body = crate::openapi::User),
+        (status = 404, description = "No such user or role", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn grant_role(
     State(c): State<Ctx>,
     Path((login, role)): Path<(String, String)>,
@@ -743,6 +828,22 @@ async fn grant_role(
     Ok(Json(user_json(&u, now_ms())))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/user/{login}/role/{role}",
+    tag = "users",
+    summary = "Take a role from a user",
+    params(
+        ("login" = String, Path, description = "Login name"),
+        ("role" = String, Path, description = "Role name"),
+    ),
+    responses(
+        (status = 200, description = "Taken", body = crate::openapi::User),
+        (status = 404, description = "No such user, or the user does not hold the role", body = crate::openapi::Problem),
+        (status = 409, description = "The built-in admin user keeps its roles", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn revoke_role(
     State(c): State<Ctx>,
     Path((login, role)): Path<(String, String)>,
@@ -765,6 +866,19 @@ async fn revoke_role(
     Ok(Json(user_json(&u, now_ms())))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/user/{login}/permissions",
+    tag = "users",
+    summary = "A user's effective permissions",
+    params(
+        ("login" = String, Path, description = "Login name"),
+    ),
+    responses(
+        (status = 200, description = "The permissions of every role the user holds", body = crate::openapi::UserPermissions),
+        (status = 404, description = "No such user", body = crate::openapi::Problem),
+    ),
+)]
 async fn user_permissions(
     State(c): State<Ctx>,
     Path(login): Path<String>,
@@ -781,6 +895,20 @@ async fn user_permissions(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/role",
+    tag = "roles",
+    summary = "Create a role",
+    request_body = crate::openapi::CreateRole,
+    responses(
+        (status = 201, description = "Created", body = crate::openapi::Role),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = crate::openapi::Problem),
+        (status = 409, description = "The role exists", body = crate::openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn create_role(State(c): State<Ctx>, body: Body) -> Result<Response, ApiError> {
     let v = parse_json(&body.map_err(body_error)?)?;
     let name = str_field(&v, "roleName")?.to_owned();
@@ -827,18 +955,55 @@ async fn create_role(State(c): State<Ctx>, body: Body) -> Result<Response, ApiEr
     Ok((StatusCode::CREATED, Json(role_json(&r))).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/role",
+    tag = "roles",
+    summary = "List roles",
+    responses(
+        (status = 200, description = "Every role", body = crate::openapi::RoleList),
+    ),
+)]
 async fn list_roles(State(c): State<Ctx>) -> Json<Value> {
     let s = c.auth.snapshot();
     let roles: Vec<Value> = s.roles.values().map(role_json).collect();
     Json(json!({ "roles": roles }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/role/{role}",
+    tag = "roles",
+    summary = "Get a role",
+    params(
+        ("role" = String, Path, description = "Role name"),
+    ),
+    responses(
+        (status = 200, description = "The role", body = crate::openapi::Role),
+        (status = 404, description = "No such role", body = crate::openapi::Problem),
+    ),
+)]
 async fn get_role(State(c): State<Ctx>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
     let s = c.auth.snapshot();
     let r = s.roles.get(&name).ok_or_else(|| not_found("role", &name))?;
     Ok(Json(role_json(r)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/role/{role}",
+    tag = "roles",
+    summary = "Delete a role no user holds",
+    params(
+        ("role" = String, Path, description = "Role name"),
+    ),
+    responses(
+        (status = 200, description = "Deleted; the role as it was", body = crate::openapi::Role),
+        (status = 404, description = "No such role", body = crate::openapi::Problem),
+        (status = 409, description = "The role is built in or held by a user", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn delete_role(
     State(c): State<Ctx>,
     Path(name): Path<String>,
@@ -867,6 +1032,24 @@ async fn delete_role(
     Ok(Json(role_json(&r)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/role/{role}/permission",
+    tag = "roles",
+    summary = "Add a permission to a role",
+    params(
+        ("role" = String, Path, description = "Role name"),
+    ),
+    request_body = crate::openapi::Permission,
+    responses(
+        (status = 200, description = "Added (or already there)", body = crate::openapi::Role),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = crate::openapi::Problem),
+        (status = 404, description = "No such role", body = crate::openapi::Problem),
+        (status = 409, description = "The role is built in", body = crate::openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn add_permission(
     State(c): State<Ctx>,
     Path(name): Path<String>,
@@ -886,6 +1069,24 @@ async fn add_permission(
     Ok(Json(role_json(&r)))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/v1/role/{role}/permission",
+    tag = "roles",
+    summary = "Remove a permission from a role",
+    params(
+        ("role" = String, Path, description = "Role name"),
+    ),
+    request_body = crate::openapi::Permission,
+    responses(
+        (status = 200, description = "Removed", body = crate::openapi::Role),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = crate::openapi::Problem),
+        (status = 404, description = "No such role, or the role has no such permission", body = crate::openapi::Problem),
+        (status = 409, description = "The role is built in", body = crate::openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = crate::openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = crate::openapi::Problem),
+    ),
+)]
 async fn remove_permission(
     State(c): State<Ctx>,
     Path(name): Path<String>,
@@ -1072,6 +1273,18 @@ mod tests {
         for ms in [0, 951_782_400_000, 1_764_028_800_123] {
             assert_eq!(parse_rfc3339(&timestamp(ms)), Some(ms));
         }
+    }
+
+    #[test]
+    fn password_expiry_stays_within_four_digit_years() {
+        let e = |v: Value| expiry_field(&json!({ "passwordExpiry": v }));
+        assert_eq!(e(json!(MAX_EXPIRY_MS)).unwrap(), Some(MAX_EXPIRY_MS));
+        assert_eq!(timestamp(MAX_EXPIRY_MS), "9999-12-31T23:59:59.999Z");
+        assert!(e(json!(MAX_EXPIRY_MS + 1)).is_err());
+        assert!(e(json!(u64::MAX)).is_err());
+        assert!(e(json!("9999-12-31T23:59:59-01:00")).is_err());
+        assert_eq!(e(json!("1970-01-01T00:00:00Z")).unwrap(), Some(0));
+        assert_eq!(e(Value::Null).unwrap(), None);
     }
 
     #[test]

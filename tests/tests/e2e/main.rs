@@ -8,6 +8,7 @@ mod eviction;
 mod flows;
 mod management;
 mod nondeterminism;
+mod openapi;
 mod rbac;
 mod rest_input;
 mod sandbox;
