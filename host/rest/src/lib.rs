@@ -53,6 +53,10 @@ impl ApiError {
     fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
+    /// `404 NOT_FOUND` with `message`.
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -68,7 +72,7 @@ impl IntoResponse for ApiError {
 impl From<WorkerError> for ApiError {
     fn from(e: WorkerError) -> ApiError {
         match e {
-            WorkerError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", m),
+            WorkerError::NotFound(m) => ApiError::not_found(m),
             WorkerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
             WorkerError::Invalid(m) => ApiError::bad("INVALID_REQUEST", m),
             WorkerError::Store(e) => ApiError::new(
@@ -207,11 +211,7 @@ fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, ApiError> {
 
 fn holding(s: &str) -> Result<HoldingId, ApiError> {
     s.parse().map_err(|e: braid_types::ParseError| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no virtual node {s:?}: {e}"),
-        )
+        ApiError::not_found(format!("no virtual node {s:?}: {e}"))
     })
 }
 
@@ -395,13 +395,10 @@ async fn get_vnode(
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
-    let v = c.worker.vnode(&h).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no virtual node with holdingId {h}"),
-        )
-    })?;
+    let v = c
+        .worker
+        .vnode(&h)
+        .ok_or_else(|| ApiError::not_found(format!("no virtual node with holdingId {h}")))?;
     Ok(Json(vnode_json(&v)))
 }
 
@@ -532,11 +529,9 @@ async fn list_flows(
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no virtual node with holdingId {h}"),
-        ));
+        return Err(ApiError::not_found(format!(
+            "no virtual node with holdingId {h}"
+        )));
     }
     let want = match q.get("status") {
         None => None,
@@ -580,15 +575,13 @@ async fn flow_status(
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
-    let crid: ClientRequestId = crid.parse().map_err(|e: braid_types::ParseError| {
-        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0)
-    })?;
+    let crid: ClientRequestId = crid
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::not_found(e.0))?;
     let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no flow with clientRequestId {crid} on virtual node {h}"),
-        )
+        ApiError::not_found(format!(
+            "no flow with clientRequestId {crid} on virtual node {h}"
+        ))
     })?;
     Ok(Json(flow_json(&rec)))
 }
@@ -608,19 +601,13 @@ async fn health(State(c): State<Ctx>) -> Json<Value> {
 }
 
 fn checksum_path(s: &str) -> Result<Checksum, ApiError> {
-    s.parse().map_err(|e: braid_types::ParseError| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no package {s:?}: {e}"),
-        )
-    })
+    s.parse()
+        .map_err(|e: braid_types::ParseError| ApiError::not_found(format!("no package {s:?}: {e}")))
 }
 
 fn client_request(s: &str) -> Result<ClientRequestId, ApiError> {
-    s.parse().map_err(|e: braid_types::ParseError| {
-        ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.0)
-    })
+    s.parse()
+        .map_err(|e: braid_types::ParseError| ApiError::not_found(e.0))
 }
 
 #[utoipa::path(
@@ -643,13 +630,10 @@ async fn get_package(
 ) -> Result<Json<Value>, ApiError> {
     c.auth.check(&headers)?;
     let cs = checksum_path(&cs)?;
-    let p = c.worker.package(&cs).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no package with checksum {cs}"),
-        )
-    })?;
+    let p = c
+        .worker
+        .package(&cs)
+        .ok_or_else(|| ApiError::not_found(format!("no package with checksum {cs}")))?;
     Ok(Json(package_json(&p)))
 }
 
@@ -776,11 +760,9 @@ async fn kill_flow(
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
     let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no flow with clientRequestId {crid} on virtual node {h}"),
-        )
+        ApiError::not_found(format!(
+            "no flow with clientRequestId {crid} on virtual node {h}"
+        ))
     })?;
     let rec = c.worker.kill(
         rec.id,
@@ -858,11 +840,9 @@ async fn flow_events(
     // Subscribe before reading the current status so no change is missed.
     let rx = c.worker.subscribe();
     let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no flow with clientRequestId {crid} on virtual node {h}"),
-        )
+        ApiError::not_found(format!(
+            "no flow with clientRequestId {crid} on virtual node {h}"
+        ))
     })?;
     let id = rec.id;
     Ok(
@@ -892,11 +872,9 @@ async fn vnode_events(
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("no virtual node with holdingId {h}"),
-        ));
+        return Err(ApiError::not_found(format!(
+            "no virtual node with holdingId {h}"
+        )));
     }
     let rx = c.worker.subscribe();
     Ok(

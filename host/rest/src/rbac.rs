@@ -582,11 +582,7 @@ fn role_json(r: &Role) -> Value {
 }
 
 fn not_found(what: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "NOT_FOUND",
-        format!("no {what} {name:?}"),
-    )
+    ApiError::not_found(format!("no {what} {name:?}"))
 }
 
 fn conflict(m: impl Into<String>) -> ApiError {
@@ -1100,15 +1096,11 @@ async fn remove_permission(
             let before = r.permissions.len();
             r.permissions.retain(|q| q != &p);
             if r.permissions.len() == before {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "NOT_FOUND",
-                    format!(
-                        "role {name:?} has no permission {} {:?}",
-                        p.kind.as_str(),
-                        p.pattern
-                    ),
-                ));
+                return Err(ApiError::not_found(format!(
+                    "role {name:?} has no permission {} {:?}",
+                    p.kind.as_str(),
+                    p.pattern
+                )));
             }
             Ok(r.clone())
         })
