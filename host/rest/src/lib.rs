@@ -267,7 +267,12 @@ fn package_json(p: &PackageRecord) -> Value {
 }
 
 fn vnode_json(v: &VnodeRecord) -> Value {
-    json!({"holdingId": v.holding.to_string(), "x500Name": v.name.to_string(), "packageChecksum": v.package.to_string()})
+    json!({
+        "holdingId": v.holding.to_string(),
+        "x500Name": v.name.to_string(),
+        "packageChecksum": v.package.to_string(),
+        "flowStartsEnabled": v.flow_starts_enabled,
+    })
 }
 
 #[utoipa::path(

@@ -220,6 +220,8 @@ pub struct Vnode {
     pub x500_name: String,
     /// The package new flows run.
     pub package_checksum: String,
+    /// Whether clients may start flows (see `PUT .../state`).
+    pub flow_starts_enabled: bool,
 }
 
 /// Every virtual node.

@@ -341,6 +341,7 @@ fn disabled_vnode_refuses_starts_and_running_flows_continue() {
     let resp = set_flow_starts(&api, &alice, false);
     resp.expect_status(&[200], "disable flow starts");
     assert_eq!(resp.json["holdingId"], alice.as_str(), "{}", resp.text);
+    assert_eq!(resp.json["flowStartsEnabled"], false, "{}", resp.text);
 
     let resp = api
         .try_start_flow(&alice, "refused", "ping", &ping_body(BOB, 2, 0))
