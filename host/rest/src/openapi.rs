@@ -140,7 +140,10 @@ pub(crate) async fn openapi_json() -> Response {
 
 // ---------------------------------------------------------------------------
 // Schemas. Field names are the JSON names; `Option` fields may be `null`.
+// FlowStatus, FailureKind, FlowInfo and Protocol come from braid-types.
 // ---------------------------------------------------------------------------
+
+pub use braid_types::{FailureKind, FlowInfo, FlowStatus, Protocol};
 
 /// An error: a stable code and a message that says what to do.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -149,29 +152,6 @@ pub struct Problem {
     pub code: String,
     /// What went wrong and what to do about it.
     pub message: String,
-}
-
-/// A protocol a flow initiates or answers.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Protocol {
-    /// Protocol name.
-    pub name: String,
-    /// Versions supported.
-    pub versions: Vec<u32>,
-}
-
-/// A flow a package offers.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FlowInfo {
-    /// Flow name.
-    pub name: String,
-    /// Whether clients may start it (`POST /api/v1/flow/{holding}`).
-    pub startable: bool,
-    /// The protocol it initiates.
-    pub initiates: Option<Protocol>,
-    /// The protocol it answers.
-    pub responds_to: Option<Protocol>,
 }
 
 /// An uploaded package.
@@ -267,48 +247,6 @@ pub struct StartFlow {
     /// The flow's input (any JSON); `null` when absent.
     #[schema(value_type = Option<Value>)]
     pub request_body: Option<Value>,
-}
-
-/// A flow's lifecycle state.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum FlowStatus {
-    /// Accepted, not yet run.
-    StartRequested,
-    /// Running or suspended.
-    Running,
-    /// Finished with a result.
-    Completed,
-    /// Finished with an error.
-    Failed,
-    /// Stopped by an operator.
-    Killed,
-}
-
-/// The class of a flow failure.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum FailureKind {
-    /// The flow returned an error.
-    FlowFailed,
-    /// The flow exceeded its memory cap.
-    MemoryLimit,
-    /// The flow exceeded its CPU budget.
-    CpuLimit,
-    /// The flow exceeded its stack limit.
-    StackLimit,
-    /// The flow sent more messages than allowed between checkpoints.
-    OutboundLimit,
-    /// Replay diverged from the journal.
-    NonDeterminism,
-    /// A session failed.
-    SessionError,
-    /// The flow trapped.
-    Trap,
-    /// An operator killed the flow.
-    Killed,
-    /// The flow's package could not be loaded.
-    InvalidPackage,
 }
 
 /// Why a flow failed.

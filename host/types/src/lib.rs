@@ -381,6 +381,7 @@ impl SessionMessage {
 /// A flow's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FlowStatus {
     /// Accepted, not yet run.
     StartRequested,
@@ -407,6 +408,7 @@ impl FlowStatus {
 /// The class of a flow failure: a stable code for clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FailureKind {
     /// The flow returned an error.
     FlowFailed,
@@ -472,6 +474,7 @@ pub enum FlowStart {
 /// What a package offers: one flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FlowInfo {
     /// Flow name.
     pub name: String,
@@ -485,6 +488,7 @@ pub struct FlowInfo {
 
 /// A protocol name and versions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Protocol {
     /// Name.
     pub name: String,
