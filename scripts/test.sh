@@ -3,7 +3,8 @@
 # build of the `braid` binary, then every test of the workspace, including
 # the end-to-end suite in tests/ that starts real `braid` nodes, and last a
 # bounded schemathesis run against a node's OpenAPI document
-# (scripts/fuzz-api.sh).
+# (scripts/fuzz-api.sh) and a bounded cargo-fuzz run of every decoder of
+# bytes a peer can send (scripts/fuzz.sh).
 #
 # Extra arguments go to `cargo test`, e.g.
 #   scripts/test.sh -p braid-e2e -- --nocapture
@@ -50,6 +51,10 @@ cargo test --workspace "$@" 2>&1 | tee "$TEST_LOG"
 
 echo "==> REST API fuzz (schemathesis, ~3 min)" >&2
 bash scripts/fuzz-api.sh
+
+echo "==> peer-input fuzz (cargo fuzz, 15 s per target)" >&2
+(cd host/fuzz && cargo fmt --check)
+bash scripts/fuzz.sh 15
 
 # One closing line with the totals of every cargo test binary above, so the
 # run's last line says how many tests ran (the fuzz run prints its own).

@@ -18,6 +18,8 @@
 
 #![warn(missing_docs)]
 
+pub mod network;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -252,9 +254,20 @@ pub fn wait_until<T>(
 #[derive(Debug, Clone, Default)]
 pub struct NodeOptions {
     args: Vec<String>,
+    data_dir: Option<PathBuf>,
 }
 
 impl NodeOptions {
+    /// Extra command-line arguments.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+    /// Use `dir` as the data directory (default: a fresh one).
+    pub fn data_dir(mut self, dir: PathBuf) -> Self {
+        self.data_dir = Some(dir);
+        self
+    }
     fn flag(mut self, name: &str, value: u64) -> Self {
         self.args.push(name.to_string());
         self.args.push(value.to_string());
@@ -318,7 +331,13 @@ impl Node {
     }
 
     fn start_with(options: NodeOptions) -> Node {
-        let data_dir = fresh_dir("node");
+        let data_dir = match &options.data_dir {
+            Some(d) => {
+                fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
+                d.clone()
+            }
+            None => fresh_dir("node"),
+        };
         let mut node = Node {
             data_dir,
             options,

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod commands;
+mod network;
 mod node;
 mod package;
 
@@ -90,6 +91,11 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Create development networks and manage their certificates.
+    Network {
+        #[command(subcommand)]
+        command: network::NetworkCommand,
+    },
     /// Measure ping flows between two vnodes of one embedded node and print
     /// the figures as one JSON line.
     ///
@@ -134,7 +140,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let local = matches!(
         cli.command,
-        Command::Node { .. } | Command::Demo { .. } | Command::Bench(_)
+        Command::Node { .. } | Command::Demo { .. } | Command::Bench(_) | Command::Network { .. }
     );
     // Client commands print what they fetched; keep their stderr quiet.
     let default_filter = if local {
@@ -192,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(ExitCode::SUCCESS) }
             }
         }),
+        Command::Network { command } => network::run(command).map(|()| ExitCode::SUCCESS),
         Command::Demo { data_dir } => runtime()?
             .block_on(demo(data_dir))
             .map(|()| ExitCode::SUCCESS),

@@ -15,9 +15,25 @@ use std::time::Duration;
 /// Settings of an embedded node.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeArgs {
-    /// Directory for the node's store, compiled-package cache and files.
-    #[arg(long, env = "BRAID_DATA_DIR")]
-    pub data_dir: PathBuf,
+    /// Directory for the node's store, compiled-package cache and files
+    /// (default with --network-config: the data_dir it names).
+    #[arg(
+        long,
+        env = "BRAID_DATA_DIR",
+        required_unless_present = "network_config"
+    )]
+    pub data_dir: Option<PathBuf>,
+    /// Join an application network: the node.json that
+    /// `braid network bootstrap` wrote for this node (gateway address and
+    /// endpoint, TLS certificate and key, network CA and CRL, the map
+    /// server's URL, and on the operator's node the map server's settings).
+    /// Its group replaces --group.
+    #[arg(long, env = "BRAID_NETWORK_CONFIG")]
+    pub network_config: Option<PathBuf>,
+    /// A message to another node not acknowledged within this many seconds
+    /// is given up on and its flow's session fails.
+    #[arg(long, env = "BRAID_MESSAGE_TTL_SECS", default_value_t = 86_400)]
+    pub message_ttl_secs: u64,
     /// Address of the REST API (port 0 picks a free port; the URL is
     /// written to DATA_DIR/rest.url).
     #[arg(long, env = "BRAID_REST_ADDR", default_value = "127.0.0.1:8888")]
@@ -71,7 +87,9 @@ impl NodeArgs {
     /// Defaults for a node under `data_dir` on a free loopback port.
     pub fn local(data_dir: PathBuf) -> NodeArgs {
         NodeArgs {
-            data_dir,
+            data_dir: Some(data_dir),
+            network_config: None,
+            message_ttl_secs: 86_400,
             rest_addr: "127.0.0.1:0".parse().expect("valid"),
             max_live_flows: 2000,
             flow_memory_mib: 64,
@@ -96,12 +114,30 @@ pub struct Node {
     pub worker: FlowWorker,
     /// Where the REST server runs.
     pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The network services (link manager, gateway, map client), when the
+    /// node is part of a network; dropping them stops them.
+    pub _network: Option<crate::network::Running>,
 }
 
 /// Starts every worker; returns once the REST API listens and its URL is
 /// in `DATA_DIR/rest.url`.
 pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
-    let dir = &args.data_dir;
+    let net = match &args.network_config {
+        Some(path) => Some(
+            braid_membership::NodeNetworkConfig::load(path)
+                .with_context(|| format!("reading the network configuration {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut args = args.clone();
+    if let Some(n) = &net {
+        if args.data_dir.is_none() {
+            args.data_dir = Some(n.data_dir.clone());
+        }
+        args.group = n.group.clone();
+    }
+    let args = &args;
+    let dir = args.data_dir.as_ref().context("--data-dir is required")?;
     if args.insecure_http && !args.rest_addr.ip().is_loopback() {
         anyhow::bail!(
             "refusing to serve plain HTTP on {}: --insecure-http is only allowed on a loopback \
@@ -127,7 +163,11 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         cache_dir: dir.join("compiled"),
     })?);
     let (bus, bus_rx) = InProcessBus::new();
-    let worker = FlowWorker::start(
+    let joining = match &net {
+        Some(n) => Some(crate::network::Joining::prepare(n, dir)?),
+        None => None,
+    };
+    let worker = FlowWorker::start_with_remote(
         store.clone(),
         Arc::new(bus),
         bus_rx,
@@ -136,8 +176,20 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             max_live_flows: args.max_live_flows,
             group: args.group.clone(),
         },
+        joining.as_ref().map(|j| j.remote()),
     )
     .await?;
+    let network = match (joining, &net) {
+        (Some(j), Some(n)) => Some(
+            j.start(
+                n,
+                worker.clone(),
+                Duration::from_secs(args.message_ttl_secs),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     let auth = Arc::new(
         Auth::init(
             store.clone(),
@@ -186,6 +238,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         url,
         worker,
         server,
+        _network: network,
     })
 }
 
@@ -200,7 +253,8 @@ fn tls_config(args: &NodeArgs) -> anyhow::Result<Arc<braid_rest::tls::ServerConf
             if !args.rest_addr.ip().is_unspecified() {
                 names.push(args.rest_addr.ip().to_string());
             }
-            let dev = tls::danger::dev_certificate(&args.data_dir.join("tls"), &names)
+            let dir = args.data_dir.as_ref().context("--data-dir is required")?;
+            let dev = tls::danger::dev_certificate(&dir.join("tls"), &names)
                 .context("making the development TLS certificate")?;
             tracing::info!(
                 ca = %dev.ca_pem.display(),

@@ -44,6 +44,56 @@ pub enum WorkerError {
     Store(#[from] StoreError),
 }
 
+/// The link manager, as the flow worker sees it: who is a member of the
+/// network beyond this node, and where messages for vnodes of other nodes go.
+pub trait Remote: Send + Sync + 'static {
+    /// Whether `name` is a member of the network hosted by another node.
+    fn is_member(&self, name: &X500Name) -> bool;
+    /// Carries messages (already durable in the outbox) to vnodes of other
+    /// nodes. The link manager calls [`FlowWorker::remote_delivered`] once
+    /// the peer holds them durably, or [`FlowWorker::remote_failed`].
+    fn send(&self, messages: Vec<SessionMessage>);
+}
+
+/// One member of the network map, as the REST API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberSummary {
+    /// X.500 name.
+    pub name: String,
+    /// Its gateway.
+    pub endpoint: String,
+    /// Its record's serial.
+    pub serial: u64,
+    /// Its platform version.
+    pub platform_version: u32,
+}
+
+/// This node's view of its application network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSummary {
+    /// The network's name.
+    pub group: String,
+    /// Version of the network map this node holds (0: none yet).
+    pub map_version: u64,
+    /// Members in that map.
+    pub members: Vec<MemberSummary>,
+    /// Whether this node runs the network-map (operator) role.
+    pub operator: bool,
+}
+
+/// The node's network services, for the REST API and metrics.
+#[async_trait::async_trait]
+pub trait Network: Send + Sync + 'static {
+    /// The map as this node holds it.
+    fn summary(&self) -> NetworkSummary;
+    /// Registrations waiting for the operator's approval (operator only).
+    fn pending(&self) -> Result<Vec<MemberSummary>, WorkerError>;
+    /// Approves a pending registration (operator only).
+    async fn approve(&self, name: &X500Name) -> Result<(), WorkerError>;
+    /// Appends Prometheus metrics of the link manager and the gateway.
+    fn render_metrics(&self, out: &mut String);
+}
+
 /// Flow worker settings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -137,6 +187,10 @@ struct Inner {
     state: Mutex<State>,
     changes: broadcast::Sender<FlowRecord>,
     metrics: Metrics,
+    remote: Option<Arc<dyn Remote>>,
+    network: std::sync::OnceLock<Arc<dyn Network>>,
+    /// Bumped whenever a vnode is created or changed.
+    vnode_generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Inner {
@@ -147,13 +201,27 @@ impl Inner {
 
 impl FlowWorker {
     /// Loads the node's state, resumes unfinished flows, republishes the
-    /// outbox and starts routing messages from `bus_rx`.
+    /// outbox and starts routing messages from `bus_rx`. Messages for
+    /// vnodes of other nodes are dropped (a node without a network).
     pub async fn start(
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         bus_rx: BusReceiver,
         runtime: Arc<Runtime>,
         config: WorkerConfig,
+    ) -> anyhow::Result<FlowWorker> {
+        Self::start_with_remote(store, bus, bus_rx, runtime, config, None).await
+    }
+
+    /// [`start`](Self::start), handing messages for vnodes of other nodes
+    /// to `remote` (the link manager).
+    pub async fn start_with_remote(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        bus_rx: BusReceiver,
+        runtime: Arc<Runtime>,
+        config: WorkerConfig,
+        remote: Option<Arc<dyn Remote>>,
     ) -> anyhow::Result<FlowWorker> {
         let snap = store.load().await?;
         let (changes, _) = broadcast::channel(16384);
@@ -165,6 +233,9 @@ impl FlowWorker {
             state: Mutex::new(State::default()),
             changes,
             metrics: Metrics::default(),
+            remote,
+            network: std::sync::OnceLock::new(),
+            vnode_generation: tokio::sync::watch::channel(0).0,
         });
         for p in &snap.packages {
             let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
@@ -229,6 +300,96 @@ impl FlowWorker {
     /// Status changes as they commit.
     pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
         self.inner.changes.subscribe()
+    }
+
+    /// Changes whenever a vnode is created or updated.
+    pub fn subscribe_vnodes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.vnode_generation.subscribe()
+    }
+
+    /// Attaches the node's network services (once).
+    pub fn set_network(&self, network: Arc<dyn Network>) {
+        let _ = self.inner.network.set(network);
+    }
+
+    /// The node's network services, when it is part of a network.
+    pub fn network(&self) -> Option<&Arc<dyn Network>> {
+        self.inner.network.get()
+    }
+
+    /// The application network's name.
+    pub fn group(&self) -> &str {
+        &self.inner.config.group
+    }
+
+    /// The store behind this worker.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// Delivers messages that arrived from other nodes: each goes into its
+    /// receiver's inbox (or starts the responder its session-init names),
+    /// all in one durable transaction. Returns once durable, so the link
+    /// manager may then acknowledge them. Messages for vnodes this node
+    /// does not host are refused.
+    pub async fn deliver_inbound(&self, batch: &[SessionMessage]) -> Result<(), WorkerError> {
+        let mut d = Delivery::default();
+        {
+            let st = self.inner.lock();
+            for m in batch {
+                if !st.vnodes.contains_key(&m.to.holding) {
+                    return Err(WorkerError::NotFound(format!(
+                        "no vnode {} ({}) on this node",
+                        m.to.name, m.to.holding
+                    )));
+                }
+                d.plan(self, &st, m);
+            }
+        }
+        self.inner.store.write(std::mem::take(&mut d.ops)).await?;
+        d.apply(self);
+        Ok(())
+    }
+
+    /// The peer holds these messages (outbox keys) durably: forget them.
+    pub async fn remote_delivered(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .write(keys.into_iter().map(Op::DeleteOutbox).collect())
+            .await
+    }
+
+    /// The link manager gave up on `m`: its sender's session ends with
+    /// `reason` (a sequence-0 error into the sender's inbox, in the same
+    /// transaction that drops `m` from the outbox).
+    pub async fn remote_failed(
+        &self,
+        m: &SessionMessage,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let notice = SessionMessage {
+            session: m.session,
+            from: m.to.clone(),
+            to: m.from.clone(),
+            seq: 0,
+            init: None,
+            body: Body::Error(SessionFault::Undeliverable(format!(
+                "to {}: {reason}",
+                m.to.name
+            ))),
+        };
+        let mut d = Delivery::default();
+        d.ops.push(Op::DeleteOutbox(m.key()));
+        {
+            let st = self.inner.lock();
+            d.plan(self, &st, &notice);
+        }
+        self.inner.store.write(std::mem::take(&mut d.ops)).await?;
+        d.apply(self);
+        Ok(())
     }
 
     /// Stores a package after checking it is a braid flow package.
@@ -297,9 +458,12 @@ impl FlowWorker {
             .store
             .write(vec![Op::PutVnode(rec.clone())])
             .await?;
-        let mut st = self.inner.lock();
-        st.names.insert(name, holding);
-        st.vnodes.insert(holding, rec.clone());
+        {
+            let mut st = self.inner.lock();
+            st.names.insert(name, holding);
+            st.vnodes.insert(holding, rec.clone());
+        }
+        self.inner.vnode_generation.send_modify(|g| *g += 1);
         Ok(rec)
     }
 
@@ -600,6 +764,9 @@ impl FlowWorker {
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
         self.inner.metrics.render(out);
+        if let Some(n) = self.inner.network.get() {
+            n.render_metrics(out);
+        }
         let st = self.inner.lock();
         let unfinished = st
             .flows
@@ -777,7 +944,18 @@ impl FlowEnv for Env {
     }
 
     fn resolve(&self, name: &X500Name) -> Option<HoldingId> {
-        self.worker.inner.lock().names.get(name).copied()
+        let inner = &self.worker.inner;
+        if let Some(h) = inner.lock().names.get(name).copied() {
+            return Some(h);
+        }
+        match &inner.remote {
+            Some(r) if r.is_member(name) => Some(HoldingId::derive(name, &inner.config.group)),
+            _ => None,
+        }
+    }
+
+    fn derive(&self, name: &X500Name) -> HoldingId {
+        HoldingId::derive(name, &self.worker.inner.config.group)
     }
 }
 
@@ -1060,12 +1238,23 @@ impl Delivery {
 /// outbox to its receiver's inbox in one transaction.
 async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreError> {
     let mut d = Delivery::default();
+    let mut remote = Vec::new();
     {
         let st = w.inner.lock();
         for m in batch {
+            if w.inner.remote.is_some() && !st.vnodes.contains_key(&m.to.holding) {
+                remote.push(m.clone());
+                continue;
+            }
             d.ops.push(Op::DeleteOutbox(m.key()));
             d.plan(w, &st, m);
         }
+    }
+    if let (Some(r), false) = (&w.inner.remote, remote.is_empty()) {
+        r.send(remote);
+    }
+    if d.ops.is_empty() {
+        return Ok(());
     }
     w.inner.store.write(std::mem::take(&mut d.ops)).await?;
     d.apply(w);

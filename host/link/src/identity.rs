@@ -90,6 +90,11 @@ impl StaticKeypair {
         self.public
     }
 
+    /// The private half, to store in the node's key store.
+    pub fn private_bytes(&self) -> &[u8; 32] {
+        &self.private
+    }
+
     pub(crate) fn private(&self) -> &[u8; 32] {
         &self.private
     }

@@ -53,7 +53,7 @@
 //!   fragments (`msg_id, total_len, index, count`), resent together, and
 //!   reassembled within a bounded buffer ([`ReassemblyError`] when exceeded).
 //! * **Wire format** ([`wire`]): by hand, big-endian, version byte first. Every
-//!   decoder of peer bytes is total (proptest and `fuzz/` check it).
+//!   decoder of peer bytes is total (proptests here; cargo-fuzz targets in `host/fuzz`).
 //!
 //! # Not done yet
 //!

@@ -376,10 +376,21 @@ impl Link {
                     if let Some(next) = self.next_handshake_at {
                         at(next);
                     }
-                } else if let Some(heard) = self.last_heard
-                    && self.outbox.values().any(|m| m.next_attempt.is_some())
-                {
-                    at(heard + self.config.dead_peer_after);
+                } else {
+                    if let Some(heard) = self.last_heard
+                        && self.outbox.values().any(|m| m.next_attempt.is_some())
+                    {
+                        at(heard + self.config.dead_peer_after);
+                    }
+                    // A re-key held back by the handshake backoff: due when
+                    // both the backoff and the re-key condition are.
+                    if let (Some(next), Some(cur)) = (self.next_handshake_at, &self.current) {
+                        if cur.sealed >= self.config.rekey_after_packets {
+                            at(next);
+                        } else {
+                            at(next.max(cur.established_at + self.config.rekey_after));
+                        }
+                    }
                 }
             }
             None => {}
@@ -1047,7 +1058,13 @@ impl Link {
                 reason: DeadLetterReason::TooLargeForPeer { len, max },
             });
         }
-        if rekey_due && self.pending.is_none() && self.needs_session() {
+        // A failed re-key (even one a forged packet aborted) waits out the
+        // handshake backoff like any other handshake.
+        if rekey_due
+            && self.pending.is_none()
+            && self.needs_session()
+            && self.next_handshake_at.is_none_or(|t| t <= now)
+        {
             self.start_handshake(now);
         }
     }

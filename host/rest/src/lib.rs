@@ -20,6 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 mod auth;
+mod network;
 pub mod openapi;
 mod rbac;
 pub mod tls;
@@ -128,6 +129,9 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
         .routes(routes!(start_flow, list_flows))
         .routes(routes!(flow_status))
         .routes(routes!(health))
+        .routes(routes!(network::network))
+        .routes(routes!(network::pending))
+        .routes(routes!(network::approve))
         .routes(routes!(openapi::openapi_json))
         .layer(DefaultBodyLimit::max(MAX_JSON_BYTES));
     let upload = OpenApiRouter::new()

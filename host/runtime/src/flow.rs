@@ -300,6 +300,12 @@ impl FlowState {
         let s = self.sessions.get(&handle)?;
         let (id, want) = (s.id, s.next_recv);
         let q = self.inbox.get_mut(&id)?;
+        // Sequence number 0: the link manager's notice that the session is
+        // broken; it overtakes whatever is still expected.
+        if let Some(m) = q.remove(&0) {
+            self.consumed.push(m.key());
+            return Some(m);
+        }
         while let Some((&seq, _)) = q.first_key_value() {
             if seq >= want {
                 break;
@@ -407,7 +413,7 @@ impl host::Host for crate::FlowCtx {
             let holding = st
                 .env
                 .resolve(&name)
-                .unwrap_or_else(|| HoldingId::derive(&name, ""));
+                .unwrap_or_else(|| st.env.derive(&name));
             let id = SessionId {
                 initiator_flow: st.id,
                 index: handle,
@@ -509,6 +515,9 @@ impl host::Host for crate::FlowCtx {
                     }
                     Body::Error(SessionFault::ProtocolUnsupported(why)) => {
                         Err(SessErr::ProtocolUnsupported(why))
+                    }
+                    Body::Error(SessionFault::Undeliverable(why)) => {
+                        Err(SessErr::Other(format!("message undeliverable: {why}")))
                     }
                 };
                 break (true, r);

@@ -123,6 +123,11 @@ pub trait FlowEnv: Send + Sync + 'static {
     async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()>;
     /// The holding id of a counterparty, if it is a known member.
     fn resolve(&self, name: &X500Name) -> Option<HoldingId>;
+    /// The holding id `name` has in this network, member or not (replay
+    /// rebuilds sessions with members that have since left).
+    fn derive(&self, name: &X500Name) -> HoldingId {
+        HoldingId::derive(name, "")
+    }
 }
 
 /// Delivered to a live flow.

@@ -326,6 +326,11 @@ pub enum SessionFault {
     ProtocolUnsupported(String),
     /// The counterparty's flow failed or was killed.
     CounterpartyFailed(String),
+    /// The link manager gave up on a message to the counterparty (not
+    /// acknowledged within its time-to-live, or too large for the peer).
+    /// Carried with sequence number 0: it ends the session at once, ahead
+    /// of any message still expected.
+    Undeliverable(String),
 }
 
 /// What a session message carries.

@@ -124,32 +124,5 @@ fn ping_proposal_and_idempotent_start() {
     node.vnode(DAVE, Pkg::Proposal);
     node.vnode(ERIN, Pkg::Proposal);
 
-    api.start_flow(
-        &carol,
-        "yes",
-        "propose",
-        &json!({"counterparties": [DAVE, ERIN], "proposal": "lunch at noon"}),
-    );
-    api.start_flow(
-        &carol,
-        "no",
-        "propose",
-        &json!({"counterparties": [DAVE, ERIN], "proposal": "please reject this"}),
-    );
-    let yes = api.wait_terminal(&carol, "yes");
-    assert_eq!(yes.status, "COMPLETED", "{}", yes.describe());
-    assert_eq!(
-        yes.result,
-        json!({"accepted": true, "votes": {DAVE: true, ERIN: true}}),
-        "{}",
-        yes.describe()
-    );
-    let no = api.wait_terminal(&carol, "no");
-    assert_eq!(no.status, "COMPLETED", "{}", no.describe());
-    assert_eq!(
-        no.result,
-        json!({"accepted": false, "votes": {DAVE: false, ERIN: false}}),
-        "{}",
-        no.describe()
-    );
+    crate::proposals_yes_and_no(api, &carol, DAVE, ERIN);
 }

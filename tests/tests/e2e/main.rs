@@ -7,6 +7,8 @@ mod crash;
 mod eviction;
 mod flows;
 mod management;
+mod network;
+mod network_attacks;
 mod nondeterminism;
 mod openapi;
 mod rbac;
@@ -75,5 +77,33 @@ pub fn assert_pings_ok(flows: &[FlowStatus], ids: &[String], responder: &str) {
     for (i, (st, id)) in flows.iter().zip(ids).enumerate() {
         assert_eq!(st.client_request_id.as_deref(), Some(id.as_str()));
         assert_ping_ok(st, i as i64, responder);
+    }
+}
+
+/// Runs two `propose` flows from `carol` to `dave` and `erin`: one they
+/// accept, one they reject; asserts both results exactly.
+#[track_caller]
+pub fn proposals_yes_and_no(api: &Api, carol: &str, dave: &str, erin: &str) {
+    api.start_flow(
+        carol,
+        "yes",
+        "propose",
+        &json!({"counterparties": [dave, erin], "proposal": "lunch at noon"}),
+    );
+    api.start_flow(
+        carol,
+        "no",
+        "propose",
+        &json!({"counterparties": [dave, erin], "proposal": "please reject this"}),
+    );
+    for (id, accepted) in [("yes", true), ("no", false)] {
+        let st = api.wait_terminal(carol, id);
+        assert_eq!(st.status, "COMPLETED", "{}", st.describe());
+        assert_eq!(
+            st.result,
+            json!({"accepted": accepted, "votes": {dave: accepted, erin: accepted}}),
+            "{}",
+            st.describe()
+        );
     }
 }

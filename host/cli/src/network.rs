@@ -1,0 +1,495 @@
+//! A node's network services: the map client (and on the operator's node
+//! the map server), the gateway's HTTPS server and client, and the link
+//! manager; plus `braid network bootstrap|revoke`.
+
+use anyhow::Context as _;
+use braid_flow::{FlowWorker, MemberSummary, Network, NetworkSummary, Remote, WorkerError};
+use braid_gateway::{ClientConfig, GatewayClient, GatewayServer, RevocationMode, ServerConfig};
+use braid_membership::{
+    MapClient, MapClientConfig, MapServer, MapServerConfig, MapView, MemberInfo, NodeNetworkConfig,
+    Revocation, SignedMemberInfo, pki,
+};
+use braid_p2p::adapters::GatewayTransport;
+use braid_p2p::{
+    Counters, Deps, InboundBatch, KeyStore, LinkManager, Outbound, P2pConfig, Packet, Peers,
+    RemotePort,
+};
+use braid_types::{X500Name, now_millis};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, watch};
+
+/// The version of the platform members publish.
+const PLATFORM_VERSION: u32 = 1;
+
+/// What a node prepares before its flow worker starts.
+pub struct Joining {
+    map: Arc<MapClient>,
+    peers: watch::Receiver<Arc<dyn Peers>>,
+    peers_tx: watch::Sender<Arc<dyn Peers>>,
+    port: RemotePort,
+    outbound: Outbound,
+}
+
+/// The running network services; dropping them stops them.
+pub struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _links: LinkManager,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn revocation_mode(r: Revocation) -> RevocationMode {
+    match r {
+        Revocation::Hard => RevocationMode::Hard,
+        Revocation::Soft => RevocationMode::Soft,
+        Revocation::Off => RevocationMode::Off,
+    }
+}
+
+impl Joining {
+    /// Loads the persisted map (so a restart works while the map server is
+    /// down) and makes the flow worker's port to the link manager.
+    pub fn prepare(cfg: &NodeNetworkConfig, data_dir: &Path) -> anyhow::Result<Joining> {
+        let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
+        mc.persist_path = data_dir.join("network-map.bin");
+        let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
+        if let Some(v) = map.load_persisted() {
+            tracing::info!(
+                version = v.version(),
+                members = v.members().len(),
+                "loaded the persisted network map"
+            );
+        }
+        let current: Arc<dyn Peers> = map.current();
+        let (peers_tx, peers) = watch::channel(current);
+        let (port, outbound) = braid_p2p::remote_port(peers.clone());
+        Ok(Joining {
+            map,
+            peers,
+            peers_tx,
+            port,
+            outbound,
+        })
+    }
+
+    /// The flow worker's port to the link manager.
+    pub fn remote(&self) -> Arc<dyn Remote> {
+        Arc::new(self.port.clone())
+    }
+
+    /// Starts the gateway, the link manager, the map client (and server),
+    /// and publishes the node's vnodes as members.
+    pub async fn start(
+        self,
+        cfg: &NodeNetworkConfig,
+        worker: FlowWorker,
+        ttl: Duration,
+    ) -> anyhow::Result<Running> {
+        let Joining {
+            map,
+            peers,
+            peers_tx,
+            port: _,
+            outbound,
+        } = self;
+        let mut tasks = Vec::new();
+        let tls = braid_gateway::TlsMaterial::from_pem_files(
+            &cfg.cert,
+            &cfg.key,
+            &cfg.network_ca,
+            Some(&cfg.crl),
+            revocation_mode(cfg.revocation),
+        )
+        .context("loading the gateway's TLS material")?;
+        let counters = Arc::new(Counters::default());
+
+        // The map view, as the link manager sees it.
+        let mut views = map.view();
+        tasks.push(tokio::spawn(async move {
+            while views.changed().await.is_ok() {
+                let v: Arc<MapView> = views.borrow_and_update().clone();
+                tracing::info!(
+                    version = v.version(),
+                    members = v.members().len(),
+                    "network map updated"
+                );
+                let _ = peers_tx.send(v);
+            }
+        }));
+
+        // A client certificate we do not know may belong to a member that
+        // joined since our last poll: fetch the map now (at most once a
+        // second).
+        let refresh = Arc::new(Notify::new());
+        {
+            let (map, refresh) = (map.clone(), refresh.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    refresh.notified().await;
+                    if let Err(e) = map.fetch_once().await {
+                        tracing::debug!(cause = %e, "network map refresh failed");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }));
+        }
+
+        // The operator's map server, on this node's gateway listener.
+        let map_server = match (cfg.map_server, &cfg.operator_key, &cfg.map_state_path) {
+            (true, Some(key), Some(state)) => {
+                let server = Arc::new(
+                    MapServer::open(MapServerConfig {
+                        state_path: state.clone(),
+                        group: cfg.group.clone(),
+                        operator_key_pkcs8_der: pki::read_file(key)?,
+                        network_ca_der: pki::read_file(&cfg.network_ca)?,
+                        approval: cfg.approval,
+                        event_horizon: cfg.event_horizon(),
+                    })
+                    .context("opening the network-map server's state")?,
+                );
+                tasks.push(tokio::spawn(server.clone().run_expiry()));
+                Some(server)
+            }
+            (true, _, _) => anyhow::bail!(
+                "the network configuration says map_server but names no operator_key or \
+                 map_state_path"
+            ),
+            _ => None,
+        };
+        let extra = match &map_server {
+            Some(s) => s.clone().router(),
+            None => axum::Router::new(),
+        };
+
+        // The gateway's server: packets go to the link manager.
+        let (gw_tx, mut gw_rx) = mpsc::channel::<braid_gateway::Inbound>(256);
+        let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = gw_rx.recv().await {
+                let batch = InboundBatch {
+                    packets: b
+                        .envelopes
+                        .into_iter()
+                        .map(|e| Packet {
+                            from: e.from,
+                            to: e.to,
+                            bytes: e.packet,
+                        })
+                        .collect(),
+                    peer: b.peer_addr.to_string(),
+                    peer_leaf: b.peer_leaf,
+                };
+                if in_tx.send(batch).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        let check = {
+            let (map, refresh) = (map.clone(), refresh.clone());
+            move |leaf: Option<&[u8]>| -> Result<(), String> {
+                let Some(leaf) = leaf else {
+                    return Ok(()); // one-way TLS: the link layer authenticates
+                };
+                if map.current().is_member_tls_cert(leaf).is_some() {
+                    return Ok(());
+                }
+                refresh.notify_one();
+                Err(format!(
+                    "client certificate {} is not a current member's",
+                    braid_gateway::tls::describe_certificate(leaf)
+                ))
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(cfg.gateway_addr)
+            .await
+            .with_context(|| format!("binding the gateway to {}", cfg.gateway_addr))?;
+        let server = GatewayServer::new(
+            ServerConfig::new(tls.clone(), cfg.mutual_tls),
+            gw_tx,
+            Arc::new(check),
+            extra,
+        )
+        .context("configuring the gateway's HTTPS server")?;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = server.run(listener).await {
+                tracing::error!(cause = %e, "the gateway stopped");
+            }
+        }));
+        tracing::info!(addr = %cfg.gateway_addr, endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");
+
+        // The link manager.
+        let client = GatewayClient::new(ClientConfig::new(tls, cfg.mutual_tls))
+            .context("configuring the gateway's HTTPS client")?;
+        let keys = KeyStore::new(worker.clone());
+        let links = LinkManager::spawn(
+            Deps {
+                worker: worker.clone(),
+                keys: keys.clone(),
+                peers,
+                transport: Arc::new(GatewayTransport::new(client, counters.clone())),
+                inbound: in_rx,
+                outbound,
+                counters: counters.clone(),
+            },
+            P2pConfig {
+                ttl,
+                ..P2pConfig::default()
+            },
+        )
+        .await?;
+
+        // Our vnodes as members: published now, on every new vnode, and by
+        // the map client daily.
+        let chain = pki::certs_from_pem_or_der(&pki::read_file(&cfg.cert)?)?;
+        let tls_key = pki::pkcs8_from_pem_or_der(&pki::read_file(&cfg.key)?)?;
+        let publisher = Publisher {
+            worker: worker.clone(),
+            keys,
+            endpoint: cfg.gateway_endpoint.clone(),
+            group: cfg.group.clone(),
+            chain,
+            tls_key,
+        };
+        map.set_own(publisher.records().await?);
+        {
+            let (map, mut vnodes) = (map.clone(), worker.subscribe_vnodes());
+            tasks.push(tokio::spawn(async move {
+                while vnodes.changed().await.is_ok() {
+                    match publisher.records().await {
+                        Ok(r) => map.set_own(r),
+                        Err(e) => {
+                            tracing::error!(cause = %e, "cannot publish the vnodes' member records")
+                        }
+                    }
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(map.clone().run(std::future::pending())));
+
+        worker.set_network(Arc::new(NodeNetwork {
+            map,
+            server: map_server,
+            counters,
+            group: cfg.group.clone(),
+        }));
+        Ok(Running {
+            tasks,
+            _links: links,
+        })
+    }
+}
+
+/// Signs a member record per vnode.
+struct Publisher {
+    worker: FlowWorker,
+    keys: KeyStore,
+    endpoint: String,
+    group: String,
+    chain: Vec<Vec<u8>>,
+    tls_key: Vec<u8>,
+}
+
+impl Publisher {
+    async fn records(&self) -> anyhow::Result<Vec<SignedMemberInfo>> {
+        let now = now_millis();
+        let mut out = Vec::new();
+        for v in self.worker.vnodes() {
+            let kp = self.keys.ensure(v.holding).await?;
+            let info = MemberInfo {
+                name: v.name.clone(),
+                group: self.group.clone(),
+                endpoint: self.endpoint.clone(),
+                session_key: kp.public().0,
+                tls_chain: self.chain.clone(),
+                platform_version: PLATFORM_VERSION,
+                serial: now,
+                issued_ms: now,
+            };
+            out.push(
+                SignedMemberInfo::sign(&info, &self.tls_key)
+                    .with_context(|| format!("signing the member record of {}", v.name))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+struct NodeNetwork {
+    map: Arc<MapClient>,
+    server: Option<Arc<MapServer>>,
+    counters: Arc<Counters>,
+    group: String,
+}
+
+fn summary(m: &MemberInfo) -> MemberSummary {
+    MemberSummary {
+        name: m.name.to_string(),
+        endpoint: m.endpoint.clone(),
+        serial: m.serial,
+        platform_version: m.platform_version,
+    }
+}
+
+#[async_trait::async_trait]
+impl Network for NodeNetwork {
+    fn summary(&self) -> NetworkSummary {
+        let v = self.map.current();
+        NetworkSummary {
+            group: self.group.clone(),
+            map_version: v.version(),
+            members: v.members().iter().map(summary).collect(),
+            operator: self.server.is_some(),
+        }
+    }
+
+    fn pending(&self) -> Result<Vec<MemberSummary>, WorkerError> {
+        let s = self.server.as_ref().ok_or_else(|| {
+            WorkerError::Conflict("this node does not run the network-map role".into())
+        })?;
+        Ok(s.pending().iter().map(summary).collect())
+    }
+
+    async fn approve(&self, name: &X500Name) -> Result<(), WorkerError> {
+        let s = self.server.as_ref().ok_or_else(|| {
+            WorkerError::Conflict("this node does not run the network-map role".into())
+        })?;
+        s.approve(name)
+            .map_err(|e| WorkerError::NotFound(e.to_string()))
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        self.counters.render(out);
+        let v = self.map.current();
+        let _ = writeln!(
+            out,
+            "# HELP braid_network_map_version Version of the network map this node holds.\n# TYPE braid_network_map_version gauge\nbraid_network_map_version {}\n# HELP braid_network_members Members in that map.\n# TYPE braid_network_members gauge\nbraid_network_members {}",
+            v.version(),
+            v.members().len()
+        );
+    }
+}
+
+/// `braid network …`
+#[derive(Debug, clap::Subcommand)]
+pub enum NetworkCommand {
+    /// Create a development network in one step: a network CA and CRL, the
+    /// operator's key, and per node a TLS certificate, key and node.json to
+    /// start it with (`braid node start --network-config DIR/NODE/node.json`).
+    /// The first node runs the network map. Nodes listen on loopback ports
+    /// from --base-port (REST base+10i, gateway base+10i+1).
+    ///
+    /// Example: braid network bootstrap --dir ./net --nodes alice,bob,carol
+    Bootstrap {
+        /// Where to write the network.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Short node names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// First port.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// The application network's name (part of every holding id).
+        #[arg(long, default_value = "braid-dev")]
+        group: String,
+        /// Gateways do not ask for client certificates (the link layer
+        /// still authenticates every packet).
+        #[arg(long)]
+        one_way_tls: bool,
+        /// How gateways treat a certificate whose revocation status the CRL
+        /// does not decide: hard (refuse), soft (accept) or off (no CRL).
+        #[arg(long, default_value = "hard")]
+        revocation: String,
+        /// The operator approves each registration
+        /// (POST /api/v1/network/members/{name}/approve) instead of
+        /// approving valid ones automatically.
+        #[arg(long)]
+        manual_approval: bool,
+        /// Members not heard from for this many seconds are dropped.
+        #[arg(long, default_value_t = 30 * 24 * 3600)]
+        event_horizon_secs: u64,
+        /// Replace an existing network in --dir.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Revoke a node's TLS certificate: add it to the network CRL (gateways
+    /// re-read it within a second).
+    ///
+    /// Example: braid network revoke --dir ./net --node carol
+    Revoke {
+        /// The network's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node whose certificate to revoke.
+        #[arg(long)]
+        node: String,
+    },
+}
+
+/// Runs a `braid network` command.
+pub fn run(command: NetworkCommand) -> anyhow::Result<()> {
+    match command {
+        NetworkCommand::Bootstrap {
+            dir,
+            nodes,
+            base_port,
+            group,
+            one_way_tls,
+            revocation,
+            manual_approval,
+            event_horizon_secs,
+            force,
+        } => {
+            let opts = braid_membership::BootstrapOptions {
+                base_port,
+                group,
+                mutual_tls: !one_way_tls,
+                revocation: revocation.parse()?,
+                approval: if manual_approval {
+                    braid_membership::Approval::Manual
+                } else {
+                    braid_membership::Approval::Auto
+                },
+                event_horizon: Duration::from_secs(event_horizon_secs),
+                force,
+                ..Default::default()
+            };
+            let net = braid_membership::bootstrap(&dir, &nodes, &opts)?;
+            println!("network CA:  {}", net.ca_cert.display());
+            println!("CRL:         {}", net.crl.display());
+            for n in &net.nodes {
+                println!(
+                    "node {:<10} REST https://{}  gateway {}{}\n  braid node start --network-config {}",
+                    n.name,
+                    n.config.rest_addr,
+                    n.config.gateway_endpoint,
+                    if n.config.map_server {
+                        "  (network map)"
+                    } else {
+                        ""
+                    },
+                    n.config_path.display()
+                );
+            }
+            Ok(())
+        }
+        NetworkCommand::Revoke { dir, node } => {
+            braid_membership::revoke(&dir, &node)?;
+            println!(
+                "revoked {node}'s certificate in {}",
+                dir.join("ca/crl.pem").display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,805 @@
+//! The link manager's driver: runs one [`braid_link::Link`] per pair of
+//! (local vnode, remote vnode), fed by the flow worker's outbox and by the
+//! gateway, with its timers on tokio.
+//!
+//! The order of things that makes crashes harmless:
+//! - a message for a remote vnode is durable in the sender's outbox before
+//!   the flow worker hands it here ([`braid_flow::Remote::send`]); its link
+//!   message id is a hash of its outbox key, so the copy republished after a
+//!   restart is the same message to the peer;
+//! - an arriving message is written to the receiver's inbox
+//!   ([`FlowWorker::deliver_inbound`], one transaction per batch) before
+//!   [`Link::mark_durable`] lets the link acknowledge it;
+//! - the sender deletes it from its outbox only when the acknowledgement
+//!   arrives ([`FlowWorker::remote_delivered`]); a message past its
+//!   time-to-live ends the sending flow's session
+//!   ([`FlowWorker::remote_failed`]).
+//!
+//! Each node start takes the next value of a persisted boot counter and
+//! starts every link's epochs above `boot << 16`, so a peer that kept its
+//! session state never mistakes a new handshake for a replay.
+//!
+//! The driver talks to the membership through [`Peers`] and to the gateway
+//! through [`Transport`]; [`adapters`] implements them over the network map
+//! and the HTTPS gateway.
+
+pub mod adapters;
+
+use braid_flow::{FlowWorker, Remote};
+use braid_link::{
+    Event, Identity, Link, LinkConfig, Membership, MessageId, PublicKey, SendError, StaticKeypair,
+};
+use braid_storage::{Op, StoreError};
+use braid_types::{HoldingId, SessionMessage, X500Name};
+use sha2::Digest as _;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// Where a member's gateway is, as the membership lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// The gateway's HTTPS URL.
+    pub endpoint: String,
+    /// The TLS leaf certificate (DER) the gateway must present.
+    pub tls_leaf: Option<Vec<u8>>,
+}
+
+/// The membership as the link manager needs it.
+pub trait Peers: Membership + Send + Sync + 'static {
+    /// Whether `name` is a current member.
+    fn is_member(&self, name: &str) -> bool;
+    /// Where to send packets for `name`.
+    fn address(&self, name: &str) -> Option<PeerAddr>;
+    /// Whether `leaf` (a TLS client certificate, DER) is the one the
+    /// membership lists for `name`.
+    fn tls_matches(&self, name: &str, leaf: &[u8]) -> bool;
+}
+
+/// One sealed packet between two identities (X.500 names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    /// Sending identity.
+    pub from: String,
+    /// Receiving identity.
+    pub to: String,
+    /// The sealed link packet.
+    pub bytes: Vec<u8>,
+}
+
+/// Packets that arrived at the gateway in one request.
+#[derive(Debug)]
+pub struct InboundBatch {
+    /// The packets.
+    pub packets: Vec<Packet>,
+    /// The sending gateway's address (for log lines).
+    pub peer: String,
+    /// Its TLS client certificate (DER), under mutual TLS.
+    pub peer_leaf: Option<Vec<u8>>,
+}
+
+/// Sending packets to a peer gateway failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The peer is overloaded: wait before sending it more.
+    #[error("peer overloaded; retry after {retry_after:?}")]
+    Overloaded {
+        /// How long to wait.
+        retry_after: Duration,
+    },
+    /// Anything else (unreachable, refused, rejected); the links resend.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Carries packets to peer gateways.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// POSTs `batch` to the gateway at `to`.
+    async fn send(&self, to: &PeerAddr, batch: Vec<Packet>) -> Result<(), TransportError>;
+}
+
+/// What the link manager and gateway did, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets accepted by peer gateways.
+    pub packets_sent: AtomicU64,
+    /// POSTs accepted by peer gateways.
+    pub requests_sent: AtomicU64,
+    /// POSTs that failed (unreachable, refused, TLS).
+    pub send_failures: AtomicU64,
+    /// POSTs a peer answered with 503 (overloaded).
+    pub overloaded: AtomicU64,
+    /// Packets that arrived at this gateway.
+    pub packets_received: AtomicU64,
+    /// Arrived packets dropped (not a member, bad TLS binding, failed
+    /// authentication, replayed, malformed).
+    pub packets_rejected: AtomicU64,
+    /// Messages stored for flows of this node.
+    pub messages_delivered: AtomicU64,
+    /// Sent messages the peer acknowledged.
+    pub messages_acked: AtomicU64,
+    /// Messages given up on.
+    pub messages_dead_lettered: AtomicU64,
+    /// Link handshakes that failed.
+    pub handshakes_failed: AtomicU64,
+}
+
+impl Counters {
+    /// Appends the counters in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let rows: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "braid_gateway_packets_sent_total",
+                "Packets accepted by peer gateways.",
+                &self.packets_sent,
+            ),
+            (
+                "braid_gateway_requests_sent_total",
+                "POSTs accepted by peer gateways.",
+                &self.requests_sent,
+            ),
+            (
+                "braid_gateway_send_failures_total",
+                "POSTs to peer gateways that failed (unreachable, refused, TLS).",
+                &self.send_failures,
+            ),
+            (
+                "braid_gateway_overloaded_total",
+                "POSTs peer gateways answered with 503.",
+                &self.overloaded,
+            ),
+            (
+                "braid_gateway_packets_received_total",
+                "Packets that arrived at this gateway.",
+                &self.packets_received,
+            ),
+            (
+                "braid_link_packets_rejected_total",
+                "Arrived packets dropped (not a member, wrong TLS binding, failed authentication, replay, malformed).",
+                &self.packets_rejected,
+            ),
+            (
+                "braid_link_messages_delivered_total",
+                "Messages from other nodes stored for flows here.",
+                &self.messages_delivered,
+            ),
+            (
+                "braid_link_messages_acked_total",
+                "Messages to other nodes they acknowledged.",
+                &self.messages_acked,
+            ),
+            (
+                "braid_link_messages_dead_lettered_total",
+                "Messages to other nodes given up on.",
+                &self.messages_dead_lettered,
+            ),
+            (
+                "braid_link_handshakes_failed_total",
+                "Link handshakes that failed.",
+                &self.handshakes_failed,
+            ),
+        ];
+        for (name, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Settings of the link manager.
+#[derive(Debug, Clone)]
+pub struct P2pConfig {
+    /// Per-link protocol settings (`initial_epoch` is set from the boot
+    /// counter).
+    pub link: LinkConfig,
+    /// A message not acknowledged within this is dead-lettered and the
+    /// sending flow's session fails.
+    pub ttl: Duration,
+    /// Largest request body the driver builds for one POST.
+    pub max_batch_bytes: usize,
+    /// POSTs in flight to one peer gateway at once.
+    pub per_peer_requests: usize,
+    /// Packets queued for one peer gateway before the oldest are dropped
+    /// (the links resend them).
+    pub per_peer_queue: usize,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        Self {
+            link: LinkConfig::default(),
+            ttl: Duration::from_secs(24 * 3600),
+            max_batch_bytes: 1 << 20,
+            per_peer_requests: 8,
+            per_peer_queue: 65536,
+        }
+    }
+}
+
+/// The membership view the links consult; swapped when the map changes.
+struct SharedPeers(RwLock<Arc<dyn Peers>>);
+
+impl SharedPeers {
+    fn get(&self) -> Arc<dyn Peers> {
+        self.0.read().expect("peers lock").clone()
+    }
+}
+
+impl Membership for SharedPeers {
+    fn session_key(&self, identity: &Identity) -> Option<PublicKey> {
+        self.get().session_key(identity)
+    }
+    fn identity_of(&self, key: &PublicKey) -> Option<Identity> {
+        self.get().identity_of(key)
+    }
+}
+
+/// The flow worker's side of the link manager ([`braid_flow::Remote`]).
+#[derive(Clone)]
+pub struct RemotePort {
+    tx: mpsc::UnboundedSender<Vec<SessionMessage>>,
+    peers: watch::Receiver<Arc<dyn Peers>>,
+}
+
+impl Remote for RemotePort {
+    fn is_member(&self, name: &X500Name) -> bool {
+        self.peers.borrow().is_member(name.as_str())
+    }
+    fn send(&self, messages: Vec<SessionMessage>) {
+        // Closed only while the node stops; the messages stay in the outbox.
+        let _ = self.tx.send(messages);
+    }
+}
+
+/// The receiving end of a [`RemotePort`], for [`LinkManager::spawn`].
+pub struct Outbound(mpsc::UnboundedReceiver<Vec<SessionMessage>>);
+
+/// A port for the flow worker and the queue it feeds.
+pub fn remote_port(peers: watch::Receiver<Arc<dyn Peers>>) -> (RemotePort, Outbound) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (RemotePort { tx, peers }, Outbound(rx))
+}
+
+/// The vnodes' session key pairs, kept in the store (`p2p/session-key/…`).
+#[derive(Clone)]
+pub struct KeyStore {
+    worker: FlowWorker,
+    keys: Arc<tokio::sync::Mutex<HashMap<HoldingId, StaticKeypair>>>,
+}
+
+impl KeyStore {
+    /// Keys of `worker`'s vnodes.
+    pub fn new(worker: FlowWorker) -> Self {
+        Self {
+            worker,
+            keys: Default::default(),
+        }
+    }
+
+    /// The session key pair of vnode `holding`, made and stored on first use.
+    pub async fn ensure(&self, holding: HoldingId) -> anyhow::Result<StaticKeypair> {
+        let mut keys = self.keys.lock().await;
+        if let Some(k) = keys.get(&holding) {
+            return Ok(k.clone());
+        }
+        let name = format!("p2p/session-key/{holding}");
+        let store = self.worker.store();
+        let kp = match store.meta(&name).await? {
+            Some(b) if b.len() == 64 => StaticKeypair::from_parts(&b[..32], &b[32..])
+                .ok_or_else(|| anyhow::anyhow!("stored session key {name} is malformed"))?,
+            Some(_) => anyhow::bail!("stored session key {name} is malformed"),
+            None => {
+                let kp = StaticKeypair::generate()
+                    .map_err(|e| anyhow::anyhow!("generating a session key: {e}"))?;
+                let mut b = kp.private_bytes().to_vec();
+                b.extend_from_slice(&kp.public().0);
+                store.write(vec![Op::PutMeta(name, b)]).await?;
+                kp
+            }
+        };
+        keys.insert(holding, kp.clone());
+        Ok(kp)
+    }
+}
+
+/// Takes the next boot number (persisted before use).
+pub async fn next_boot(worker: &FlowWorker) -> Result<u32, StoreError> {
+    let store = worker.store();
+    let prev = store
+        .meta("p2p/boot")
+        .await?
+        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+        .map(u32::from_be_bytes)
+        .unwrap_or(0);
+    let next = prev.wrapping_add(1) & 0xffff;
+    store
+        .write(vec![Op::PutMeta(
+            "p2p/boot".into(),
+            next.to_be_bytes().to_vec(),
+        )])
+        .await?;
+    Ok(next)
+}
+
+/// The link message id of a session message: a hash of its outbox key, so
+/// the same message republished after a restart has the same id.
+pub fn message_id(m: &SessionMessage) -> MessageId {
+    let d = sha2::Sha256::digest(m.key());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    MessageId(u64::from_be_bytes(b))
+}
+
+type Pair = (String, String);
+
+/// What the link manager works with.
+pub struct Deps {
+    /// The flow worker whose messages it carries.
+    pub worker: FlowWorker,
+    /// The vnodes' session keys.
+    pub keys: KeyStore,
+    /// The membership, updated as the map changes.
+    pub peers: watch::Receiver<Arc<dyn Peers>>,
+    /// The gateway client.
+    pub transport: Arc<dyn Transport>,
+    /// Packets from the gateway's server.
+    pub inbound: mpsc::Receiver<InboundBatch>,
+    /// Messages from the flow worker's [`RemotePort`].
+    pub outbound: Outbound,
+    /// Counters for `/metrics`.
+    pub counters: Arc<Counters>,
+}
+
+/// A running link manager.
+pub struct LinkManager {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LinkManager {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum Done {
+    Durable(Vec<(Pair, MessageId)>),
+    Sent {
+        endpoint: String,
+        result: Result<(), TransportError>,
+    },
+}
+
+struct PeerQueue {
+    addr: PeerAddr,
+    packets: VecDeque<Packet>,
+    in_flight: usize,
+    paused_until: Option<Instant>,
+}
+
+struct Driver {
+    worker: FlowWorker,
+    keys: KeyStore,
+    config: P2pConfig,
+    shared: Arc<SharedPeers>,
+    transport: Arc<dyn Transport>,
+    links: HashMap<Pair, Link>,
+    outgoing: HashMap<(Pair, MessageId), SessionMessage>,
+    local: HashMap<String, HoldingId>,
+    queues: HashMap<String, PeerQueue>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    counters: Arc<Counters>,
+}
+
+impl LinkManager {
+    /// Starts the driver.
+    pub async fn spawn(deps: Deps, mut config: P2pConfig) -> anyhow::Result<LinkManager> {
+        let Deps {
+            worker,
+            keys,
+            mut peers,
+            transport,
+            mut inbound,
+            outbound,
+            counters,
+        } = deps;
+        let boot = next_boot(&worker).await?;
+        config.link.initial_epoch = boot << 16;
+        tracing::info!(boot, "link manager starting");
+        let shared = Arc::new(SharedPeers(RwLock::new(peers.borrow_and_update().clone())));
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let mut vnodes = worker.subscribe_vnodes();
+        let mut d = Driver {
+            worker,
+            keys,
+            config,
+            shared,
+            transport,
+            links: HashMap::new(),
+            outgoing: HashMap::new(),
+            local: HashMap::new(),
+            queues: HashMap::new(),
+            done_tx,
+            counters,
+        };
+        d.refresh_local();
+        let mut outbound = outbound.0;
+        let task = tokio::spawn(async move {
+            loop {
+                let deadline = d.next_deadline();
+                tokio::select! {
+                    Some(mut batch) = outbound.recv() => {
+                        while batch.len() < 4096 {
+                            match outbound.try_recv() {
+                                Ok(more) => batch.extend(more),
+                                Err(_) => break,
+                            }
+                        }
+                        for m in batch {
+                            d.send_message(m).await;
+                        }
+                    }
+                    Some(b) = inbound.recv() => d.on_inbound(b).await,
+                    Some(done) = done_rx.recv() => d.on_done(done),
+                    Ok(()) = peers.changed() => {
+                        let view = peers.borrow_and_update().clone();
+                        *d.shared.0.write().expect("peers lock") = view;
+                    }
+                    Ok(()) = vnodes.changed() => d.refresh_local(),
+                    // At least 1 ms ahead: a timer a link cannot clear must
+                    // not spin the loop.
+                    _ = sleep_until(deadline.map(|t| t.max(Instant::now() + Duration::from_millis(1)))) => d.on_timers(),
+                }
+                d.process();
+            }
+        });
+        Ok(LinkManager { task })
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    fn refresh_local(&mut self) {
+        self.local = self
+            .worker
+            .vnodes()
+            .into_iter()
+            .map(|v| (v.name.as_str().to_owned(), v.holding))
+            .collect();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let links = self
+            .links
+            .values()
+            .filter_map(|l| l.poll_timeout())
+            .map(Instant::from_std);
+        let queues = self.queues.values().filter_map(|q| q.paused_until);
+        links.chain(queues).min()
+    }
+
+    async fn link(&mut self, pair: &Pair) -> Option<&mut Link> {
+        if !self.links.contains_key(pair) {
+            let holding = *self.local.get(&pair.0)?;
+            let keys = match self.keys.ensure(holding).await {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::error!(vnode = %pair.0, cause = %e, "no session key");
+                    return None;
+                }
+            };
+            let link = Link::new(
+                self.config.link.clone(),
+                Identity::from(pair.0.as_str()),
+                keys,
+                Identity::from(pair.1.as_str()),
+                self.shared.clone(),
+            );
+            self.links.insert(pair.clone(), link);
+        }
+        self.links.get_mut(pair)
+    }
+
+    async fn send_message(&mut self, m: SessionMessage) {
+        let pair: Pair = (m.from.name.as_str().into(), m.to.name.as_str().into());
+        let id = message_id(&m);
+        if self.outgoing.contains_key(&(pair.clone(), id)) {
+            return; // republished while still in flight
+        }
+        let payload = match postcard::to_allocvec(&m) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot encode a session message");
+                return;
+            }
+        };
+        let ttl = self.config.ttl;
+        let Some(link) = self.link(&pair).await else {
+            tracing::warn!(from = %pair.0, "message from a vnode this node does not host; dropped");
+            return;
+        };
+        match link.send(Instant::now().into_std(), id, payload, ttl) {
+            Ok(()) => {
+                self.outgoing.insert((pair, id), m);
+            }
+            Err(SendError::DuplicateId(_)) => {}
+            Err(e) => {
+                tracing::warn!(from = %pair.0, to = %pair.1, cause = %e, "message refused by the link");
+                self.fail(m, e.to_string());
+            }
+        }
+    }
+
+    fn fail(&self, m: SessionMessage, reason: String) {
+        let w = self.worker.clone();
+        tokio::spawn(async move {
+            let mut backoff = 10;
+            while let Err(e) = w.remote_failed(&m, reason.clone()).await {
+                tracing::warn!(cause = %e, "recording an undeliverable message failed; retrying");
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+                backoff = (backoff * 2).min(5000);
+            }
+        });
+    }
+
+    async fn on_inbound(&mut self, b: InboundBatch) {
+        let now = Instant::now().into_std();
+        let c = self.counters.clone();
+        c.packets_received
+            .fetch_add(b.packets.len() as u64, Ordering::Relaxed);
+        let reject = || c.packets_rejected.fetch_add(1, Ordering::Relaxed);
+        for p in b.packets {
+            if !self.local.contains_key(&p.to) {
+                reject();
+                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet for a vnode this node does not host");
+                continue;
+            }
+            let peers = self.shared.get();
+            if !peers.is_member(&p.from) {
+                reject();
+                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet from a sender that is not in the network map");
+                continue;
+            }
+            if let Some(leaf) = &b.peer_leaf
+                && !peers.tls_matches(&p.from, leaf)
+            {
+                reject();
+                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet: the sending gateway's TLS certificate is not the one the network map lists for the sender");
+                continue;
+            }
+            let pair: Pair = (p.to.clone(), p.from.clone());
+            let Some(link) = self.link(&pair).await else {
+                continue;
+            };
+            if let Err(e) = link.handle_packet(now, &p.bytes) {
+                reject();
+                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, cause = %e, "rejected packet");
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Durable(ids) => {
+                let now = Instant::now().into_std();
+                for (pair, id) in ids {
+                    if let Some(l) = self.links.get_mut(&pair) {
+                        let _ = l.mark_durable(now, id);
+                    }
+                }
+            }
+            Done::Sent { endpoint, result } => {
+                let Some(q) = self.queues.get_mut(&endpoint) else {
+                    return;
+                };
+                q.in_flight = q.in_flight.saturating_sub(1);
+                match result {
+                    Ok(()) => {}
+                    Err(TransportError::Overloaded { retry_after }) => {
+                        tracing::debug!(%endpoint, ?retry_after, "peer gateway overloaded; pausing");
+                        q.paused_until = Some(Instant::now() + retry_after);
+                    }
+                    Err(TransportError::Failed(e)) => {
+                        tracing::debug!(%endpoint, cause = %e, "sending to peer gateway failed; the links resend");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        for l in self.links.values_mut() {
+            if l.poll_timeout().is_some_and(|t| t <= now.into_std()) {
+                l.handle_timeout(now.into_std());
+            }
+        }
+        for q in self.queues.values_mut() {
+            if q.paused_until.is_some_and(|t| t <= now) {
+                q.paused_until = None;
+            }
+        }
+    }
+
+    /// Collects what the links produced: packets to send, messages to make
+    /// durable, acknowledgements and dead letters.
+    fn process(&mut self) {
+        let peers = self.shared.get();
+        let mut delivered: Vec<(Pair, MessageId, SessionMessage)> = Vec::new();
+        let mut acked = Vec::new();
+        let mut dead = Vec::new();
+        for (pair, link) in &mut self.links {
+            while let Some(bytes) = link.poll_transmit() {
+                let Some(addr) = peers.address(&pair.1) else {
+                    tracing::debug!(to = %pair.1, "no gateway address for peer; packet dropped (resent later)");
+                    continue;
+                };
+                let q = self
+                    .queues
+                    .entry(addr.endpoint.clone())
+                    .or_insert_with(|| PeerQueue {
+                        addr: addr.clone(),
+                        packets: VecDeque::new(),
+                        in_flight: 0,
+                        paused_until: None,
+                    });
+                q.addr = addr;
+                if q.packets.len() >= self.config.per_peer_queue {
+                    q.packets.pop_front();
+                }
+                q.packets.push_back(Packet {
+                    from: pair.0.clone(),
+                    to: pair.1.clone(),
+                    bytes,
+                });
+            }
+            while let Some(ev) = link.poll_event() {
+                match ev {
+                    Event::Established { epoch, rekey } => {
+                        tracing::debug!(local = %pair.0, remote = %pair.1, epoch, rekey, "link session established");
+                    }
+                    Event::HandshakeFailed(e) => {
+                        self.counters
+                            .handshakes_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "link handshake failed");
+                    }
+                    Event::Delivered { id, payload } => match decode_inbound(pair, &payload) {
+                        Ok(m) => delivered.push((pair.clone(), id, m)),
+                        Err(e) => {
+                            tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "dropping a message that does not belong to this link");
+                        }
+                    },
+                    Event::Acked(id) => acked.push((pair.clone(), id)),
+                    Event::DeadLettered { id, reason } => dead.push((pair.clone(), id, reason)),
+                    _ => {}
+                }
+            }
+        }
+        let group = self.worker.group().to_owned();
+        delivered.retain(|(pair, _, m)| {
+            let ok = self.local.get(&pair.0) == Some(&m.to.holding)
+                && m.from.holding == HoldingId::derive(&m.from.name, &group);
+            if !ok {
+                tracing::warn!(local = %pair.0, remote = %pair.1, "dropping a message with holding ids that do not match its names");
+            }
+            ok
+        });
+        if !delivered.is_empty() {
+            self.counters
+                .messages_delivered
+                .fetch_add(delivered.len() as u64, Ordering::Relaxed);
+            let w = self.worker.clone();
+            let tx = self.done_tx.clone();
+            tokio::spawn(async move {
+                let msgs: Vec<SessionMessage> =
+                    delivered.iter().map(|(_, _, m)| m.clone()).collect();
+                let mut backoff = 10;
+                loop {
+                    match w.deliver_inbound(&msgs).await {
+                        Ok(()) => break,
+                        Err(braid_flow::WorkerError::Store(e)) => {
+                            tracing::warn!(cause = %e, "storing arrived messages failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(backoff)).await;
+                            backoff = (backoff * 2).min(5000);
+                        }
+                        Err(e) => {
+                            tracing::warn!(cause = %e, "arrived messages refused");
+                            return;
+                        }
+                    }
+                }
+                let ids = delivered.into_iter().map(|(p, id, _)| (p, id)).collect();
+                let _ = tx.send(Done::Durable(ids));
+            });
+        }
+        if !acked.is_empty() {
+            self.counters
+                .messages_acked
+                .fetch_add(acked.len() as u64, Ordering::Relaxed);
+            let keys: Vec<Vec<u8>> = acked
+                .into_iter()
+                .filter_map(|k| self.outgoing.remove(&k))
+                .map(|m| m.key())
+                .collect();
+            let w = self.worker.clone();
+            tokio::spawn(async move {
+                let mut backoff = 10;
+                // If this never succeeds the messages stay in the outbox and
+                // are sent again after a restart; the peer drops them.
+                while let Err(e) = w.remote_delivered(keys.clone()).await {
+                    tracing::warn!(cause = %e, "removing acknowledged messages from the outbox failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                    backoff = (backoff * 2).min(5000);
+                }
+            });
+        }
+        for (pair, id, reason) in dead {
+            if let Some(m) = self.outgoing.remove(&(pair.clone(), id)) {
+                self.counters
+                    .messages_dead_lettered
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(from = %pair.0, to = %pair.1, flow_id = %m.session.initiator_flow, cause = %reason, "message dead-lettered; its session fails");
+                self.fail(m, reason.to_string());
+            }
+        }
+        self.pump_sends();
+    }
+
+    fn pump_sends(&mut self) {
+        let now = Instant::now();
+        for (endpoint, q) in &mut self.queues {
+            if q.paused_until.is_some_and(|t| t > now) {
+                continue;
+            }
+            while q.in_flight < self.config.per_peer_requests && !q.packets.is_empty() {
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(p) = q.packets.front() {
+                    let len = p.bytes.len() + p.from.len() + p.to.len() + 8;
+                    if !batch.is_empty() && bytes + len > self.config.max_batch_bytes {
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(q.packets.pop_front().expect("front exists"));
+                }
+                q.in_flight += 1;
+                let transport = self.transport.clone();
+                let addr = q.addr.clone();
+                let tx = self.done_tx.clone();
+                let endpoint = endpoint.clone();
+                tokio::spawn(async move {
+                    let result = transport.send(&addr, batch).await;
+                    let _ = tx.send(Done::Sent { endpoint, result });
+                });
+            }
+        }
+    }
+}
+
+/// Decodes a delivered payload and checks it travels between the link's
+/// two identities (a member cannot speak for another).
+fn decode_inbound(pair: &Pair, payload: &[u8]) -> Result<SessionMessage, String> {
+    let m: SessionMessage =
+        postcard::from_bytes(payload).map_err(|e| format!("undecodable message: {e}"))?;
+    if m.to.name.as_str() != pair.0 || m.from.name.as_str() != pair.1 {
+        return Err(format!(
+            "message from {} to {} arrived on the link {} <- {}",
+            m.from.name, m.to.name, pair.0, pair.1
+        ));
+    }
+    Ok(m)
+}
