@@ -125,7 +125,12 @@ impl Network {
 
     /// Starts the node on its configuration (REST on a free port).
     pub fn start(&self, node: &str) -> Node {
-        Node::options()
+        self.start_with(node, Node::options())
+    }
+
+    /// [`start`](Self::start) with more options.
+    pub fn start_with(&self, node: &str, options: crate::NodeOptions) -> Node {
+        options
             .data_dir(self.dir.join(node).join("data"))
             .arg("--network-config")
             .arg(self.config_path(node).to_string_lossy().into_owned())

@@ -9,6 +9,11 @@
 //! - recovery: a `braid node start` child with `--recover` pings whose
 //!   responders sleep 1 s is SIGKILLed and restarted; the time from the
 //!   restart until every flow completed.
+//!
+//! With `--network`, instead: ping flows between two nodes of one
+//! application network in this process (Alice on the first, Bob on the
+//! second), every message through the link manager and the gateways (HTTPS
+//! with mutual TLS) on loopback.
 
 use crate::node::{self, NodeArgs};
 use anyhow::Context as _;
@@ -36,6 +41,11 @@ pub struct BenchArgs {
     /// Working directory (default: a fresh temporary one).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Measure pings between two nodes of a network (bootstrapped in the
+    /// working directory, mutual TLS) instead of within one node: `--flows`
+    /// pings, at most `--in-flight` unfinished.
+    #[arg(long)]
+    pub network: bool,
 }
 
 const ALICE: &str = "O=Alice, L=London, C=GB";
@@ -197,6 +207,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let wasm = crate::package::build(&crate::examples_dir().join("ping"), &dir.join("ping.wasm"))?;
+    if args.network {
+        let out = between_nodes(&dir.join("network"), &wasm, args.flows, args.in_flight).await?;
+        println!("{out}");
+        return Ok(());
+    }
 
     // Throughput and latency.
     let p = pair(&dir.join("throughput"), &wasm, 2000).await?;
@@ -237,6 +252,188 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// Loopback ports `base..=base+12` (two nodes' REST and gateway ports as
+/// `braid network bootstrap` assigns them) that are all free now.
+fn free_base_port() -> anyhow::Result<u16> {
+    (17_000u16..60_000)
+        .step_by(20)
+        .find(|&base| {
+            (base..=base + 12).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        })
+        .context("no 13 consecutive free loopback ports between 17000 and 60000")
+}
+
+/// The sum over `nodes` of the counters named `names`, from their
+/// Prometheus text.
+fn counters(nodes: &[&node::Node], names: &[&str]) -> Vec<u64> {
+    let mut sums = vec![0; names.len()];
+    for n in nodes {
+        let mut text = String::new();
+        n.worker.render_metrics(&mut text);
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if let Some(i) = names.iter().position(|n| *n == name) {
+                sums[i] += value.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    sums
+}
+
+/// Completed responder flows on `node`.
+fn completed_flows(node: &node::Node, holding: &HoldingId) -> usize {
+    node.worker
+        .flows_of(holding)
+        .iter()
+        .filter(|r| r.status == FlowStatus::Completed)
+        .count()
+}
+
+/// Cross-node figures: a 2-node network with mutual TLS on loopback, Alice
+/// on node 1 pinging Bob on node 2.
+async fn between_nodes(
+    dir: &Path,
+    wasm: &Path,
+    flows: usize,
+    in_flight: usize,
+) -> anyhow::Result<serde_json::Value> {
+    const WARMUP: usize = 200;
+    let opts = braid_membership::BootstrapOptions {
+        base_port: free_base_port()?,
+        // Membership converges sooner; the polls are a few GETs a second.
+        poll_interval: Duration::from_millis(250),
+        ..Default::default()
+    };
+    let net = braid_membership::bootstrap(dir, &["n1".to_owned(), "n2".to_owned()], &opts)?;
+    let mut nodes = Vec::new();
+    for n in &net.nodes {
+        let args = NodeArgs {
+            network_config: Some(n.config_path.clone()),
+            ..NodeArgs::local(n.config.data_dir.clone())
+        };
+        nodes.push(node::start(&args).await?);
+    }
+    let mutual_tls = net.nodes.iter().all(|n| n.config.mutual_tls);
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let bytes = std::fs::read(wasm)?;
+    let (pkg, _) = n1.worker.upload_package(bytes.clone()).await?;
+    let alice = n1.worker.create_vnode(ALICE.parse()?, pkg.checksum).await?;
+    let (pkg, _) = n2.worker.upload_package(bytes).await?;
+    let bob = n2.worker.create_vnode(BOB.parse()?, pkg.checksum).await?;
+
+    // Both nodes must know both vnodes before the first ping.
+    let want: Vec<X500Name> = vec![ALICE.parse()?, BOB.parse()?];
+    let t = Instant::now();
+    loop {
+        let known = |n: &node::Node| {
+            let members: Vec<X500Name> = n
+                .worker
+                .network()
+                .map(|net| net.summary().members)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| m.name.parse().ok())
+                .collect();
+            want.iter().all(|w| members.contains(w))
+        };
+        if known(n1) && known(n2) {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the two nodes did not learn each other's vnodes within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let membership_ms = t.elapsed().as_millis();
+    eprintln!("membership converged in {membership_ms} ms");
+
+    let p = Pair {
+        node: nodes.remove(0),
+        alice: alice.holding,
+    };
+    let n2 = &nodes[0];
+    // The warm-up also opens the link sessions (handshakes).
+    run_pings(&p, "warmup", WARMUP.min(flows), in_flight).await?;
+    let settled = WARMUP.min(flows);
+    wait_responders(n2, &bob.holding, settled).await?;
+
+    const NAMES: [&str; 5] = [
+        "braid_link_messages_delivered_total",
+        "braid_link_messages_acked_total",
+        "braid_gateway_requests_sent_total",
+        "braid_gateway_packets_sent_total",
+        "braid_link_packets_rejected_total",
+    ];
+    let before = counters(&[&p.node, n2], &NAMES);
+    let cpu_before = cpu_seconds();
+    let t0 = Instant::now();
+    let (wall, mut lat) = run_pings(&p, "bench", flows, in_flight).await?;
+    // The initiators are done; the closes may still be on their way.
+    wait_responders(n2, &bob.holding, settled + flows).await?;
+    let all_done = t0.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
+    let after = counters(&[&p.node, n2], &NAMES);
+    let d: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    lat.sort_by(f64::total_cmp);
+    let per_sec = flows as f64 / wall.as_secs_f64();
+    eprintln!("between nodes: {per_sec:.0} pings/s");
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    Ok(serde_json::json!({
+        "mode": "betweenNodes",
+        "flows": flows,
+        "inFlight": in_flight,
+        "mutualTls": mutual_tls,
+        "seconds": round2(wall.as_secs_f64()),
+        "completedFlowsPerSec": per_sec.round(),
+        "latencyMs": {"p50": round2(percentile(&lat, 0.5)), "p99": round2(percentile(&lat, 0.99))},
+        // Counted by the receiving link managers (each message once, after
+        // de-duplication), over the time until every responder completed.
+        "crossNodeMessagesDelivered": d[0],
+        "crossNodeMessagesAcked": d[1],
+        "secondsUntilRespondersCompleted": round2(all_done.as_secs_f64()),
+        "crossNodeMessagesPerSec": (d[0] as f64 / all_done.as_secs_f64()).round(),
+        "gatewayPostsSent": d[2],
+        "gatewayPacketsSent": d[3],
+        "gatewayPostsPerSec": (d[2] as f64 / all_done.as_secs_f64()).round(),
+        "gatewayPacketsPerPost": round2(d[3] as f64 / d[2].max(1) as f64),
+        "packetsRejected": d[4],
+        "processCpuSecondsPerPing": (cpu / flows as f64 * 1e6).round() / 1e6,
+        "membershipConvergedMs": membership_ms,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }))
+}
+
+/// Waits until `count` responder flows of `bob` completed.
+async fn wait_responders(n: &node::Node, bob: &HoldingId, count: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = completed_flows(n, bob);
+        if done >= count {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {done} of {count} responders completed on the second node within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// User + system CPU time of this process, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 here.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Child-process recovery: start suspended flows, SIGKILL, restart, time

@@ -27,7 +27,7 @@
 //!   (snow's `StatelessTransportState`) using the 64-bit sequence number as
 //!   the nonce, so header tampering fails authentication too. A packet is
 //!   refused, with a typed [`PacketError`], when it fails authentication,
-//!   repeats a sequence number (a 1024-wide sliding window), falls behind the
+//!   repeats a sequence number (an 8192-wide sliding window: batches POSTed concurrently by the gateway arrive out of order), falls behind the
 //!   window, or names an unknown epoch. Only authenticated packets move the
 //!   window.
 //! * **Reliable delivery.** Messages carry caller-chosen ids

@@ -197,6 +197,8 @@ pub struct Link {
     next_handshake_at: Option<Instant>,
     handshake_backoff: Duration,
     last_heard: Option<Instant>,
+    /// When [`Link::resync`] last started a handshake.
+    last_resync: Option<Instant>,
 
     outbox: BTreeMap<MessageId, Outbound>,
     pending_acks: Vec<MessageId>,
@@ -251,6 +253,7 @@ impl Link {
             next_handshake_at: None,
             handshake_backoff,
             last_heard: None,
+            last_resync: None,
             outbox: BTreeMap::new(),
             pending_acks: Vec::new(),
             awaiting_durable: HashSet::new(),
@@ -337,6 +340,24 @@ impl Link {
         self.pending_acks.push(id);
         self.flush(now);
         Ok(())
+    }
+
+    /// The peer sent under a session this side does not hold (typically:
+    /// this side restarted and the peer kept its session). Starts a new
+    /// handshake at once, rather than leaving the peer to notice after
+    /// [`LinkConfig::dead_peer_after`]; at most once a second, and not while
+    /// a handshake is in progress or backing off.
+    pub fn resync(&mut self, now: Instant) {
+        if self.pending.is_some()
+            || self.next_handshake_at.is_some_and(|t| t > now)
+            || self
+                .last_resync
+                .is_some_and(|t| now < t + Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_resync = Some(now);
+        self.start_handshake(now);
     }
 
     /// The next packet to hand to the gateway.

@@ -205,6 +205,11 @@ pub struct P2pConfig {
     pub ttl: Duration,
     /// Largest request body the driver builds for one POST.
     pub max_batch_bytes: usize,
+    /// Most packets in one POST. With `per_peer_requests` POSTs in flight,
+    /// packets can arrive up to their product out of order, which must stay
+    /// well inside the receiver's replay window
+    /// ([`braid_link::REPLAY_WINDOW`]).
+    pub max_batch_packets: usize,
     /// POSTs in flight to one peer gateway at once.
     pub per_peer_requests: usize,
     /// Packets queued for one peer gateway before the oldest are dropped
@@ -218,6 +223,7 @@ impl Default for P2pConfig {
             link: LinkConfig::default(),
             ttl: Duration::from_secs(24 * 3600),
             max_batch_bytes: 1 << 20,
+            max_batch_packets: 256,
             per_peer_requests: 8,
             per_peer_queue: 65536,
         }
@@ -586,6 +592,10 @@ impl Driver {
             };
             if let Err(e) = link.handle_packet(now, &p.bytes) {
                 reject();
+                if matches!(e, braid_link::PacketError::UnknownEpoch { .. }) {
+                    // The peer holds a session we lost (we restarted).
+                    link.resync(now);
+                }
                 tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, cause = %e, "rejected packet");
             }
         }
@@ -770,7 +780,10 @@ impl Driver {
                 let mut bytes = 0;
                 while let Some(p) = q.packets.front() {
                     let len = p.bytes.len() + p.from.len() + p.to.len() + 8;
-                    if !batch.is_empty() && bytes + len > self.config.max_batch_bytes {
+                    if !batch.is_empty()
+                        && (bytes + len > self.config.max_batch_bytes
+                            || batch.len() >= self.config.max_batch_packets)
+                    {
                         break;
                     }
                     bytes += len;

@@ -99,7 +99,7 @@ fn ping_and_three_party_proposal_across_three_nodes() {
 fn peer_sigkill_and_unreachable_peer_lose_nothing() {
     const N: usize = 150;
     let net = Network::bootstrap(&["alpha", "beta"], &[]);
-    let n1 = net.start("alpha");
+    let mut n1 = net.start("alpha");
     let mut n2 = net.start("beta");
     let alice = n1.vnode(ALICE, Pkg::Ping);
     let bob = n2.vnode(BOB, Pkg::Ping);
@@ -180,6 +180,35 @@ fn peer_sigkill_and_unreachable_peer_lose_nothing() {
         .api()
         .wait_responders_terminal(&bob, N + 100, Duration::from_secs(60));
     assert_eq!(done.len(), N + 100, "Bob: {} responders", done.len());
+    braid_e2e::assert_all_completed(&done, "Bob's responders");
+
+    // 3. The initiators' node is SIGKILLed while Bob's responders are
+    //    asleep: their answers arrive under a session Alice's node no longer
+    //    holds, and it must re-establish the link rather than drop them.
+    let ids3 = start_pings(n1.api(), &alice, BOB, "i", 100, 2000);
+    wait_until(
+        "the new pings to reach Bob's node",
+        Duration::from_secs(120),
+        || match responders(n2.api(), &bob) {
+            n if n >= N + 200 => Ok(()),
+            n => Err(format!("{n}/{} responders exist", N + 200)),
+        },
+    );
+    n1.kill();
+    n1.restart();
+    let t = std::time::Instant::now();
+    let flows = n1
+        .api()
+        .wait_all_terminal(&alice, &ids3, Duration::from_secs(180));
+    assert_pings_ok(&flows, &ids3, BOB);
+    eprintln!(
+        "[e2e] pings completed {:?} after the initiators' node restarted",
+        t.elapsed()
+    );
+    let done = n2
+        .api()
+        .wait_responders_terminal(&bob, N + 200, Duration::from_secs(60));
+    assert_eq!(done.len(), N + 200, "Bob: {} responders", done.len());
     braid_e2e::assert_all_completed(&done, "Bob's responders");
 }
 
@@ -456,4 +485,40 @@ fn manual_approval_and_restart_while_the_map_server_is_down() {
     n2.api()
         .start_flow(&alice, "a2", "ping", &crate::ping_body(BOB, 2, 0));
     crate::assert_ping_ok(&n2.api().wait_terminal(&alice, "a2"), 2, BOB);
+}
+
+#[test]
+fn one_way_tls_network_and_dead_lettered_messages() {
+    // One-way TLS: gateways ask for no client certificate; the links still
+    // authenticate every packet by the members' session keys.
+    let net = Network::bootstrap(&["alpha", "beta"], &["--one-way-tls"]);
+    let n1 = net.start_with("alpha", Node::options().arg("--message-ttl-secs").arg("3"));
+    let mut n2 = net.start("beta");
+    let alice = n1.vnode(ALICE, Pkg::Ping);
+    n2.vnode(BOB, Pkg::Ping);
+    for n in [&n1, &n2] {
+        Network::wait_members(n.api(), &[ALICE, BOB]);
+    }
+    let ids = start_pings(n1.api(), &alice, BOB, "o", 5, 0);
+    let flows = n1
+        .api()
+        .wait_all_terminal(&alice, &ids, Duration::from_secs(60));
+    assert_pings_ok(&flows, &ids, BOB);
+
+    // Bob's node stays down past the messages' time-to-live: the ping's
+    // session fails with a clear error instead of waiting for ever.
+    n2.kill();
+    n1.api()
+        .start_flow(&alice, "late", "ping", &crate::ping_body(BOB, 1, 0));
+    let st = n1.api().wait_terminal(&alice, "late");
+    assert_eq!(st.status, "FAILED", "{}", st.describe());
+    assert!(
+        st.describe().contains("undeliverable") && st.describe().contains("time-to-live"),
+        "unclear error for a dead-lettered message: {}",
+        st.describe()
+    );
+    assert!(
+        metric(n1.api(), "braid_link_messages_dead_lettered_total") >= 1.0,
+        "no dead letter counted"
+    );
 }

@@ -304,6 +304,35 @@ fn a_restarted_peer_is_reached_again() {
 }
 
 #[test]
+fn a_restarted_receiver_resyncs_at_once() {
+    let cast = Cast::new();
+    let mut pair = cast.pair(LinkConfig::default(), Channel::clean());
+    let now = pair.now;
+    pair.a
+        .link
+        .send(now, MessageId(1), b"one".to_vec(), TTL)
+        .unwrap();
+    assert!(pair.run_until(Duration::from_secs(5), |p| p.a.acked.len() == 1));
+    // Bob restarts (a higher epoch base, as the driver's boot counter gives)
+    // and answers Alice's packets under the old session with a handshake.
+    pair.b = Side::new(cast.bob(LinkConfig {
+        initial_epoch: 1 << 16,
+        ..LinkConfig::default()
+    }));
+    pair.b.resync = true;
+    let now = pair.now;
+    pair.a
+        .link
+        .send(now, MessageId(2), b"two".to_vec(), TTL)
+        .unwrap();
+    // Well inside dead_peer_after (30 s), which is what Alice would
+    // otherwise wait before a handshake of her own.
+    assert!(pair.run_until(Duration::from_secs(3), |p| p.a.acked.len() == 2));
+    assert_eq!(pair.b.delivered, vec![(MessageId(2), b"two".to_vec())]);
+    assert!(pair.b.established.iter().any(|(e, _)| *e > 1 << 16));
+}
+
+#[test]
 fn a_peer_that_restarts_with_an_old_epoch_is_resynchronised() {
     let cast = Cast::new();
     let mut pair = cast.pair(LinkConfig::default(), Channel::clean());

@@ -117,6 +117,9 @@ pub struct Side {
     pub sent: Vec<Vec<u8>>,
     /// Mark delivered messages durable at once (as a store would).
     pub auto_durable: bool,
+    /// Answer a packet under an unknown epoch with [`Link::resync`] (as the
+    /// node's driver does).
+    pub resync: bool,
 }
 
 impl Side {
@@ -131,6 +134,7 @@ impl Side {
             rejected: vec![],
             sent: vec![],
             auto_durable: true,
+            resync: false,
         }
     }
 
@@ -308,6 +312,9 @@ impl Pair {
                 &mut self.b
             };
             if let Err(e) = side.link.handle_packet(self.now, &bytes) {
+                if side.resync && matches!(e, PacketError::UnknownEpoch { .. }) {
+                    side.link.resync(self.now);
+                }
                 side.rejected.push(e);
             }
             side.drain_events(self.now);
