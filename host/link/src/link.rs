@@ -159,6 +159,10 @@ struct Outbound {
     /// Fragment size, fixed at the first transmission so every resend
     /// splits the message the same way.
     chunk: Option<usize>,
+    /// When it was first transmitted, and how many times: an ack of a
+    /// message sent once is a round-trip sample (Karn's rule).
+    first_sent: Option<Instant>,
+    sends: u32,
 }
 
 struct Partial {
@@ -196,6 +200,13 @@ pub struct Link {
     latest_epoch: Option<u32>,
     next_handshake_at: Option<Instant>,
     handshake_backoff: Duration,
+    /// Smoothed round trip (send to durable ack) and its variation
+    /// (RFC 6298); the first resend waits `srtt + 4 * rttvar`.
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// Karn's backoff: after a resend, first transmissions wait at least
+    /// this long until a message acked on its first send gives a sample.
+    rto_floor: Duration,
     last_heard: Option<Instant>,
     /// When [`Link::resync`] last started a handshake.
     last_resync: Option<Instant>,
@@ -254,6 +265,9 @@ impl Link {
             handshake_backoff,
             last_heard: None,
             last_resync: None,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            rto_floor: Duration::ZERO,
             outbox: BTreeMap::new(),
             pending_acks: Vec::new(),
             awaiting_durable: HashSet::new(),
@@ -318,6 +332,8 @@ impl Link {
                 next_attempt: None,
                 backoff: self.config.retry_initial,
                 chunk: None,
+                first_sent: None,
+                sends: 0,
             },
         );
         self.flush(now);
@@ -910,13 +926,44 @@ impl Link {
             )?,
             Frame::Ack { ids } => {
                 for id in ids.into_iter().map(MessageId) {
-                    if self.outbox.remove(&id).is_some() {
+                    if let Some(m) = self.outbox.remove(&id) {
+                        if let (1, Some(sent)) = (m.sends, m.first_sent) {
+                            self.rtt_sample(now.saturating_duration_since(sent));
+                        }
                         self.events.push_back(Event::Acked(id));
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// RFC 6298's estimator.
+    fn rtt_sample(&mut self, r: Duration) {
+        self.rto_floor = Duration::ZERO;
+        match self.srtt {
+            None => {
+                self.srtt = Some(r);
+                self.rttvar = r / 2;
+            }
+            Some(srtt) => {
+                let diff = srtt.abs_diff(r);
+                self.rttvar = (self.rttvar * 3 + diff) / 4;
+                self.srtt = Some((srtt * 7 + r) / 8);
+            }
+        }
+    }
+
+    /// The first resend delay: from the measured round trip once there is
+    /// one, within `retry_initial..=retry_max`.
+    fn rto(&self) -> Duration {
+        let estimate = match self.srtt {
+            None => self.config.retry_initial,
+            Some(srtt) => srtt + (self.rttvar * 4).max(Duration::from_millis(10)),
+        };
+        estimate
+            .max(self.rto_floor)
+            .clamp(self.config.retry_initial, self.config.retry_max)
     }
 
     fn on_fragment(
@@ -1018,6 +1065,7 @@ impl Link {
     /// Send what is due under the current session; start a handshake when
     /// there is traffic and no session, or the session is due a re-key.
     fn flush(&mut self, now: Instant) {
+        let rto = self.rto();
         let Some(session) = self.current.as_mut() else {
             if self.pending.is_none()
                 && self.needs_session()
@@ -1066,6 +1114,14 @@ impl Link {
                 };
                 self.transmits.extend(seal(session, &frame));
             }
+            if m.first_sent.is_none() {
+                m.first_sent = Some(now);
+                m.backoff = rto;
+            } else {
+                // A resend: the round trip is longer than we thought.
+                self.rto_floor = self.rto_floor.max(m.backoff);
+            }
+            m.sends = m.sends.saturating_add(1);
             m.next_attempt = Some(now + m.backoff);
             m.backoff = (m.backoff * 2).min(self.config.retry_max);
         }

@@ -358,3 +358,33 @@ fn a_peer_that_restarts_with_an_old_epoch_is_resynchronised() {
             .any(|e| matches!(e, PacketError::StaleHandshake { .. }))
     );
 }
+
+#[test]
+fn resend_timer_follows_the_measured_round_trip() {
+    // Up to 300 ms each way: the round trip is often longer than the
+    // initial resend delay (200 ms). With a timer from the measured round
+    // trip, messages after the first few are sent once.
+    let cast = Cast::new();
+    let mut pair = cast.pair(
+        LinkConfig::default(),
+        Channel::lossy(0.0, 0.0, Duration::from_millis(300), 7),
+    );
+    const N: u64 = 100;
+    for i in 0..N {
+        let now = pair.now;
+        pair.a
+            .link
+            .send(now, MessageId(i), vec![i as u8; 16], TTL)
+            .unwrap();
+        pair.run_for(Duration::from_millis(50));
+    }
+    assert!(pair.run_until(Duration::from_secs(60), |p| p.a.acked.len() == N as usize));
+    assert_eq!(pair.b.delivered.len(), N as usize);
+    // Every packet Alice sent: handshake, N messages, and resends.
+    let sent = pair.a.sent.len() as u64;
+    eprintln!("alice sent {sent} packets for {N} messages");
+    assert!(
+        sent < N + N / 5,
+        "{sent} packets for {N} messages: the resend timer ignores the round trip"
+    );
+}
