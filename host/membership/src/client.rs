@@ -43,6 +43,9 @@ pub struct MapClientConfig {
     pub poll_interval: Duration,
     /// Interval between republications of the node's own records.
     pub republish_interval: Duration,
+    /// The application network (group) this node belongs to: a map for
+    /// another group is refused.
+    pub group: String,
 }
 
 impl MapClientConfig {
@@ -62,6 +65,7 @@ impl MapClientConfig {
             persist_path: node.data_dir.join("network-map.bin"),
             poll_interval: Duration::from_millis(node.poll_interval_ms),
             republish_interval: DEFAULT_REPUBLISH_INTERVAL,
+            group: node.group.clone(),
         })
     }
 }
@@ -164,7 +168,8 @@ impl MapClient {
             }
         };
         let verified = decode_signed_map(&bytes)
-            .and_then(|m| m.verify(&self.operator_spki, &self.ca_der, pki::now_ms()));
+            .and_then(|m| m.verify(&self.operator_spki, &self.ca_der, pki::now_ms()))
+            .and_then(|v| self.check_group(v));
         match verified {
             Ok(view) => {
                 let view = Arc::new(view);
@@ -178,6 +183,16 @@ impl MapClient {
                 None
             }
         }
+    }
+
+    fn check_group(&self, view: MapView) -> Result<MapView, MembershipError> {
+        if view.group() != self.config.group {
+            return Err(MembershipError::WrongGroup {
+                expected: self.config.group.clone(),
+                got: view.group().to_owned(),
+            });
+        }
+        Ok(view)
     }
 
     /// Fetches the map, verifies it, and if it is newer persists it
@@ -200,8 +215,11 @@ impl MapClient {
             return Err(http_err(format!("{status}: {text}")));
         }
         let bytes = resp.bytes().await.map_err(|e| http_err(error_chain(&e)))?;
-        let view =
-            decode_signed_map(&bytes)?.verify(&self.operator_spki, &self.ca_der, pki::now_ms())?;
+        let view = self.check_group(decode_signed_map(&bytes)?.verify(
+            &self.operator_spki,
+            &self.ca_der,
+            pki::now_ms(),
+        )?)?;
         let newer = {
             let cur = self.tx.borrow();
             cur.version() == 0 || view.version() > cur.version()

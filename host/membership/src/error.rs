@@ -52,6 +52,15 @@ pub enum MembershipError {
         /// The version the (unverified) map claims.
         version: u64,
     },
+    /// The network map is for another application network than this node's
+    /// (a misconfigured map URL).
+    #[error("the network map is for group {got:?}, this node belongs to {expected:?}")]
+    WrongGroup {
+        /// This node's group.
+        expected: String,
+        /// The map's group.
+        got: String,
+    },
     /// A record's content is unacceptable (wrong group, empty chain, ...).
     #[error("member {member}: invalid record: {reason}")]
     InvalidRecord {

@@ -65,7 +65,9 @@ pub(crate) struct FlowState {
     pub by_session: HashMap<SessionId, u64>,
     pub next_handle: u64,
     /// Delivered, not yet consumed, by session and seq.
-    pub inbox: HashMap<SessionId, BTreeMap<u64, SessionMessage>>,
+    /// Keyed by sequence number and sender: a message claiming another
+    /// sender cannot displace the genuine one with the same number.
+    pub inbox: HashMap<SessionId, BTreeMap<(u64, HoldingId), SessionMessage>>,
     pub events: mpsc::UnboundedReceiver<Event>,
     pub env: Arc<dyn FlowEnv>,
     pub limits: Limits,
@@ -196,7 +198,10 @@ impl FlowState {
     }
 
     pub(crate) fn accept(&mut self, m: SessionMessage) {
-        self.inbox.entry(m.session).or_default().insert(m.seq, m);
+        self.inbox
+            .entry(m.session)
+            .or_default()
+            .insert((m.seq, m.from.holding), m);
     }
 
     fn push_outbound(&mut self, handle: u64, body: Body) -> wasmtime::Result<()> {
@@ -294,28 +299,36 @@ impl FlowState {
         self.sessions.get(&handle).ok_or(SessErr::InvalidSession)
     }
 
-    /// The next message for `handle`, if queued; stale duplicates are
-    /// dropped on the way.
+    /// The next message for `handle`, if queued; stale duplicates, and
+    /// messages from anyone but the session's counterparty, are dropped on
+    /// the way. Sequence number 0 is the link manager's notice that the
+    /// session is broken; it overtakes whatever is still expected.
     fn take_next(&mut self, handle: u64) -> Option<SessionMessage> {
         let s = self.sessions.get(&handle)?;
-        let (id, want) = (s.id, s.next_recv);
+        let (id, want, peer) = (s.id, s.next_recv, s.peer.clone());
         let q = self.inbox.get_mut(&id)?;
-        // Sequence number 0: the link manager's notice that the session is
-        // broken; it overtakes whatever is still expected.
-        if let Some(m) = q.remove(&0) {
+        while let Some((&(seq, _), _)) = q.first_key_value() {
+            if seq != 0 && seq > want {
+                return None;
+            }
+            let (_, m) = q.pop_first().expect("non-empty");
             self.consumed.push(m.key());
+            if seq != 0 && seq < want {
+                continue; // a stale duplicate
+            }
+            if m.from != peer {
+                tracing::warn!(
+                    flow_id = %self.id,
+                    session = %m.session,
+                    from = %m.from.name,
+                    counterparty = %peer.name,
+                    "dropping a message on a session from someone other than its counterparty"
+                );
+                continue;
+            }
             return Some(m);
         }
-        while let Some((&seq, _)) = q.first_key_value() {
-            if seq >= want {
-                break;
-            }
-            let (_, stale) = q.pop_first().expect("non-empty");
-            self.consumed.push(stale.key());
-        }
-        let m = q.remove(&want)?;
-        self.consumed.push(m.key());
-        Some(m)
+        None
     }
 
     /// Applies a receive outcome to the session state (live and replay alike).

@@ -371,14 +371,17 @@ impl SessionMessage {
         }
     }
 
-    /// A stable key naming this message: receiving flow, session, direction, seq.
+    /// A stable key naming this message: receiving flow, session,
+    /// direction, seq, and the sending vnode (so a message claiming to be
+    /// from someone else cannot overwrite the genuine one in an inbox).
     pub fn key(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(16 + 16 + 8 + 1 + 8);
+        let mut k = Vec::with_capacity(16 + 16 + 8 + 1 + 8 + 6);
         k.extend_from_slice(self.destination_flow().bytes());
         k.extend_from_slice(self.session.initiator_flow.bytes());
         k.extend_from_slice(&self.session.index.to_be_bytes());
         k.push(self.to.side as u8);
         k.extend_from_slice(&self.seq.to_be_bytes());
+        k.extend_from_slice(self.from.holding.bytes());
         k
     }
 }

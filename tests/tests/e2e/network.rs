@@ -79,6 +79,23 @@ fn ping_and_three_party_proposal_across_three_nodes() {
     let api = n1.api();
     crate::proposals_yes_and_no(api, &carol, DAVE, ERIN);
 
+    // A 300 KB proposal: the link splits it into fragments (packets are at
+    // most 32 KiB) and reassembles it on each side.
+    let big = "lunch at noon; ".repeat(20_000);
+    api.start_flow(
+        &carol,
+        "big",
+        "propose",
+        &json!({"counterparties": [DAVE, ERIN], "proposal": big}),
+    );
+    let st = api.wait_terminal(&carol, "big");
+    assert_eq!(
+        st.result,
+        json!({"accepted": true, "votes": {DAVE: true, ERIN: true}}),
+        "{}",
+        st.describe()
+    );
+
     // A counterparty nobody hosts: the flow fails with a clear error.
     api.start_flow(
         &alice,

@@ -4,7 +4,10 @@
 //! [`braid_link::Link`] against Bob on a real node. An honest message is
 //! delivered; the same packet replayed, a packet with one byte flipped and a
 //! handshake proving a session key the map does not list for Mallory are
-//! each refused with a clear log line, and deliver nothing.
+//! each refused with a clear log line, and deliver nothing. And as a
+//! voter in Carol's `propose`, Mallory cannot slip a vote into Carol's
+//! session with Dave: not under its own name (the runtime drops it), nor
+//! under Dave's (the link manager drops it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +27,14 @@ use braid_types::{
     Body, Endpoint, FlowId, HoldingId, SessionId, SessionInit, SessionMessage, Side, X500Name,
 };
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::BOB;
 
 const MALLORY: &str = "O=Mallory, L=Oslo, C=NO";
+const CAROL: &str = "O=Carol, L=Paris, C=FR";
+const DAVE: &str = "O=Dave, L=Berlin, C=DE";
 
 /// Time-to-live of Mallory's messages: longer than the test.
 const TTL: Duration = Duration::from_secs(600);
@@ -45,6 +51,32 @@ struct Ping {
 struct Pong {
     n: u64,
     responder: String,
+}
+
+/// Initiator to voter in protocol "proposal" v1 (as in
+/// `examples-flows/proposal`).
+#[derive(Debug, Deserialize)]
+struct Proposal {
+    text: String,
+}
+
+/// Voter to initiator.
+#[derive(Serialize)]
+struct Vote {
+    accept: bool,
+}
+
+/// Initiator to voter: the outcome.
+#[derive(Debug, PartialEq, Deserialize)]
+enum Decision {
+    Commit,
+    Abort,
+}
+
+/// Voter to initiator in protocol "proposal-receipt" v1.
+#[derive(Serialize)]
+struct Receipt {
+    signer: String,
 }
 
 /// Mallory's links send only what the test hands them: nothing is resent
@@ -76,19 +108,122 @@ struct Mallory {
     client: GatewayClient,
     /// What beta posts to Mallory's gateway.
     inbound: mpsc::Receiver<Inbound>,
-    /// Bob's gateway, and the TLS leaf the map lists for it.
-    bob_endpoint: String,
-    bob_leaf: Vec<u8>,
+    /// The peer's gateway, and the TLS leaf the map lists for it.
+    peer_endpoint: String,
+    peer_leaf: Vec<u8>,
     name: X500Name,
-    bob: X500Name,
+    /// The vnode on beta that Mallory's links talk to.
+    peer: X500Name,
     group: String,
     /// Every packet posted to beta, in order.
     posted: Vec<Vec<u8>>,
+    /// Session messages the peer delivered, not yet taken by
+    /// [`Mallory::take`].
+    received: Vec<SessionMessage>,
+}
+
+/// Mallory joins the network on the configuration of the node "mallory",
+/// which is never started: a gateway of its own (mallory's certificate
+/// from the network CA; it accepts every client and hands the packets to
+/// the test), and a member record with a fresh session key, signed with
+/// mallory's TLS key. Waits until `api`'s node lists Mallory and `peer`,
+/// the vnode on that node Mallory's links talk to. Returns Mallory, its
+/// session key and its view of the map.
+fn join(net: &Network, api: &Api, peer: &str) -> (Mallory, StaticKeypair, Arc<dyn Membership>) {
+    let cfg = NodeNetworkConfig::load(&net.config_path("mallory")).expect("mallory's node.json");
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let tls = TlsMaterial::from_pem_files(
+        &cfg.cert,
+        &cfg.key,
+        &cfg.network_ca,
+        Some(&cfg.crl),
+        RevocationMode::Hard,
+    )
+    .expect("mallory's TLS material");
+    let (tx, inbound) = mpsc::channel(1024);
+    let accept_all = |_: Option<&[u8]>| -> Result<(), String> { Ok(()) };
+    let server = GatewayServer::new(
+        ServerConfig::new(tls.clone(), cfg.mutual_tls),
+        tx,
+        Arc::new(accept_all),
+        axum::Router::new(),
+    )
+    .expect("mallory's gateway server");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(cfg.gateway_addr))
+        .expect("bind mallory's gateway");
+    rt.spawn(server.run(listener));
+    let client = GatewayClient::new(ClientConfig::new(tls, cfg.mutual_tls))
+        .expect("mallory's gateway client");
+
+    let keys = StaticKeypair::generate().expect("a session key");
+    let mut mc = MapClientConfig::from_node(&cfg).expect("map client configuration");
+    mc.persist_path = cfg.data_dir.join("network-map.bin");
+    let map = MapClient::new(mc).expect("map client");
+    let name: X500Name = MALLORY.parse().expect("Mallory's name");
+    let now = pki::now_ms();
+    let info = MemberInfo {
+        name: name.clone(),
+        group: cfg.group.clone(),
+        endpoint: cfg.gateway_endpoint.clone(),
+        session_key: keys.public().0,
+        tls_chain: pki::certs_from_pem_or_der(&pki::read_file(&cfg.cert).expect("cert"))
+            .expect("cert PEM"),
+        platform_version: 1,
+        serial: now,
+        issued_ms: now,
+    };
+    let tls_key =
+        pki::pkcs8_from_pem_or_der(&pki::read_file(&cfg.key).expect("key")).expect("key PEM");
+    let record = SignedMemberInfo::sign(&info, &tls_key).expect("sign Mallory's record");
+    let outcome = rt
+        .block_on(map.register(&record))
+        .expect("register Mallory");
+    assert_eq!(outcome, Registration::Approved);
+    Network::wait_members(api, &[peer, MALLORY]);
+    let view = rt.block_on(map.fetch_once()).expect("fetch the map");
+    let peer: X500Name = peer.parse().expect("the peer's name");
+    let peer_info = view.member(&peer).expect("the peer is in the map").clone();
+    let membership: Arc<dyn Membership> = view;
+    let mallory = Mallory {
+        rt,
+        client,
+        inbound,
+        peer_endpoint: peer_info.endpoint.clone(),
+        peer_leaf: peer_info.tls_leaf().expect("the peer's TLS leaf").to_vec(),
+        name,
+        peer,
+        group: cfg.group.clone(),
+        posted: Vec::new(),
+        received: Vec::new(),
+    };
+    (mallory, keys, membership)
 }
 
 impl Mallory {
-    /// POSTs `packets` (from Mallory to Bob) to beta's gateway, which must
-    /// accept them (the link layer refuses them later, if at all).
+    /// A link from Mallory (with session key `keys`) to the peer.
+    fn link(&self, keys: &StaticKeypair, membership: &Arc<dyn Membership>, epoch: u32) -> Link {
+        Link::new(
+            link_config(epoch),
+            Identity::from(MALLORY),
+            keys.clone(),
+            Identity::from(self.peer.as_str()),
+            membership.clone(),
+        )
+    }
+
+    /// The endpoint of `name`'s vnode on `side` of a session.
+    fn endpoint(&self, name: &str, side: Side) -> Endpoint {
+        let name: X500Name = name.parse().expect("an X.500 name");
+        Endpoint {
+            holding: HoldingId::derive(&name, &self.group),
+            name,
+            side,
+        }
+    }
+
+    /// POSTs `packets` (from Mallory to the peer) to beta's gateway, which
+    /// must accept them (the link layer refuses them later, if at all).
     fn post(&mut self, packets: Vec<Vec<u8>>) {
         if packets.is_empty() {
             return;
@@ -97,14 +232,14 @@ impl Mallory {
             .iter()
             .map(|p| Envelope {
                 from: self.name.to_string(),
-                to: self.bob.to_string(),
+                to: self.peer.to_string(),
                 packet: p.clone(),
             })
             .collect();
         self.rt
             .block_on(
                 self.client
-                    .send(&self.bob_endpoint, Some(&self.bob_leaf), &envelopes),
+                    .send(&self.peer_endpoint, Some(&self.peer_leaf), &envelopes),
             )
             .unwrap_or_else(|e| panic!("POST to beta's gateway: {e}"));
         self.posted.extend(packets);
@@ -112,7 +247,8 @@ impl Mallory {
 
     /// Drives `link` until `done` holds for one of its events: posts what it
     /// transmits, feeds it what beta posts back, makes what it delivers
-    /// durable (so it is acknowledged). Returns the events.
+    /// durable (so it is acknowledged) and keeps the session messages among
+    /// it for [`Mallory::take`]. Returns the events.
     fn drive(
         &mut self,
         link: &mut Link,
@@ -128,9 +264,12 @@ impl Mallory {
             }
             let mut finished = false;
             while let Some(ev) = link.poll_event() {
-                if let Event::Delivered { id, .. } = &ev {
+                if let Event::Delivered { id, payload } = &ev {
                     link.mark_durable(now, *id)
                         .expect("a delivered message awaits durability");
+                    if let Ok(msg) = postcard::from_bytes::<SessionMessage>(payload) {
+                        self.received.push(msg);
+                    }
                 }
                 finished |= done(&ev);
                 events.push(ev);
@@ -156,34 +295,48 @@ impl Mallory {
                 .block_on(async { tokio::time::timeout(wait, inbound.recv()).await });
             if let Ok(Some(batch)) = batch {
                 for e in batch.envelopes {
-                    if e.from != self.bob.as_str() || e.to != self.name.as_str() {
+                    if e.from != self.peer.as_str() || e.to != self.name.as_str() {
                         eprintln!("[e2e] Mallory ignores a packet {} -> {}", e.from, e.to);
                         continue;
                     }
                     if let Err(err) = link.handle_packet(Instant::now(), &e.packet) {
                         // E.g. beta's handshake message 2 resent to the
                         // other link; not what the test checks.
-                        eprintln!("[e2e] Mallory's link dropped a packet from Bob: {err}");
+                        eprintln!("[e2e] Mallory's link dropped a packet from the peer: {err}");
                     }
                 }
             }
         }
     }
 
-    /// A message of `session` from Mallory (initiator) to Bob.
+    /// Drives `link` until the peer has delivered a session message for
+    /// which `wanted` holds (perhaps already), and returns it.
+    fn take(
+        &mut self,
+        link: &mut Link,
+        what: &str,
+        wanted: impl Fn(&SessionMessage) -> bool,
+    ) -> SessionMessage {
+        if !self.received.iter().any(&wanted) {
+            self.drive(link, what, |ev| {
+                matches!(ev, Event::Delivered { payload, .. }
+                    if postcard::from_bytes::<SessionMessage>(payload).is_ok_and(|m| wanted(&m)))
+            });
+        }
+        let i = self
+            .received
+            .iter()
+            .position(&wanted)
+            .expect("drive keeps what was delivered");
+        self.received.remove(i)
+    }
+
+    /// A message of `session` from Mallory (initiator) to the peer.
     fn message(&self, session: SessionId, seq: u64, body: Body) -> Vec<u8> {
         let m = SessionMessage {
             session,
-            from: Endpoint {
-                holding: HoldingId::derive(&self.name, &self.group),
-                name: self.name.clone(),
-                side: Side::Initiator,
-            },
-            to: Endpoint {
-                holding: HoldingId::derive(&self.bob, &self.group),
-                name: self.bob.clone(),
-                side: Side::Responder,
-            },
+            from: self.endpoint(MALLORY, Side::Initiator),
+            to: self.endpoint(self.peer.as_str(), Side::Responder),
             seq,
             init: (seq == 1).then(|| SessionInit {
                 protocol: "ping".into(),
@@ -268,93 +421,19 @@ fn replayed_tampered_and_wrongly_keyed_packets_are_refused() {
     let bob_holding = beta.vnode(BOB, Pkg::Ping);
     let api = beta.api();
 
-    // Mallory's gateway, with mallory's certificate from the network CA;
-    // it accepts every client and hands the packets to the test.
-    let cfg = NodeNetworkConfig::load(&net.config_path("mallory")).expect("mallory's node.json");
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let tls = TlsMaterial::from_pem_files(
-        &cfg.cert,
-        &cfg.key,
-        &cfg.network_ca,
-        Some(&cfg.crl),
-        RevocationMode::Hard,
-    )
-    .expect("mallory's TLS material");
-    let (tx, inbound) = mpsc::channel(1024);
-    let accept_all = |_: Option<&[u8]>| -> Result<(), String> { Ok(()) };
-    let server = GatewayServer::new(
-        ServerConfig::new(tls.clone(), cfg.mutual_tls),
-        tx,
-        Arc::new(accept_all),
-        axum::Router::new(),
-    )
-    .expect("mallory's gateway server");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(cfg.gateway_addr))
-        .expect("bind mallory's gateway");
-    rt.spawn(server.run(listener));
-    let client = GatewayClient::new(ClientConfig::new(tls, cfg.mutual_tls))
-        .expect("mallory's gateway client");
-
-    // Mallory joins: a member record with its session key, signed with
-    // mallory's TLS key.
-    let keys = StaticKeypair::generate().expect("a session key");
-    let mut mc = MapClientConfig::from_node(&cfg).expect("map client configuration");
-    mc.persist_path = cfg.data_dir.join("network-map.bin");
-    let map = MapClient::new(mc).expect("map client");
-    let name: X500Name = MALLORY.parse().expect("Mallory's name");
-    let now = pki::now_ms();
-    let info = MemberInfo {
-        name: name.clone(),
-        group: cfg.group.clone(),
-        endpoint: cfg.gateway_endpoint.clone(),
-        session_key: keys.public().0,
-        tls_chain: pki::certs_from_pem_or_der(&pki::read_file(&cfg.cert).expect("cert"))
-            .expect("cert PEM"),
-        platform_version: 1,
-        serial: now,
-        issued_ms: now,
-    };
-    let tls_key =
-        pki::pkcs8_from_pem_or_der(&pki::read_file(&cfg.key).expect("key")).expect("key PEM");
-    let record = SignedMemberInfo::sign(&info, &tls_key).expect("sign Mallory's record");
-    let outcome = rt
-        .block_on(map.register(&record))
-        .expect("register Mallory");
-    assert_eq!(outcome, Registration::Approved);
-    Network::wait_members(api, &[BOB, MALLORY]);
-    let view = rt.block_on(map.fetch_once()).expect("fetch the map");
+    let (mut m, keys, membership) = join(&net, api, BOB);
     let bob: X500Name = BOB.parse().expect("Bob's name");
-    let bob_info = view.member(&bob).expect("Bob is in the map").clone();
     assert_eq!(
-        HoldingId::derive(&bob, &cfg.group).to_string(),
+        HoldingId::derive(&bob, &m.group).to_string(),
         bob_holding,
         "Bob's holding id"
     );
-    let membership: Arc<dyn Membership> = view;
-    let mut m = Mallory {
-        rt,
-        client,
-        inbound,
-        bob_endpoint: bob_info.endpoint.clone(),
-        bob_leaf: bob_info.tls_leaf().expect("Bob's TLS leaf").to_vec(),
-        name,
-        bob: bob.clone(),
-        group: cfg.group.clone(),
-        posted: Vec::new(),
-    };
-    let bob_id = HoldingId::derive(&bob, &cfg.group);
+    let bob_id = HoldingId::derive(&bob, &m.group);
     let responder_of = |s: &SessionId| FlowId::responder(&bob_id, s).to_string();
 
     // 1. Honest: a ping session-init is delivered (one responder flow) and
     //    acknowledged, and Bob's pong comes back.
-    let mut link = Link::new(
-        link_config(0),
-        Identity::from(MALLORY),
-        keys.clone(),
-        Identity::from(BOB),
-        membership.clone(),
-    );
+    let mut link = m.link(&keys, &membership, 0);
     let session1 = new_session();
     link.send(Instant::now(), MessageId(1), m.ping(session1, 41), TTL)
         .expect("send ping 1");
@@ -445,12 +524,10 @@ fn replayed_tampered_and_wrongly_keyed_packets_are_refused() {
     // 4. Wrong key: a link claiming to be Mallory proves a session key the
     //    map does not list, under a newer epoch than the honest session.
     let impostor_keys = StaticKeypair::generate().expect("a session key");
-    let mut impostor = Link::new(
-        link_config(link.latest_epoch().expect("the honest link's epoch")),
-        Identity::from(MALLORY),
-        impostor_keys.clone(),
-        Identity::from(BOB),
-        membership.clone(),
+    let mut impostor = m.link(
+        &impostor_keys,
+        &membership,
+        link.latest_epoch().expect("the honest link's epoch"),
     );
     let session2 = new_session();
     impostor
@@ -523,4 +600,220 @@ fn replayed_tampered_and_wrongly_keyed_packets_are_refused() {
     let log = std::fs::read_to_string(beta.log_path()).unwrap_or_default();
     assert!(!log.contains("panicked"), "beta panicked:\n{log}");
     eprintln!("[e2e] network attacks refused in {:.1?}", started.elapsed());
+}
+
+/// A payload as the SDK encodes it (postcard).
+fn data<T: Serialize>(value: &T) -> Body {
+    Body::Data(postcard::to_allocvec(value).expect("encode a payload"))
+}
+
+#[test]
+fn a_member_cannot_inject_a_message_into_a_session_between_two_others() {
+    let started = Instant::now();
+    let net = Network::bootstrap(&["alpha", "beta", "mallory"], &[]);
+    let alpha = net.start("alpha");
+    let beta = net.start("beta");
+    let carol_holding = beta.vnode(CAROL, Pkg::Proposal);
+    alpha.vnode(DAVE, Pkg::Proposal);
+    for node in [&alpha, &beta] {
+        Network::wait_members(node.api(), &[CAROL, DAVE]);
+    }
+    let api = beta.api();
+    let (mut m, keys, membership) = join(&net, api, CAROL);
+    let mut link = m.link(&keys, &membership, 0);
+
+    // Carol asks Mallory, then Dave, to vote on a proposal Dave accepts.
+    api.start_flow(
+        &carol_holding,
+        "lunch",
+        "propose",
+        &json!({"counterparties": [MALLORY, DAVE], "proposal": "lunch at noon"}),
+    );
+    let init = m.take(&mut link, "Carol's proposal", |x| x.seq == 1);
+    let x = init.session.initiator_flow;
+    assert_eq!(init.session.index, 1, "{init:?}");
+    assert_eq!(init.from, m.endpoint(CAROL, Side::Initiator), "{init:?}");
+    assert_eq!(init.to, m.endpoint(MALLORY, Side::Responder), "{init:?}");
+    assert_eq!(
+        init.init,
+        Some(SessionInit {
+            protocol: "proposal".into(),
+            versions: vec![1],
+        })
+    );
+    let Body::Data(p) = &init.body else {
+        panic!("no proposal: {init:?}");
+    };
+    let proposal: Proposal = postcard::from_bytes(p).expect("a proposal");
+    assert_eq!(proposal.text, "lunch at noon");
+    let carol_flow = api.status(&carol_holding, "lunch");
+    assert_eq!(
+        carol_flow.flow_id.as_deref(),
+        Some(x.to_string().as_str()),
+        "{}",
+        carol_flow.describe()
+    );
+    let mallory_session = init.session;
+    // The session Carol opens with Dave next (the sub-flow `collect_vote`
+    // runs in the same flow: handle 2).
+    let dave_session = SessionId {
+        initiator_flow: x,
+        index: 2,
+    };
+    let to_carol = m.endpoint(CAROL, Side::Initiator);
+    let message = |session, from, seq, body| {
+        postcard::to_allocvec(&SessionMessage {
+            session,
+            from,
+            to: to_carol.clone(),
+            seq,
+            init: None,
+            body,
+        })
+        .expect("encode a session message")
+    };
+    let before = delivered(api);
+
+    // 1. Before voting, Mallory votes "no" on Dave's behalf, under its own
+    //    name, on the session Carol is about to open with Dave. Beta takes
+    //    it: when it is acknowledged it is in Carol's inbox, durably,
+    //    before that session exists.
+    let forged = message(
+        dave_session,
+        m.endpoint(MALLORY, Side::Responder),
+        1,
+        data(&Vote { accept: false }),
+    );
+    link.send(Instant::now(), MessageId(1), forged, TTL)
+        .expect("send the forged vote");
+    m.drive(&mut link, "the forged vote is acked", |ev| {
+        matches!(ev, Event::Acked(MessageId(1)))
+    });
+    assert_eq!(delivered(api), before + 1, "beta stored the forged vote");
+    let st = api.status(&carol_holding, "lunch");
+    assert_eq!(st.status, "RUNNING", "{}", st.describe());
+
+    // 2. The same under Dave's name: the link manager refuses a message
+    //    whose sender is not the link's peer.
+    let forged = message(
+        dave_session,
+        m.endpoint(DAVE, Side::Responder),
+        1,
+        data(&Vote { accept: false }),
+    );
+    link.send(Instant::now(), MessageId(2), forged, TTL)
+        .expect("send the vote forged under Dave's name");
+    let out = drain(&mut link);
+    m.post(out);
+    wait_log(
+        &beta,
+        "the vote forged under Dave's name",
+        &[
+            "dropping a message that does not belong to this link",
+            &format!("message from {DAVE} to {CAROL} arrived on the link {CAROL} <- {MALLORY}"),
+        ],
+    );
+    assert_eq!(delivered(api), before + 1, "beta took Dave's forged vote");
+
+    // 3. Mallory plays its own part honestly: votes yes, gets the
+    //    decision and the close, and signs the receipt `fetch_receipt`
+    //    (a sub-flow: a third session of the same flow) asks for.
+    link.send(
+        Instant::now(),
+        MessageId(3),
+        message(
+            mallory_session,
+            m.endpoint(MALLORY, Side::Responder),
+            1,
+            data(&Vote { accept: true }),
+        ),
+        TTL,
+    )
+    .expect("send Mallory's vote");
+    let decision = m.take(&mut link, "Carol's decision", |d| {
+        d.session == mallory_session && d.seq == 2
+    });
+    let Body::Data(d) = &decision.body else {
+        panic!("no decision: {decision:?}");
+    };
+    let decision: Decision = postcard::from_bytes(d).expect("a decision");
+    assert_eq!(
+        decision,
+        Decision::Commit,
+        "everyone accepted: Carol took a forged vote for Dave's"
+    );
+    let close = m.take(&mut link, "Carol's close", |c| {
+        c.session == mallory_session && c.seq == 3
+    });
+    assert_eq!(close.body, Body::Close, "{close:?}");
+    let receipt_session = SessionId {
+        initiator_flow: x,
+        index: 3,
+    };
+    let request = m.take(&mut link, "Carol's receipt request", |r| {
+        r.session == receipt_session && r.seq == 1
+    });
+    assert_eq!(
+        request.init,
+        Some(SessionInit {
+            protocol: "proposal-receipt".into(),
+            versions: vec![1],
+        }),
+        "{request:?}"
+    );
+    assert_eq!(request.body, data(&()), "{request:?}");
+    link.send(
+        Instant::now(),
+        MessageId(4),
+        message(
+            receipt_session,
+            m.endpoint(MALLORY, Side::Responder),
+            1,
+            data(&Receipt {
+                signer: MALLORY.into(),
+            }),
+        ),
+        TTL,
+    )
+    .expect("send Mallory's receipt");
+    let close = m.take(&mut link, "the close of the receipt session", |c| {
+        c.session == receipt_session && c.seq == 2
+    });
+    assert_eq!(close.body, Body::Close, "{close:?}");
+
+    // Carol counted Dave's genuine vote, not the forged one, and the
+    // runtime said why it dropped the forgery.
+    let done = api.wait_terminal(&carol_holding, "lunch");
+    assert_eq!(done.status, "COMPLETED", "{}", done.describe());
+    assert_eq!(
+        done.result,
+        json!({"accepted": true, "votes": {MALLORY: true, DAVE: true}}),
+        "{}",
+        done.describe()
+    );
+    wait_log(
+        &beta,
+        "the vote forged under Mallory's name",
+        &[
+            "dropping a message on a session from someone other than its counterparty",
+            &x.to_string(),
+            &dave_session.to_string(),
+            MALLORY,
+            DAVE,
+        ],
+    );
+    assert!(
+        m.received.is_empty(),
+        "Carol sent Mallory more: {:?}",
+        m.received
+    );
+
+    for node in [&alpha, &beta] {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        assert!(!log.contains("panicked"), "a node panicked:\n{log}");
+    }
+    eprintln!(
+        "[e2e] forged votes on another party's session refused in {:.1?}",
+        started.elapsed()
+    );
 }

@@ -206,3 +206,22 @@ async fn run_loop_publishes_own_records_and_follows_the_map() {
     task.abort();
     let _ = pki::now_ms();
 }
+
+#[tokio::test]
+async fn a_map_for_another_group_is_refused() {
+    let n = net(&["alice", "bob"]);
+    let srv = server(&n, Approval::Auto);
+    let (addr, task) = serve_tls(srv.router(), &n).await;
+    let persist = n.net.dir.join("other-group.bin");
+    let mut cfg = client_config(&n, 1, addr, &persist);
+    cfg.group = "another-network".into();
+    let client = MapClient::new(cfg).unwrap();
+    let err = client.fetch_once().await.unwrap_err();
+    assert!(
+        matches!(&err, MembershipError::WrongGroup { got, .. } if got == "braid-dev"),
+        "{err}"
+    );
+    assert!(!persist.exists(), "a map for another group was persisted");
+    assert_eq!(client.current().version(), 0);
+    task.abort();
+}
