@@ -91,7 +91,7 @@ impl Joining {
         self,
         cfg: &NodeNetworkConfig,
         worker: FlowWorker,
-        ttl: Duration,
+        p2p: P2pConfig,
     ) -> anyhow::Result<Running> {
         let Joining {
             map,
@@ -240,10 +240,7 @@ impl Joining {
                 outbound,
                 counters: counters.clone(),
             },
-            P2pConfig {
-                ttl,
-                ..P2pConfig::default()
-            },
+            p2p,
         )
         .await?;
 

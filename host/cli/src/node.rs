@@ -34,6 +34,10 @@ pub struct NodeArgs {
     /// is given up on and its flow's session fails.
     #[arg(long, env = "BRAID_MESSAGE_TTL_SECS", default_value_t = 86_400)]
     pub message_ttl_secs: u64,
+    /// Re-key a link session after sealing this many packets (it is also
+    /// re-keyed after an hour).
+    #[arg(long, env = "BRAID_LINK_REKEY_PACKETS", default_value_t = 1 << 20)]
+    pub link_rekey_packets: u64,
     /// Address of the REST API (port 0 picks a free port; the URL is
     /// written to DATA_DIR/rest.url).
     #[arg(long, env = "BRAID_REST_ADDR", default_value = "127.0.0.1:8888")]
@@ -90,6 +94,7 @@ impl NodeArgs {
             data_dir: Some(data_dir),
             network_config: None,
             message_ttl_secs: 86_400,
+            link_rekey_packets: 1 << 20,
             rest_addr: "127.0.0.1:0".parse().expect("valid"),
             max_live_flows: 2000,
             flow_memory_mib: 64,
@@ -184,7 +189,14 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             j.start(
                 n,
                 worker.clone(),
-                Duration::from_secs(args.message_ttl_secs),
+                braid_p2p::P2pConfig {
+                    ttl: Duration::from_secs(args.message_ttl_secs),
+                    link: braid_link::LinkConfig {
+                        rekey_after_packets: args.link_rekey_packets.max(1),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
             )
             .await?,
         ),

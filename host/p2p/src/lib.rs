@@ -126,13 +126,15 @@ pub struct Counters {
     pub messages_dead_lettered: AtomicU64,
     /// Link handshakes that failed.
     pub handshakes_failed: AtomicU64,
+    /// Link sessions established (first ones and re-keys).
+    pub sessions_established: AtomicU64,
 }
 
 impl Counters {
     /// Appends the counters in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write as _;
-        let rows: [(&str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &AtomicU64); 11] = [
             (
                 "braid_gateway_packets_sent_total",
                 "Packets accepted by peer gateways.",
@@ -182,6 +184,11 @@ impl Counters {
                 "braid_link_handshakes_failed_total",
                 "Link handshakes that failed.",
                 &self.handshakes_failed,
+            ),
+            (
+                "braid_link_sessions_established_total",
+                "Link sessions established (first ones and re-keys).",
+                &self.sessions_established,
             ),
         ];
         for (name, help, v) in rows {
@@ -679,6 +686,9 @@ impl Driver {
             while let Some(ev) = link.poll_event() {
                 match ev {
                     Event::Established { epoch, rekey } => {
+                        self.counters
+                            .sessions_established
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(local = %pair.0, remote = %pair.1, epoch, rekey, "link session established");
                     }
                     Event::HandshakeFailed(e) => {

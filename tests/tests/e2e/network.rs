@@ -252,8 +252,10 @@ fn lossy_proxy_between_gateways_and_no_payload_in_clear() {
     // packets to each other through the proxies.
     let p1 = proxied(&net, "alpha", lossy);
     let p2 = proxied(&net, "beta", lossy);
-    let n1 = net.start("alpha");
-    let n2 = net.start("beta");
+    // Re-key every 40 packets: the pings cross many re-keys, under loss.
+    let rekey = || Node::options().arg("--link-rekey-packets").arg("40");
+    let n1 = net.start_with("alpha", rekey());
+    let n2 = net.start_with("beta", rekey());
     let alice = n1.vnode(ALICE, Pkg::Ping);
     let bob = n2.vnode(BOB, Pkg::Ping);
     let carol = n1.vnode(CAROL, Pkg::Proposal);
@@ -280,6 +282,12 @@ fn lossy_proxy_between_gateways_and_no_payload_in_clear() {
     braid_e2e::assert_all_completed(&done, "Bob's responders");
     let st = n1.api().wait_terminal(&carol, "secret");
     assert_eq!(st.status, "COMPLETED", "{}", st.describe());
+    let sessions = metric(n1.api(), "braid_link_sessions_established_total")
+        + metric(n2.api(), "braid_link_sessions_established_total");
+    assert!(
+        sessions >= 6.0,
+        "only {sessions} link sessions: the pings did not cross re-keys"
+    );
     let cut = p1.cut.load(Ordering::SeqCst) + p2.cut.load(Ordering::SeqCst);
     assert!(
         cut > 0,
