@@ -256,7 +256,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// Loopback ports `base..=base+12` (two nodes' REST and gateway ports as
 /// `braid network bootstrap` assigns them) that are all free now.
-fn free_base_port() -> anyhow::Result<u16> {
+pub(crate) fn free_base_port() -> anyhow::Result<u16> {
     (17_000u16..60_000)
         .step_by(20)
         .find(|&base| {

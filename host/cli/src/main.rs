@@ -82,8 +82,9 @@ enum Command {
         #[command(subcommand)]
         command: commands::RoleCommand,
     },
-    /// Start an embedded node with two example vnodes, run `ping` between
-    /// them and print the result.
+    /// Start an embedded demo network (two nodes from a freshly bootstrapped
+    /// network, mutual TLS between their gateways), create Alice on one and
+    /// Bob on the other, run `ping` between them and print the result.
     ///
     /// Example: braid demo
     Demo {
@@ -223,35 +224,65 @@ fn examples_dir() -> PathBuf {
 async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let dir = data_dir
         .unwrap_or_else(|| std::env::temp_dir().join(format!("braid-demo-{}", std::process::id())));
+    if dir.join("network").exists() {
+        anyhow::bail!(
+            "{} already holds a demo network; give a new --data-dir (or none for a fresh \
+             temporary one)",
+            dir.display()
+        );
+    }
     eprintln!("building the ping package...");
     let wasm = package::build(&examples_dir().join("ping"), &dir.join("ping.wasm"))?;
-    let password = "demo-password";
-    // SAFETY of env: single-threaded at this point of the demo's start.
     if std::env::var("BRAID_ADMIN_PASSWORD").is_err() {
         #[allow(unsafe_code)]
         // SAFETY: no other thread reads or writes the environment yet.
         unsafe {
-            std::env::set_var("BRAID_ADMIN_PASSWORD", password)
+            std::env::set_var("BRAID_ADMIN_PASSWORD", "demo-password")
         };
     }
     let password = std::env::var("BRAID_ADMIN_PASSWORD")?;
-    let node = node::start(&node::NodeArgs::local(dir.join("node"))).await?;
-    eprintln!("node listening at {} (data in {})", node.url, dir.display());
-    let http = client::async_client(&dir.join("node/tls/ca.pem"))?;
-    let api = |path: &str| format!("{}/api/v1/{path}", node.url);
-    let pkg: serde_json::Value = http
-        .post(api("package"))
-        .basic_auth("admin", Some(&password))
-        .header("content-type", "application/wasm")
-        .body(std::fs::read(&wasm)?)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let checksum = pkg["checksum"].as_str().context("no checksum")?.to_owned();
+
+    // A two-node network, as `braid network bootstrap` makes it: its own CA,
+    // mutual TLS between the gateways, the first node runs the network map.
+    let opts = braid_membership::BootstrapOptions {
+        base_port: bench::free_base_port()?,
+        poll_interval: std::time::Duration::from_millis(250),
+        ..Default::default()
+    };
+    let net = braid_membership::bootstrap(
+        &dir.join("network"),
+        &["alpha".to_owned(), "beta".to_owned()],
+        &opts,
+    )?;
+    let parties = [
+        ("O=Alice, L=London, C=GB", &net.nodes[0]),
+        ("O=Bob, L=New York, C=US", &net.nodes[1]),
+    ];
+    let mut nodes = Vec::new();
     let mut holding = Vec::new();
-    for name in ["O=Alice, L=London, C=GB", "O=Bob, L=New York, C=US"] {
+    for (name, n) in parties {
+        let args = node::NodeArgs {
+            network_config: Some(n.config_path.clone()),
+            ..node::NodeArgs::local(n.config.data_dir.clone())
+        };
+        let node = node::start(&args).await?;
+        eprintln!(
+            "node {}: REST {}, gateway {}",
+            n.name, node.url, n.config.gateway_endpoint
+        );
+        let http = client::async_client(&n.config.data_dir.join("tls/ca.pem"))?;
+        let api = |path: &str| format!("{}/api/v1/{path}", node.url);
+        let pkg: serde_json::Value = http
+            .post(api("package"))
+            .basic_auth("admin", Some(&password))
+            .header("content-type", "application/wasm")
+            .body(std::fs::read(&wasm)?)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let checksum = pkg["checksum"].as_str().context("no checksum")?.to_owned();
         let v: serde_json::Value = http
             .post(api("virtualnode"))
             .basic_auth("admin", Some(&password))
@@ -261,9 +292,37 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             .error_for_status()?
             .json()
             .await?;
-        eprintln!("vnode {name}: holdingId {}", v["holdingId"]);
+        eprintln!("  vnode {name}: holdingId {}", v["holdingId"]);
         holding.push(v["holdingId"].as_str().context("no holdingId")?.to_owned());
+        nodes.push((node, http));
     }
+
+    // Wait until each node's copy of the network map lists both vnodes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for (node, http) in &nodes {
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{}/api/v1/network", node.url))
+                .basic_auth("admin", Some(&password))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let listed = v["members"].as_array().map_or(0, Vec::len);
+            if listed >= parties.len() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("the network map did not list both vnodes within 60 s: {v}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("both nodes hold the network map; Alice (alpha) pings Bob (beta)...");
+
+    let (alpha, http) = &nodes[0];
+    let api = |path: &str| format!("{}/api/v1/{path}", alpha.url);
     let request = serde_json::json!({
         "clientRequestId": "demo-1",
         "flowName": "ping",
@@ -287,6 +346,7 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
         match s["status"].as_str() {
             Some("COMPLETED") => {
                 println!("{}", serde_json::to_string_pretty(&s)?);
+                eprintln!("(data in {})", dir.display());
                 return Ok(());
             }
             Some("FAILED") | Some("KILLED") => anyhow::bail!("ping ended badly: {s}"),

@@ -547,3 +547,44 @@ fn one_way_tls_network_and_dead_lettered_messages() {
         "no dead letter counted"
     );
 }
+
+/// The README's first command: `braid demo` runs a ping between two nodes
+/// of a freshly bootstrapped network and prints the result.
+#[test]
+fn the_demo_pings_across_a_two_node_network() {
+    let dir = braid_e2e::fresh_dir("demo");
+    let mut cmd = std::process::Command::new(braid_e2e::braid_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BRAID_") {
+            cmd.env_remove(key);
+        }
+    }
+    let out = cmd
+        .arg("demo")
+        .arg("--data-dir")
+        .arg(dir.join("demo"))
+        .env("CARGO_TARGET_DIR", braid_e2e::wasm_target_dir())
+        .output()
+        .expect("run braid demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "braid demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("braid demo printed no JSON ({e}):\n{stdout}"));
+    assert_eq!(result["status"], "COMPLETED", "{stdout}");
+    assert_eq!(
+        result["result"],
+        json!({"n": 42, "responder": BOB}),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr.matches("gateway https://127.0.0.1:").count(),
+        2,
+        "the demo should run two nodes:\n{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
