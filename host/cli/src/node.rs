@@ -39,9 +39,10 @@ pub struct NodeArgs {
     #[arg(long, env = "BRAID_LINK_REKEY_PACKETS", default_value_t = 1 << 20)]
     pub link_rekey_packets: u64,
     /// Address of the REST API (port 0 picks a free port; the URL is
-    /// written to DATA_DIR/rest.url).
-    #[arg(long, env = "BRAID_REST_ADDR", default_value = "127.0.0.1:8888")]
-    pub rest_addr: SocketAddr,
+    /// written to DATA_DIR/rest.url). Default: the rest_addr of
+    /// --network-config, else 127.0.0.1:8888.
+    #[arg(long, env = "BRAID_REST_ADDR")]
+    pub rest_addr: Option<SocketAddr>,
     /// Flows kept live (with a wasm instance) at once; the rest are
     /// evicted and resumed by replay.
     #[arg(long, env = "BRAID_MAX_LIVE_FLOWS", default_value_t = 2000)]
@@ -95,7 +96,7 @@ impl NodeArgs {
             network_config: None,
             message_ttl_secs: 86_400,
             link_rekey_packets: 1 << 20,
-            rest_addr: "127.0.0.1:0".parse().expect("valid"),
+            rest_addr: Some("127.0.0.1:0".parse().expect("valid")),
             max_live_flows: 2000,
             flow_memory_mib: 64,
             flow_cpu_ms: 10_000,
@@ -140,14 +141,20 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             args.data_dir = Some(n.data_dir.clone());
         }
         args.group = n.group.clone();
+        if args.rest_addr.is_none() {
+            args.rest_addr = Some(n.rest_addr);
+        }
     }
+    let rest_addr = *args
+        .rest_addr
+        .get_or_insert(SocketAddr::from((Ipv4Addr::LOCALHOST, 8888)));
     let args = &args;
     let dir = args.data_dir.as_ref().context("--data-dir is required")?;
-    if args.insecure_http && !args.rest_addr.ip().is_loopback() {
+    if args.insecure_http && !rest_addr.ip().is_loopback() {
         anyhow::bail!(
             "refusing to serve plain HTTP on {}: --insecure-http is only allowed on a loopback \
              address (127.0.0.1 or ::1); drop --insecure-http to serve HTTPS",
-            args.rest_addr
+            rest_addr
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
@@ -210,9 +217,9 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         )
         .await?,
     );
-    let listener = tokio::net::TcpListener::bind(args.rest_addr)
+    let listener = tokio::net::TcpListener::bind(rest_addr)
         .await
-        .with_context(|| format!("binding the REST API to {}", args.rest_addr))?;
+        .with_context(|| format!("binding the REST API to {rest_addr}"))?;
     let mut local = listener.local_addr()?;
     // A wildcard address is not something to connect to; local clients
     // reach it on loopback.
@@ -262,8 +269,8 @@ fn tls_config(args: &NodeArgs) -> anyhow::Result<Arc<braid_rest::tls::ServerConf
         (Some(cert), Some(key)) => (cert.clone(), key.clone()),
         _ => {
             let mut names = args.public_host.clone();
-            if !args.rest_addr.ip().is_unspecified() {
-                names.push(args.rest_addr.ip().to_string());
+            if let Some(addr) = args.rest_addr.filter(|a| !a.ip().is_unspecified()) {
+                names.push(addr.ip().to_string());
             }
             let dir = args.data_dir.as_ref().context("--data-dir is required")?;
             let dev = tls::danger::dev_certificate(&dir.join("tls"), &names)
