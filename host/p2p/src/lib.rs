@@ -32,7 +32,7 @@ use braid_link::{
 use braid_storage::{Op, StoreError};
 use braid_types::{HoldingId, SessionMessage, X500Name};
 use sha2::Digest as _;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -404,6 +404,12 @@ struct Driver {
     shared: Arc<SharedPeers>,
     transport: Arc<dyn Transport>,
     links: HashMap<Pair, Link>,
+    /// Links touched since the last `process`: only they are polled.
+    dirty: HashSet<Pair>,
+    /// Each link's next timeout, indexed by time (so the loop never scans
+    /// every link).
+    timers: BTreeSet<(std::time::Instant, Pair)>,
+    timer_of: HashMap<Pair, std::time::Instant>,
     outgoing: HashMap<(Pair, MessageId), SessionMessage>,
     local: HashMap<String, HoldingId>,
     queues: HashMap<String, PeerQueue>,
@@ -436,6 +442,9 @@ impl LinkManager {
             shared,
             transport,
             links: HashMap::new(),
+            dirty: HashSet::new(),
+            timers: BTreeSet::new(),
+            timer_of: HashMap::new(),
             outgoing: HashMap::new(),
             local: HashMap::new(),
             queues: HashMap::new(),
@@ -495,13 +504,9 @@ impl Driver {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let links = self
-            .links
-            .values()
-            .filter_map(|l| l.poll_timeout())
-            .map(Instant::from_std);
+        let links = self.timers.first().map(|(t, _)| Instant::from_std(*t));
         let queues = self.queues.values().filter_map(|q| q.paused_until);
-        links.chain(queues).min()
+        links.into_iter().chain(queues).min()
     }
 
     async fn link(&mut self, pair: &Pair) -> Option<&mut Link> {
@@ -523,6 +528,7 @@ impl Driver {
             );
             self.links.insert(pair.clone(), link);
         }
+        self.dirty.insert(pair.clone());
         self.links.get_mut(pair)
     }
 
@@ -615,6 +621,7 @@ impl Driver {
                 for (pair, id) in ids {
                     if let Some(l) = self.links.get_mut(&pair) {
                         let _ = l.mark_durable(now, id);
+                        self.dirty.insert(pair);
                     }
                 }
             }
@@ -639,9 +646,14 @@ impl Driver {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
-        for l in self.links.values_mut() {
-            if l.poll_timeout().is_some_and(|t| t <= now.into_std()) {
+        while let Some((t, _)) = self.timers.first()
+            && *t <= now.into_std()
+        {
+            let (_, pair) = self.timers.pop_first().expect("non-empty");
+            self.timer_of.remove(&pair);
+            if let Some(l) = self.links.get_mut(&pair) {
                 l.handle_timeout(now.into_std());
+                self.dirty.insert(pair);
             }
         }
         for q in self.queues.values_mut() {
@@ -658,7 +670,11 @@ impl Driver {
         let mut delivered: Vec<(Pair, MessageId, SessionMessage)> = Vec::new();
         let mut acked = Vec::new();
         let mut dead = Vec::new();
-        for (pair, link) in &mut self.links {
+        for pair in std::mem::take(&mut self.dirty) {
+            let Some(link) = self.links.get_mut(&pair) else {
+                continue;
+            };
+            let pair = &pair;
             while let Some(bytes) = link.poll_transmit() {
                 let Some(addr) = peers.address(&pair.1) else {
                     tracing::debug!(to = %pair.1, "no gateway address for peer; packet dropped (resent later)");
@@ -707,6 +723,15 @@ impl Driver {
                     Event::DeadLettered { id, reason } => dead.push((pair.clone(), id, reason)),
                     _ => {}
                 }
+            }
+            // Re-index the link's next timeout.
+            let next = link.poll_timeout();
+            if let Some(old) = self.timer_of.remove(pair) {
+                self.timers.remove(&(old, pair.clone()));
+            }
+            if let Some(t) = next {
+                self.timers.insert((t, pair.clone()));
+                self.timer_of.insert(pair.clone(), t);
             }
         }
         let group = self.worker.group().to_owned();
