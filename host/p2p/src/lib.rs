@@ -851,3 +851,79 @@ fn decode_inbound(pair: &Pair, payload: &[u8]) -> Result<SessionMessage, String>
     }
     Ok(m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_types::{Body, Endpoint, FlowId, SessionId, Side};
+
+    fn msg(from: &str, to: &str, seq: u64) -> SessionMessage {
+        let (from, to): (X500Name, X500Name) = (from.parse().unwrap(), to.parse().unwrap());
+        SessionMessage {
+            session: SessionId {
+                initiator_flow: FlowId::random(),
+                index: 1,
+            },
+            from: Endpoint {
+                holding: HoldingId::derive(&from, "g"),
+                name: from,
+                side: Side::Initiator,
+            },
+            to: Endpoint {
+                holding: HoldingId::derive(&to, "g"),
+                name: to,
+                side: Side::Responder,
+            },
+            seq,
+            init: None,
+            body: Body::Data(vec![1, 2, 3]),
+        }
+    }
+
+    const A: &str = "O=Alice, L=London, C=GB";
+    const B: &str = "O=Bob, L=New York, C=US";
+    const C: &str = "O=Carol, L=Paris, C=FR";
+
+    #[test]
+    fn message_ids_name_the_outbox_entry() {
+        let m = msg(A, B, 1);
+        assert_eq!(message_id(&m), message_id(&m.clone()), "not stable");
+        let mut next = m.clone();
+        next.seq = 2;
+        assert_ne!(message_id(&m), message_id(&next));
+        let mut other_session = m.clone();
+        other_session.session.index = 2;
+        assert_ne!(message_id(&m), message_id(&other_session));
+    }
+
+    #[test]
+    fn a_link_carries_only_its_own_two_identities() {
+        let m = msg(A, B, 1);
+        let bytes = postcard::to_allocvec(&m).unwrap();
+        // Arrived at Bob from Alice: accepted.
+        let pair: Pair = (B.into(), A.into());
+        assert_eq!(decode_inbound(&pair, &bytes).unwrap(), m);
+        // The same bytes on Bob's link with Carol: Carol speaking for Alice.
+        let err = decode_inbound(&(B.into(), C.into()), &bytes).unwrap_err();
+        assert!(err.contains("arrived on the link"), "{err}");
+        // Addressed to someone else than the link's local end.
+        let err = decode_inbound(&(C.into(), A.into()), &bytes).unwrap_err();
+        assert!(err.contains("arrived on the link"), "{err}");
+        // Not a session message at all.
+        let err = decode_inbound(&pair, &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(err.contains("undecodable"), "{err}");
+    }
+
+    #[test]
+    fn counters_render_as_prometheus_text() {
+        let c = Counters::default();
+        c.send_failures.fetch_add(3, Ordering::Relaxed);
+        let mut out = String::new();
+        c.render(&mut out);
+        assert!(
+            out.contains("\nbraid_gateway_send_failures_total 3\n"),
+            "{out}"
+        );
+        assert!(out.contains("# TYPE braid_link_sessions_established_total counter"));
+    }
+}
