@@ -5,8 +5,9 @@
 //! the gateway, delivered messages, acknowledgements and decisions come out.
 //! It opens no socket and reads no clock: the caller passes `Instant`s, so
 //! tests drive it on virtual time (see `tests/all/pair.rs`, after quinn's
-//! `Pair` harness). The driver that runs links over the bus and the gateway is
-//! the next increment of issue 4.
+//! `Pair` harness). `braid-p2p` drives links over the flow worker's outbox
+//! and the gateway (`braid-gateway`), with the membership from
+//! `braid-membership`.
 //!
 //! # The protocol
 //!
@@ -35,7 +36,9 @@
 //!   are recognised). The receiver emits [`Event::Delivered`] once; the caller
 //!   stores the message and calls [`Link::mark_durable`], and only then is an
 //!   ack sent. The sender resends unacked messages on a capped exponential
-//!   backoff (200 ms doubling to 10 s), and dead-letters a message past its
+//!   backoff: the first resend waits the measured round trip (send to
+//!   durable ack; RFC 6298's `srtt + 4·rttvar`, Karn's rule, at least
+//!   200 ms), doubling to 10 s; it dead-letters a message past its
 //!   time-to-live ([`Event::DeadLettered`]) so the flow's session fails with a
 //!   clear reason. Duplicates are dropped: a message awaiting durability is
 //!   ignored, a durable one is acked again (its ack was lost). The receiver
@@ -57,15 +60,13 @@
 //!
 //! # Not done yet
 //!
-//! * The driver: one `Link` per (local vnode, remote vnode), fed from the bus
-//!   and the gateway, timers on tokio, the durable inbox/outbox behind
-//!   `mark_durable` and the message ids, epochs persisted across restarts
-//!   ([`LinkConfig::initial_epoch`]), tracing spans.
-//! * The gateway (HTTPS, mutual TLS) and membership (the signed network map
-//!   behind [`Membership`]).
 //! * Selective acknowledgement of fragments (a lost fragment resends the
 //!   whole message; the receiver keeps the fragments it has) and congestion
-//!   control (the gateway's back-pressure will pace the driver).
+//!   control (the gateway's `503` back-pressure and a bounded number of
+//!   requests per peer pace the driver).
+//! * The duplicate memory ([`LinkConfig::delivered_memory`]) is in memory
+//!   only: after a restart the receiving flows' sequence numbers drop the
+//!   resent duplicates.
 
 mod error;
 mod identity;
