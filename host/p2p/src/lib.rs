@@ -397,6 +397,102 @@ struct PeerQueue {
     paused_until: Option<Instant>,
 }
 
+/// Packets waiting for each peer gateway, batched into POSTs with a bound
+/// on the POSTs in flight per peer; a peer that answered `503` is paused
+/// for its `Retry-After`.
+struct Queues {
+    peers: HashMap<String, PeerQueue>,
+    per_peer_requests: usize,
+    per_peer_queue: usize,
+    max_batch_bytes: usize,
+    max_batch_packets: usize,
+}
+
+impl Queues {
+    fn new(c: &P2pConfig) -> Self {
+        Self {
+            peers: HashMap::new(),
+            per_peer_requests: c.per_peer_requests.max(1),
+            per_peer_queue: c.per_peer_queue.max(1),
+            max_batch_bytes: c.max_batch_bytes,
+            max_batch_packets: c.max_batch_packets.max(1),
+        }
+    }
+
+    /// Queues `packet` for the gateway at `addr`; beyond the queue bound the
+    /// oldest packet is dropped (its link resends it).
+    fn push(&mut self, addr: PeerAddr, packet: Packet) {
+        let q = self
+            .peers
+            .entry(addr.endpoint.clone())
+            .or_insert_with(|| PeerQueue {
+                addr: addr.clone(),
+                packets: VecDeque::new(),
+                in_flight: 0,
+                paused_until: None,
+            });
+        q.addr = addr;
+        if q.packets.len() >= self.per_peer_queue {
+            q.packets.pop_front();
+        }
+        q.packets.push_back(packet);
+    }
+
+    /// A POST to `endpoint` finished.
+    fn sent(&mut self, endpoint: &str, result: &Result<(), TransportError>, now: Instant) {
+        let Some(q) = self.peers.get_mut(endpoint) else {
+            return;
+        };
+        q.in_flight = q.in_flight.saturating_sub(1);
+        match result {
+            Ok(()) => {}
+            Err(TransportError::Overloaded { retry_after }) => {
+                tracing::debug!(%endpoint, ?retry_after, "peer gateway overloaded; pausing");
+                q.paused_until = Some(now + *retry_after);
+            }
+            Err(TransportError::Failed(e)) => {
+                tracing::debug!(%endpoint, cause = %e, "sending to peer gateway failed; the links resend");
+            }
+        }
+    }
+
+    /// The batches to POST now (each counted in flight until
+    /// [`sent`](Self::sent)).
+    fn ready(&mut self, now: Instant) -> Vec<(String, PeerAddr, Vec<Packet>)> {
+        let mut out = Vec::new();
+        for (endpoint, q) in &mut self.peers {
+            match q.paused_until {
+                Some(t) if t > now => continue,
+                Some(_) => q.paused_until = None,
+                None => {}
+            }
+            while q.in_flight < self.per_peer_requests && !q.packets.is_empty() {
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                while let Some(p) = q.packets.front() {
+                    let len = p.bytes.len() + p.from.len() + p.to.len() + 8;
+                    if !batch.is_empty()
+                        && (bytes + len > self.max_batch_bytes
+                            || batch.len() >= self.max_batch_packets)
+                    {
+                        break;
+                    }
+                    bytes += len;
+                    batch.push(q.packets.pop_front().expect("front exists"));
+                }
+                q.in_flight += 1;
+                out.push((endpoint.clone(), q.addr.clone(), batch));
+            }
+        }
+        out
+    }
+
+    /// When a paused peer may be sent to again.
+    fn next_resume(&self) -> Option<Instant> {
+        self.peers.values().filter_map(|q| q.paused_until).min()
+    }
+}
+
 struct Driver {
     worker: FlowWorker,
     keys: KeyStore,
@@ -412,7 +508,7 @@ struct Driver {
     timer_of: HashMap<Pair, std::time::Instant>,
     outgoing: HashMap<(Pair, MessageId), SessionMessage>,
     local: HashMap<String, HoldingId>,
-    queues: HashMap<String, PeerQueue>,
+    queues: Queues,
     done_tx: mpsc::UnboundedSender<Done>,
     counters: Arc<Counters>,
 }
@@ -438,6 +534,7 @@ impl LinkManager {
         let mut d = Driver {
             worker,
             keys,
+            queues: Queues::new(&config),
             config,
             shared,
             transport,
@@ -447,7 +544,6 @@ impl LinkManager {
             timer_of: HashMap::new(),
             outgoing: HashMap::new(),
             local: HashMap::new(),
-            queues: HashMap::new(),
             done_tx,
             counters,
         };
@@ -505,8 +601,7 @@ impl Driver {
 
     fn next_deadline(&self) -> Option<Instant> {
         let links = self.timers.first().map(|(t, _)| Instant::from_std(*t));
-        let queues = self.queues.values().filter_map(|q| q.paused_until);
-        links.into_iter().chain(queues).min()
+        links.into_iter().chain(self.queues.next_resume()).min()
     }
 
     async fn link(&mut self, pair: &Pair) -> Option<&mut Link> {
@@ -626,20 +721,7 @@ impl Driver {
                 }
             }
             Done::Sent { endpoint, result } => {
-                let Some(q) = self.queues.get_mut(&endpoint) else {
-                    return;
-                };
-                q.in_flight = q.in_flight.saturating_sub(1);
-                match result {
-                    Ok(()) => {}
-                    Err(TransportError::Overloaded { retry_after }) => {
-                        tracing::debug!(%endpoint, ?retry_after, "peer gateway overloaded; pausing");
-                        q.paused_until = Some(Instant::now() + retry_after);
-                    }
-                    Err(TransportError::Failed(e)) => {
-                        tracing::debug!(%endpoint, cause = %e, "sending to peer gateway failed; the links resend");
-                    }
-                }
+                self.queues.sent(&endpoint, &result, Instant::now());
             }
         }
     }
@@ -654,11 +736,6 @@ impl Driver {
             if let Some(l) = self.links.get_mut(&pair) {
                 l.handle_timeout(now.into_std());
                 self.dirty.insert(pair);
-            }
-        }
-        for q in self.queues.values_mut() {
-            if q.paused_until.is_some_and(|t| t <= now) {
-                q.paused_until = None;
             }
         }
     }
@@ -680,24 +757,14 @@ impl Driver {
                     tracing::debug!(to = %pair.1, "no gateway address for peer; packet dropped (resent later)");
                     continue;
                 };
-                let q = self
-                    .queues
-                    .entry(addr.endpoint.clone())
-                    .or_insert_with(|| PeerQueue {
-                        addr: addr.clone(),
-                        packets: VecDeque::new(),
-                        in_flight: 0,
-                        paused_until: None,
-                    });
-                q.addr = addr;
-                if q.packets.len() >= self.config.per_peer_queue {
-                    q.packets.pop_front();
-                }
-                q.packets.push_back(Packet {
-                    from: pair.0.clone(),
-                    to: pair.1.clone(),
-                    bytes,
-                });
+                self.queues.push(
+                    addr,
+                    Packet {
+                        from: pair.0.clone(),
+                        to: pair.1.clone(),
+                        bytes,
+                    },
+                );
             }
             while let Some(ev) = link.poll_event() {
                 match ev {
@@ -805,35 +872,13 @@ impl Driver {
     }
 
     fn pump_sends(&mut self) {
-        let now = Instant::now();
-        for (endpoint, q) in &mut self.queues {
-            if q.paused_until.is_some_and(|t| t > now) {
-                continue;
-            }
-            while q.in_flight < self.config.per_peer_requests && !q.packets.is_empty() {
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                while let Some(p) = q.packets.front() {
-                    let len = p.bytes.len() + p.from.len() + p.to.len() + 8;
-                    if !batch.is_empty()
-                        && (bytes + len > self.config.max_batch_bytes
-                            || batch.len() >= self.config.max_batch_packets)
-                    {
-                        break;
-                    }
-                    bytes += len;
-                    batch.push(q.packets.pop_front().expect("front exists"));
-                }
-                q.in_flight += 1;
-                let transport = self.transport.clone();
-                let addr = q.addr.clone();
-                let tx = self.done_tx.clone();
-                let endpoint = endpoint.clone();
-                tokio::spawn(async move {
-                    let result = transport.send(&addr, batch).await;
-                    let _ = tx.send(Done::Sent { endpoint, result });
-                });
-            }
+        for (endpoint, addr, batch) in self.queues.ready(Instant::now()) {
+            let transport = self.transport.clone();
+            let tx = self.done_tx.clone();
+            tokio::spawn(async move {
+                let result = transport.send(&addr, batch).await;
+                let _ = tx.send(Done::Sent { endpoint, result });
+            });
         }
     }
 }
@@ -912,6 +957,78 @@ mod tests {
         // Not a session message at all.
         let err = decode_inbound(&pair, &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(err.contains("undecodable"), "{err}");
+    }
+
+    fn packet(i: usize) -> Packet {
+        Packet {
+            from: A.into(),
+            to: B.into(),
+            bytes: vec![i as u8; 100],
+        }
+    }
+
+    fn addr() -> PeerAddr {
+        PeerAddr {
+            endpoint: "https://127.0.0.1:1".into(),
+            tls_leaf: None,
+        }
+    }
+
+    #[test]
+    fn sends_are_batched_bounded_per_peer_and_paused_when_overloaded() {
+        let config = P2pConfig {
+            per_peer_requests: 2,
+            max_batch_packets: 10,
+            per_peer_queue: 1000,
+            ..P2pConfig::default()
+        };
+        let mut q = Queues::new(&config);
+        for i in 0..100 {
+            q.push(addr(), packet(i));
+        }
+        let t0 = Instant::now();
+        let ready = q.ready(t0);
+        assert_eq!(ready.len(), 2, "at most 2 POSTs in flight per peer");
+        assert!(ready.iter().all(|(_, _, b)| b.len() == 10));
+        assert_eq!(ready[0].2[0].bytes[0], 0, "oldest packets first");
+        assert!(q.ready(t0).is_empty(), "both request slots are taken");
+
+        // The peer answers 503: nothing more until its Retry-After passed,
+        // even with a free slot.
+        let endpoint = ready[0].0.clone();
+        let overloaded = Err(TransportError::Overloaded {
+            retry_after: Duration::from_secs(1),
+        });
+        q.sent(&endpoint, &overloaded, t0);
+        assert!(q.ready(t0 + Duration::from_millis(999)).is_empty());
+        assert_eq!(q.next_resume(), Some(t0 + Duration::from_secs(1)));
+        let resumed = q.ready(t0 + Duration::from_secs(1));
+        assert_eq!(resumed.len(), 1, "one slot free after the pause");
+        assert_eq!(q.next_resume(), None);
+
+        // A failed POST frees its slot at once (the links resend).
+        q.sent(
+            &endpoint,
+            &Err(TransportError::Failed("refused".into())),
+            t0,
+        );
+        assert_eq!(q.ready(t0 + Duration::from_secs(1)).len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_packets() {
+        let config = P2pConfig {
+            per_peer_queue: 5,
+            max_batch_packets: 100,
+            ..P2pConfig::default()
+        };
+        let mut q = Queues::new(&config);
+        for i in 0..8 {
+            q.push(addr(), packet(i));
+        }
+        let ready = q.ready(Instant::now());
+        let firsts: Vec<u8> = ready[0].2.iter().map(|p| p.bytes[0]).collect();
+        assert_eq!(firsts, vec![3, 4, 5, 6, 7]);
     }
 
     #[test]
