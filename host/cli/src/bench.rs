@@ -254,17 +254,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loopback ports `base..=base+12` (two nodes' REST and gateway ports as
-/// `braid network bootstrap` assigns them) that are all free now.
-pub(crate) fn free_base_port() -> anyhow::Result<u16> {
-    (17_000u16..60_000)
-        .step_by(20)
-        .find(|&base| {
-            (base..=base + 12).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-        })
-        .context("no 13 consecutive free loopback ports between 17000 and 60000")
-}
-
 /// The sum over `nodes` of the counters named `names`, from their
 /// Prometheus text.
 fn counters(nodes: &[&node::Node], names: &[&str]) -> Vec<u64> {
@@ -303,21 +292,7 @@ async fn between_nodes(
     in_flight: usize,
 ) -> anyhow::Result<serde_json::Value> {
     const WARMUP: usize = 200;
-    let opts = braid_membership::BootstrapOptions {
-        base_port: free_base_port()?,
-        // Membership converges sooner; the polls are a few GETs a second.
-        poll_interval: Duration::from_millis(250),
-        ..Default::default()
-    };
-    let net = braid_membership::bootstrap(dir, &["n1".to_owned(), "n2".to_owned()], &opts)?;
-    let mut nodes = Vec::new();
-    for n in &net.nodes {
-        let args = NodeArgs {
-            network_config: Some(n.config_path.clone()),
-            ..NodeArgs::local(n.config.data_dir.clone())
-        };
-        nodes.push(node::start(&args).await?);
-    }
+    let (net, mut nodes) = crate::network::start_local_network(dir, &["n1", "n2"]).await?;
     let mutual_tls = net.nodes.iter().all(|n| n.config.mutual_tls);
     let (n1, n2) = (&nodes[0], &nodes[1]);
     let bytes = std::fs::read(wasm)?;

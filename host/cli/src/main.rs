@@ -244,28 +244,12 @@ async fn demo(data_dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     // A two-node network, as `braid network bootstrap` makes it: its own CA,
     // mutual TLS between the gateways, the first node runs the network map.
-    let opts = braid_membership::BootstrapOptions {
-        base_port: bench::free_base_port()?,
-        poll_interval: std::time::Duration::from_millis(250),
-        ..Default::default()
-    };
-    let net = braid_membership::bootstrap(
-        &dir.join("network"),
-        &["alpha".to_owned(), "beta".to_owned()],
-        &opts,
-    )?;
-    let parties = [
-        ("O=Alice, L=London, C=GB", &net.nodes[0]),
-        ("O=Bob, L=New York, C=US", &net.nodes[1]),
-    ];
+    let (net, started) =
+        network::start_local_network(&dir.join("network"), &["alpha", "beta"]).await?;
+    let parties = ["O=Alice, L=London, C=GB", "O=Bob, L=New York, C=US"];
     let mut nodes = Vec::new();
     let mut holding = Vec::new();
-    for (name, n) in parties {
-        let args = node::NodeArgs {
-            network_config: Some(n.config_path.clone()),
-            ..node::NodeArgs::local(n.config.data_dir.clone())
-        };
-        let node = node::start(&args).await?;
+    for ((name, n), node) in parties.into_iter().zip(&net.nodes).zip(started) {
         eprintln!(
             "node {}: REST {}, gateway {}",
             n.name, node.url, n.config.gateway_endpoint

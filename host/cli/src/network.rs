@@ -336,6 +336,14 @@ fn summary(m: &MemberInfo) -> MemberSummary {
     }
 }
 
+impl NodeNetwork {
+    fn map_server(&self) -> Result<&MapServer, WorkerError> {
+        self.server.as_deref().ok_or_else(|| {
+            WorkerError::Conflict("this node does not run the network-map role".into())
+        })
+    }
+}
+
 #[async_trait::async_trait]
 impl Network for NodeNetwork {
     fn summary(&self) -> NetworkSummary {
@@ -349,17 +357,12 @@ impl Network for NodeNetwork {
     }
 
     fn pending(&self) -> Result<Vec<MemberSummary>, WorkerError> {
-        let s = self.server.as_ref().ok_or_else(|| {
-            WorkerError::Conflict("this node does not run the network-map role".into())
-        })?;
-        Ok(s.pending().iter().map(summary).collect())
+        Ok(self.map_server()?.pending().iter().map(summary).collect())
     }
 
     async fn approve(&self, name: &X500Name) -> Result<(), WorkerError> {
-        let s = self.server.as_ref().ok_or_else(|| {
-            WorkerError::Conflict("this node does not run the network-map role".into())
-        })?;
-        s.approve(name)
+        self.map_server()?
+            .approve(name)
             .map_err(|e| WorkerError::NotFound(e.to_string()))
     }
 
@@ -374,6 +377,47 @@ impl Network for NodeNetwork {
             v.members().len()
         );
     }
+}
+
+/// Loopback ports `base..base + 10 * nodes + 2` (each node's REST and
+/// gateway ports as `braid network bootstrap` assigns them) that are all
+/// free now.
+fn free_base_port(nodes: usize) -> anyhow::Result<u16> {
+    let span = 10 * nodes as u16 + 2;
+    (17_000u16..60_000)
+        .step_by(20)
+        .find(|&base| {
+            (base..base + span).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        })
+        .with_context(|| {
+            format!("no {span} consecutive free loopback ports between 17000 and 60000")
+        })
+}
+
+/// Bootstraps a development network of `names` under `dir` on free
+/// loopback ports (nodes poll the map every 250 ms, so membership converges
+/// quickly) and starts every node in this process; used by `braid demo`
+/// and `braid bench --network`.
+pub async fn start_local_network(
+    dir: &Path,
+    names: &[&str],
+) -> anyhow::Result<(braid_membership::Network, Vec<crate::node::Node>)> {
+    let opts = braid_membership::BootstrapOptions {
+        base_port: free_base_port(names.len())?,
+        poll_interval: Duration::from_millis(250),
+        ..Default::default()
+    };
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let net = braid_membership::bootstrap(dir, &names, &opts)?;
+    let mut nodes = Vec::new();
+    for n in &net.nodes {
+        let args = crate::node::NodeArgs {
+            network_config: Some(n.config_path.clone()),
+            ..crate::node::NodeArgs::local(n.config.data_dir.clone())
+        };
+        nodes.push(crate::node::start(&args).await?);
+    }
+    Ok((net, nodes))
 }
 
 /// `braid network …`

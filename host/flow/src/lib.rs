@@ -1105,6 +1105,29 @@ async fn drive(w: FlowWorker, id: FlowId, events: mpsc::UnboundedReceiver<Event>
     w.pump();
 }
 
+/// Runs `op` until it succeeds, waiting 10 ms after the first failure and
+/// doubling to 5 s; each failure is logged as `what ... failed; retrying`.
+/// For store writes that must happen eventually (a failing disk stalls the
+/// caller rather than losing the write).
+pub async fn retry_until_ok<T, E, F, Fut>(what: &str, mut op: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut backoff = 10u64;
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(cause = %e, "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_millis(backoff)).await;
+                backoff = (backoff * 2).min(5_000);
+            }
+        }
+    }
+}
+
 /// Delivers published messages to flows of this node.
 async fn route(w: FlowWorker, mut rx: BusReceiver) {
     while let Some(mut batch) = rx.recv().await {
@@ -1114,17 +1137,7 @@ async fn route(w: FlowWorker, mut rx: BusReceiver) {
                 break;
             }
         }
-        let mut backoff = 10u64;
-        loop {
-            match deliver(&w, &batch).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(cause = %e, "message delivery failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                    backoff = (backoff * 2).min(5_000);
-                }
-            }
-        }
+        retry_until_ok("message delivery", || deliver(&w, &batch)).await;
     }
 }
 

@@ -25,7 +25,7 @@
 
 pub mod adapters;
 
-use braid_flow::{FlowWorker, Remote};
+use braid_flow::{FlowWorker, Remote, WorkerError, retry_until_ok};
 use braid_link::{
     Event, Identity, Link, LinkConfig, Membership, MessageId, PublicKey, SendError, StaticKeypair,
 };
@@ -660,12 +660,10 @@ impl Driver {
     fn fail(&self, m: SessionMessage, reason: String) {
         let w = self.worker.clone();
         tokio::spawn(async move {
-            let mut backoff = 10;
-            while let Err(e) = w.remote_failed(&m, reason.clone()).await {
-                tracing::warn!(cause = %e, "recording an undeliverable message failed; retrying");
-                tokio::time::sleep(Duration::from_millis(backoff)).await;
-                backoff = (backoff * 2).min(5000);
-            }
+            retry_until_ok("recording an undeliverable message", || {
+                w.remote_failed(&m, reason.clone())
+            })
+            .await;
         });
     }
 
@@ -819,20 +817,17 @@ impl Driver {
             tokio::spawn(async move {
                 let msgs: Vec<SessionMessage> =
                     delivered.iter().map(|(_, _, m)| m.clone()).collect();
-                let mut backoff = 10;
-                loop {
+                // Store failures are retried; a refusal is final.
+                let outcome = retry_until_ok("storing arrived messages", || async {
                     match w.deliver_inbound(&msgs).await {
-                        Ok(()) => break,
-                        Err(braid_flow::WorkerError::Store(e)) => {
-                            tracing::warn!(cause = %e, "storing arrived messages failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(backoff)).await;
-                            backoff = (backoff * 2).min(5000);
-                        }
-                        Err(e) => {
-                            tracing::warn!(cause = %e, "arrived messages refused");
-                            return;
-                        }
+                        Err(WorkerError::Store(e)) => Err(e),
+                        other => Ok(other),
                     }
+                })
+                .await;
+                if let Err(e) = outcome {
+                    tracing::warn!(cause = %e, "arrived messages refused");
+                    return;
                 }
                 let ids = delivered.into_iter().map(|(p, id, _)| (p, id)).collect();
                 let _ = tx.send(Done::Durable(ids));
@@ -849,14 +844,12 @@ impl Driver {
                 .collect();
             let w = self.worker.clone();
             tokio::spawn(async move {
-                let mut backoff = 10;
                 // If this never succeeds the messages stay in the outbox and
                 // are sent again after a restart; the peer drops them.
-                while let Err(e) = w.remote_delivered(keys.clone()).await {
-                    tracing::warn!(cause = %e, "removing acknowledged messages from the outbox failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff)).await;
-                    backoff = (backoff * 2).min(5000);
-                }
+                retry_until_ok("removing acknowledged messages from the outbox", || {
+                    w.remote_delivered(keys.clone())
+                })
+                .await;
             });
         }
         for (pair, id, reason) in dead {
