@@ -22,6 +22,7 @@ use utoipa_axum::routes;
 mod auth;
 mod network;
 pub mod openapi;
+pub mod page;
 mod rbac;
 pub mod tls;
 pub use auth::{Auth, AuthStore, Principal};
