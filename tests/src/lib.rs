@@ -644,8 +644,10 @@ impl FlowStatus {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct FlowList {
     flows: Vec<Value>,
+    next_cursor: Option<String>,
 }
 
 fn parse_status(v: &Value) -> FlowStatus {
@@ -894,19 +896,40 @@ impl Api {
             .unwrap_or_else(|| panic!("flow {holding}/{client_request_id} does not exist (404)"))
     }
 
-    /// Every flow of a vnode, responders included.
+    /// Every flow of a vnode, responders included (every page).
     pub fn list_flows(&self, holding: &str) -> Vec<FlowStatus> {
-        let resp = self
-            .get(&format!("/api/v1/flow/{holding}"))
-            .expect("list flows");
-        resp.expect_status(&[200], "list flows");
-        let list: FlowList = serde_json::from_value(resp.json.clone()).unwrap_or_else(|e| {
-            panic!(
-                "flow listing does not match the contract ({e}): {}",
-                resp.text
-            )
-        });
-        list.flows.iter().map(parse_status).collect()
+        self.list_flows_where(holding, "")
+    }
+
+    /// Every flow of a vnode matching `query` (e.g. `status=RUNNING`),
+    /// following `nextCursor` through every page.
+    pub fn list_flows_where(&self, holding: &str, query: &str) -> Vec<FlowStatus> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v1/flow/{holding}?limit=1000");
+            if !query.is_empty() {
+                path.push('&');
+                path.push_str(query);
+            }
+            if let Some(c) = &cursor {
+                path.push_str("&cursor=");
+                path.push_str(c);
+            }
+            let resp = self.get(&path).expect("list flows");
+            resp.expect_status(&[200], "list flows");
+            let list: FlowList = serde_json::from_value(resp.json.clone()).unwrap_or_else(|e| {
+                panic!(
+                    "flow listing does not match the contract ({e}): {}",
+                    resp.text
+                )
+            });
+            out.extend(list.flows.iter().map(parse_status));
+            match list.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return out,
+            }
+        }
     }
 
     /// Waits until one flow is terminal; returns its status.

@@ -101,7 +101,11 @@ async fn run_pings(
     count: usize,
     in_flight: usize,
 ) -> anyhow::Result<(Duration, Vec<f64>)> {
-    let mut changes = p.node.worker.subscribe();
+    let events = p.node.worker.events();
+    let mut watch = events.watch();
+    let mut cursor = events.latest();
+    let mut ready: std::collections::VecDeque<std::sync::Arc<braid_storage::FlowRecord>> =
+        Default::default();
     let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let started: Arc<
         std::sync::Mutex<HashMap<FlowId, (Instant, tokio::sync::OwnedSemaphorePermit)>>,
@@ -132,12 +136,19 @@ async fn run_pings(
     let mut latencies = Vec::with_capacity(count);
     let mut early: HashMap<FlowId, Instant> = HashMap::new();
     while latencies.len() < count {
-        let rec = match changes.recv().await {
-            Ok(r) => r,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                anyhow::bail!("benchmark fell {n} status changes behind; lower --in-flight")
+        let Some(rec) = ready.pop_front() else {
+            watch.borrow_and_update();
+            let r = events.read(cursor, 4096, |_| true);
+            anyhow::ensure!(
+                !r.gap,
+                "benchmark fell behind the status changes; lower --in-flight"
+            );
+            cursor = r.cursor;
+            if r.events.is_empty() {
+                watch.changed().await?;
             }
-            Err(e) => return Err(e.into()),
+            ready.extend(r.events.into_iter().map(|e| e.record));
+            continue;
         };
         if rec.holding != p.alice || !rec.status.is_terminal() {
             continue;
@@ -181,7 +192,7 @@ async fn suspend_pings(p: &Pair, prefix: &str, count: usize) -> anyhow::Result<(
         let sleeping = p
             .node
             .worker
-            .flows_of(&bob)
+            .unfinished_of(&bob)
             .iter()
             .filter(|r| {
                 r.wake_at_ms
@@ -275,12 +286,11 @@ fn counters(nodes: &[&node::Node], names: &[&str]) -> Vec<u64> {
 }
 
 /// Completed responder flows on `node`.
-fn completed_flows(node: &node::Node, holding: &HoldingId) -> usize {
-    node.worker
-        .flows_of(holding)
-        .iter()
-        .filter(|r| r.status == FlowStatus::Completed)
-        .count()
+async fn completed_flows(node: &node::Node, holding: &HoldingId) -> anyhow::Result<usize> {
+    Ok(node
+        .worker
+        .count_flows(holding, FlowStatus::Completed)
+        .await?)
 }
 
 /// Cross-node figures: a 2-node network with mutual TLS on loopback, Alice
@@ -388,7 +398,7 @@ async fn between_nodes(
 async fn wait_responders(n: &node::Node, bob: &HoldingId, count: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done = completed_flows(n, bob);
+        let done = completed_flows(n, bob).await?;
         if done >= count {
             return Ok(());
         }
@@ -479,17 +489,7 @@ async fn recovery(dir: &Path, wasm: &Path, count: usize) -> anyhow::Result<serde
     }
     // Kill once every initiator is durably RUNNING.
     let bob = HoldingId::derive(&BOB.parse::<X500Name>()?, "default").to_string();
-    loop {
-        let l: serde_json::Value = http
-            .get(api(&base, &format!("flow/{bob}")))
-            .basic_auth("admin", Some(password))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if l["flows"].as_array().map_or(0, |a| a.len()) >= count {
-            break;
-        }
+    while rest_count(&http, &base, password, &bob, None).await? < count {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill()?;
@@ -499,20 +499,7 @@ async fn recovery(dir: &Path, wasm: &Path, count: usize) -> anyhow::Result<serde
     let mut child = spawn(dir)?;
     let base = url(dir).await?;
     let started = t0.elapsed();
-    loop {
-        let l: serde_json::Value = http
-            .get(api(&base, &format!("flow/{alice}")))
-            .basic_auth("admin", Some(password))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let done = l["flows"].as_array().map_or(0, |a| {
-            a.iter().filter(|f| f["status"] == "COMPLETED").count()
-        });
-        if done >= count {
-            break;
-        }
+    while rest_count(&http, &base, password, &alice, Some("COMPLETED")).await? < count {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let total = t0.elapsed();
@@ -521,4 +508,40 @@ async fn recovery(dir: &Path, wasm: &Path, count: usize) -> anyhow::Result<serde
     Ok(
         serde_json::json!({"flows": count, "restartToListeningMs": started.as_millis(), "restartToAllCompletedMs": total.as_millis()}),
     )
+}
+
+/// How many flows of `holding` (with `status`, when given) the node at
+/// `base` lists, following the pages.
+async fn rest_count(
+    http: &reqwest::Client,
+    base: &str,
+    password: &str,
+    holding: &str,
+    status: Option<&str>,
+) -> anyhow::Result<usize> {
+    let mut n = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut q: Vec<(&str, String)> = vec![("limit", "1000".into())];
+        if let Some(s) = status {
+            q.push(("status", s.into()));
+        }
+        if let Some(c) = &cursor {
+            q.push(("cursor", c.clone()));
+        }
+        let page: serde_json::Value = http
+            .get(format!("{base}/api/v1/flow/{holding}"))
+            .query(&q)
+            .basic_auth("admin", Some(password))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        n += page["flows"].as_array().map_or(0, Vec::len);
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(n),
+        }
+    }
 }

@@ -192,13 +192,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Role { command } => commands::role(&conn.client()?, command),
         Command::Node {
             command: NodeCommand::Start(args),
-        } => runtime()?.block_on(async {
-            let node = node::start(&args).await?;
-            tokio::select! {
-                r = node.server => { r??; Ok(ExitCode::SUCCESS) }
-                _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(ExitCode::SUCCESS) }
-            }
-        }),
+        } => {
+            let rt = runtime()?;
+            let code = rt.block_on(async {
+                let mut node = node::start(&args).await?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("installing the SIGTERM handler")?;
+                let why = tokio::select! {
+                    r = &mut node.server => {
+                        r??;
+                        anyhow::bail!("the REST server stopped");
+                    }
+                    _ = tokio::signal::ctrl_c() => "Ctrl-C",
+                    _ = term.recv() => "SIGTERM",
+                };
+                tracing::info!("{why}: stopping gracefully");
+                node.shutdown().await;
+                anyhow::Ok(ExitCode::SUCCESS)
+            });
+            // Tasks still running (flows, connections) are abandoned: their
+            // state is in the store.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
+        }
         Command::Network { command } => network::run(command).map(|()| ExitCode::SUCCESS),
         Command::Demo { data_dir } => runtime()?
             .block_on(demo(data_dir))

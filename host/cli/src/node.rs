@@ -6,6 +6,7 @@ use braid_bus::InProcessBus;
 use braid_flow::{FlowWorker, WorkerConfig};
 use braid_rest::Auth;
 use braid_runtime::{Limits, Runtime, RuntimeConfig};
+use braid_storage::Store as _;
 use braid_storage::embedded::EmbeddedStore;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -66,6 +67,34 @@ pub struct NodeArgs {
     /// How long a flow's `receive` waits before the session times out, ms.
     #[arg(long, env = "BRAID_SESSION_TIMEOUT_MS", default_value_t = 600_000)]
     pub session_timeout_ms: u64,
+    /// Host calls (braid's and WASI's) a flow may make without suspending;
+    /// beyond, it fails with HOST_CALL_LIMIT.
+    #[arg(
+        long,
+        env = "BRAID_MAX_HOST_CALLS_PER_CHECKPOINT",
+        default_value_t = 1_000_000
+    )]
+    pub max_host_calls_per_checkpoint: usize,
+    /// Largest journal a flow may build up, MiB; beyond, it fails with
+    /// JOURNAL_LIMIT.
+    #[arg(long, env = "BRAID_FLOW_JOURNAL_MIB", default_value_t = 256)]
+    pub flow_journal_mib: usize,
+    /// Largest JSON result a flow may return, bytes (stored and served as
+    /// is); a larger one fails the flow with RESULT_LIMIT.
+    #[arg(long, env = "BRAID_MAX_RESULT_BYTES", default_value_t = 1 << 20)]
+    pub max_result_bytes: usize,
+    /// Longest failure text kept for a flow, bytes; longer ones are cut
+    /// (saying so).
+    #[arg(long, env = "BRAID_MAX_ERROR_BYTES", default_value_t = 4096)]
+    pub max_error_bytes: usize,
+    /// Log text one flow may write per second, bytes (bursts up to four
+    /// times that); lines beyond are dropped and counted in the log.
+    #[arg(long, env = "BRAID_FLOW_LOG_BYTES_PER_SEC", default_value_t = 16 << 10)]
+    pub flow_log_bytes_per_sec: usize,
+    /// How long finished flows (status, result, journal) are kept before
+    /// they are deleted, seconds (default: 7 days).
+    #[arg(long, env = "BRAID_FLOW_RETENTION_SECS", default_value_t = 7 * 86_400)]
+    pub flow_retention_secs: u64,
     /// Name of the application network (part of every holding id).
     #[arg(long, env = "BRAID_GROUP", default_value = "default")]
     pub group: String,
@@ -103,6 +132,12 @@ impl NodeArgs {
             flow_stack_kib: 512,
             max_outbound_per_checkpoint: 10_000,
             session_timeout_ms: 600_000,
+            max_host_calls_per_checkpoint: 1_000_000,
+            flow_journal_mib: 256,
+            max_result_bytes: 1 << 20,
+            max_error_bytes: 4096,
+            flow_log_bytes_per_sec: 16 << 10,
+            flow_retention_secs: 7 * 86_400,
             group: "default".into(),
             tls_cert: None,
             tls_key: None,
@@ -123,6 +158,36 @@ pub struct Node {
     /// The network services (link manager, gateway, map client), when the
     /// node is part of a network; dropping them stops them.
     pub _network: Option<crate::network::Running>,
+    store: Arc<EmbeddedStore>,
+    stop_rest: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How long a graceful stop waits for REST requests in flight.
+const REST_DRAIN: Duration = Duration::from_secs(5);
+
+impl Node {
+    /// Stops the node gracefully: the REST API stops accepting and lets
+    /// requests in flight finish (for a few seconds), the network services
+    /// stop, no flow starts or resumes any more, the commits already sent
+    /// to the store finish and the store is closed cleanly, so the next
+    /// start needs no repair. Flows resume from their last checkpoint.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop_rest.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(REST_DRAIN, &mut self.server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "REST server ended with an error"),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::info!("REST connections still open after {REST_DRAIN:?}; closing them");
+                self.server.abort();
+            }
+        }
+        drop(self._network.take());
+        self.worker.stop();
+        self.store.close().await;
+        tracing::info!("node stopped cleanly");
+    }
 }
 
 /// Starts every worker; returns once the REST API listens and its URL is
@@ -168,6 +233,11 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             stack_bytes: args.flow_stack_kib << 10,
             cpu_budget: Duration::from_millis(args.flow_cpu_ms),
             max_outbound_per_checkpoint: args.max_outbound_per_checkpoint,
+            max_host_calls_per_checkpoint: args.max_host_calls_per_checkpoint,
+            max_journal_bytes: args.flow_journal_mib << 20,
+            max_result_bytes: args.max_result_bytes,
+            max_error_bytes: args.max_error_bytes.max(64),
+            log_bytes_per_sec: args.flow_log_bytes_per_sec,
             session_timeout: Duration::from_millis(args.session_timeout_ms),
             ..Limits::default()
         },
@@ -187,6 +257,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         WorkerConfig {
             max_live_flows: args.max_live_flows,
             group: args.group.clone(),
+            retention: Duration::from_secs(args.flow_retention_secs),
         },
         joining.as_ref().map(|j| j.remote()),
     )
@@ -229,14 +300,13 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
+    let (stop_rest, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stopped = async move {
+        let _ = stopped.await;
+    };
     let server = if args.insecure_http {
         tracing::warn!("serving the REST API over plain HTTP (--insecure-http)");
-        tokio::spawn(braid_rest::run(
-            listener,
-            worker.clone(),
-            auth,
-            std::future::pending(),
-        ))
+        tokio::spawn(braid_rest::run(listener, worker.clone(), auth, stopped))
     } else {
         let tls = tls_config(args)?;
         tokio::spawn(braid_rest::run_tls(
@@ -244,7 +314,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             tls,
             worker.clone(),
             auth,
-            std::future::pending(),
+            stopped,
         ))
     };
     let scheme = if args.insecure_http { "http" } else { "https" };
@@ -258,6 +328,8 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         worker,
         server,
         _network: network,
+        store,
+        stop_rest: Some(stop_rest),
     })
 }
 

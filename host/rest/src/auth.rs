@@ -18,7 +18,12 @@ use std::sync::{Arc, Mutex};
 const LEGACY_ADMIN_HASH_KEY: &str = "user/admin/argon2";
 
 /// Paths anyone may call without credentials.
-pub(crate) const OPEN_PATHS: [&str; 3] = ["/api/v1/health", "/metrics", "/api/v1/openapi.json"];
+pub(crate) const OPEN_PATHS: [&str; 4] = [
+    "/api/v1/health",
+    "/api/v1/health/ready",
+    "/metrics",
+    "/api/v1/openapi.json",
+];
 
 /// The store [`Auth::init`] reads from and, when it is shared, writes
 /// user and role changes to.

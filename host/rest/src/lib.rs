@@ -5,6 +5,7 @@
 //! 4xx, never a 5xx, and never takes the process down.
 
 use axum::body::Bytes;
+use axum::extract::Query;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -13,7 +14,9 @@ use axum::{Json, Router};
 use braid_flow::{FlowWorker, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
 use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
+use page::Page;
 use serde_json::{Value, json};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
@@ -24,6 +27,7 @@ mod network;
 pub mod openapi;
 pub mod page;
 mod rbac;
+mod stream;
 pub mod tls;
 pub use auth::{Auth, AuthStore, Principal};
 
@@ -130,6 +134,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
         .routes(routes!(start_flow, list_flows))
         .routes(routes!(flow_status))
         .routes(routes!(health))
+        .routes(routes!(ready))
         .routes(routes!(network::network))
         .routes(routes!(network::pending))
         .routes(routes!(network::approve))
@@ -220,64 +225,59 @@ fn holding(s: &str) -> Result<HoldingId, ApiError> {
     })
 }
 
+/// RFC 3339 in UTC with milliseconds, e.g. `2025-11-25T00:00:00.123Z`.
 fn timestamp(ms: u64) -> String {
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        ms % 1000
-    )
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| format!("{ms} ms after 1970"))
 }
 
-fn flow_json(r: &FlowRecord) -> Value {
+fn flow_view(r: &FlowRecord) -> openapi::Flow {
     let client_request_id = match &r.start {
         FlowStart::Client {
             client_request_id, ..
-        } => Value::String(client_request_id.to_string()),
-        FlowStart::Responder { .. } => Value::Null,
+        } => Some(client_request_id.to_string()),
+        FlowStart::Responder { .. } => None,
     };
     let result = r
         .result
         .as_deref()
-        .map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned())))
-        .unwrap_or(Value::Null);
-    json!({
-        "holdingId": r.holding.to_string(),
-        "clientRequestId": client_request_id,
-        "flowId": r.id.to_string(),
-        "flowName": r.flow_name,
-        "status": r.status,
-        "result": result,
-        "error": r.error,
-        "timestamp": timestamp(r.updated_ms),
-    })
+        .map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned())));
+    openapi::Flow {
+        holding_id: r.holding.to_string(),
+        client_request_id,
+        flow_id: r.id.to_string(),
+        flow_name: r.flow_name.clone(),
+        status: r.status,
+        result,
+        error: r.error.as_ref().map(|e| openapi::FlowError {
+            kind: e.kind,
+            message: e.message.clone(),
+        }),
+        timestamp: timestamp(r.updated_ms),
+    }
 }
 
-fn package_json(p: &PackageRecord) -> Value {
-    json!({"checksum": p.checksum.to_string(), "flows": p.flows, "size": p.size, "uploaded": timestamp(p.uploaded_ms)})
+fn package_view(p: &PackageRecord) -> openapi::Package {
+    openapi::Package {
+        checksum: p.checksum.to_string(),
+        flows: p.flows.clone(),
+        size: p.size,
+        uploaded: timestamp(p.uploaded_ms),
+    }
 }
 
-fn vnode_json(v: &VnodeRecord) -> Value {
-    json!({
-        "holdingId": v.holding.to_string(),
-        "x500Name": v.name.to_string(),
-        "packageChecksum": v.package.to_string(),
-        "flowStartsEnabled": v.flow_starts_enabled,
-    })
+fn vnode_view(v: &VnodeRecord) -> openapi::Vnode {
+    openapi::Vnode {
+        holding_id: v.holding.to_string(),
+        x500_name: v.name.to_string(),
+        package_checksum: v.package.to_string(),
+        flow_starts_enabled: v.flow_starts_enabled,
+    }
 }
 
 #[utoipa::path(
@@ -320,22 +320,39 @@ async fn upload_package(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(package_json(&rec))).into_response())
+    Ok((status, Json(package_view(&rec))).into_response())
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/package",
     tag = "packages",
-    summary = "List packages",
+    summary = "List packages (paginated, by checksum)",
+    params(page::PageParams),
     responses(
-        (status = 200, description = "Every package", body = openapi::PackageList),
+        (status = 200, description = "A page of packages", body = openapi::PackageList),
+        (status = 400, description = "Bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
     ),
 )]
-async fn list_packages(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn list_packages(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<openapi::PackageList>, ApiError> {
     c.auth.check(&headers)?;
-    let ps: Vec<Value> = c.worker.packages().iter().map(package_json).collect();
-    Ok(Json(json!({ "packages": ps })))
+    let page = Page::from_query(&q)?;
+    let mut all = c.worker.packages();
+    all.sort_by_key(|p| p.checksum.to_string());
+    let after = page.after_str()?.map(str::to_owned);
+    let items = all
+        .iter()
+        .map(|p| (p.checksum.to_string(), p))
+        .filter(|(k, _)| after.as_deref().is_none_or(|a| k.as_str() > a));
+    let (ps, next_cursor) = page.take(items);
+    Ok(Json(openapi::PackageList {
+        packages: ps.into_iter().map(package_view).collect(),
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(
@@ -367,22 +384,39 @@ async fn create_vnode(
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
     let rec = c.worker.create_vnode(name, checksum).await?;
-    Ok((StatusCode::CREATED, Json(vnode_json(&rec))).into_response())
+    Ok((StatusCode::CREATED, Json(vnode_view(&rec))).into_response())
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/virtualnode",
     tag = "virtual nodes",
-    summary = "List virtual nodes",
+    summary = "List virtual nodes (paginated, by X.500 name)",
+    params(page::PageParams),
     responses(
-        (status = 200, description = "Every virtual node", body = openapi::VnodeList),
+        (status = 200, description = "A page of virtual nodes", body = openapi::VnodeList),
+        (status = 400, description = "Bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
     ),
 )]
-async fn list_vnodes(State(c): State<Ctx>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn list_vnodes(
+    State(c): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<openapi::VnodeList>, ApiError> {
     c.auth.check(&headers)?;
-    let vs: Vec<Value> = c.worker.vnodes().iter().map(vnode_json).collect();
-    Ok(Json(json!({ "virtualNodes": vs })))
+    let page = Page::from_query(&q)?;
+    let after = page.after_str()?.map(str::to_owned);
+    // Sorted by name, as `vnodes()` returns them.
+    let all = c.worker.vnodes();
+    let items = all
+        .iter()
+        .map(|v| (v.name.to_string(), v))
+        .filter(|(k, _)| after.as_deref().is_none_or(|a| k.as_str() > a));
+    let (vs, next_cursor) = page.take(items);
+    Ok(Json(openapi::VnodeList {
+        virtual_nodes: vs.into_iter().map(vnode_view).collect(),
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(
@@ -402,14 +436,14 @@ async fn get_vnode(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(h): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Vnode>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = c
         .worker
         .vnode(&h)
         .ok_or_else(|| ApiError::not_found(format!("no virtual node with holdingId {h}")))?;
-    Ok(Json(vnode_json(&v)))
+    Ok(Json(vnode_view(&v)))
 }
 
 #[utoipa::path(
@@ -429,10 +463,10 @@ async fn vnode_flows(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(h): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::FlowInfoList>, ApiError> {
     c.auth.check(&headers)?;
     let flows = c.worker.vnode_flows(&holding(&h)?)?;
-    Ok(Json(json!({ "flows": flows })))
+    Ok(Json(openapi::FlowInfoList { flows }))
 }
 
 #[utoipa::path(
@@ -458,7 +492,7 @@ async fn force_package(
     headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Vnode>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
@@ -466,7 +500,7 @@ async fn force_package(
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
     let rec = c.worker.force_package(h, checksum).await?;
-    Ok(Json(vnode_json(&rec)))
+    Ok(Json(vnode_view(&rec)))
 }
 
 #[utoipa::path(
@@ -512,21 +546,22 @@ async fn start_flow(
         .worker
         .start_flow(h, crid, flow_name, request_body)
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(flow_json(&rec))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(flow_view(&rec))).into_response())
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/flow/{holding}",
     tag = "flows",
-    summary = "List the flows of a virtual node",
+    summary = "List the flows of a virtual node (paginated)",
     params(
         ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
         ("status" = Option<openapi::FlowStatus>, Query, description = "Only flows with this status"),
+        page::PageParams,
     ),
     responses(
-        (status = 200, description = "The flows", body = openapi::FlowList),
-        (status = 400, description = "Unknown status (`INVALID_STATUS`)", body = openapi::Problem),
+        (status = 200, description = "A page of the flows, oldest first", body = openapi::FlowList),
+        (status = 400, description = "Unknown status (`INVALID_STATUS`), bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
         (status = 404, description = "No such virtual node", body = openapi::Problem),
     ),
 )]
@@ -534,8 +569,8 @@ async fn list_flows(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(h): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<openapi::FlowList>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
@@ -543,6 +578,7 @@ async fn list_flows(
             "no virtual node with holdingId {h}"
         )));
     }
+    let page = Page::from_query(&q)?;
     let want = match q.get("status") {
         None => None,
         Some(s) => Some(
@@ -554,14 +590,14 @@ async fn list_flows(
             })?,
         ),
     };
-    let flows: Vec<Value> = c
+    let p = c
         .worker
-        .flows_of(&h)
-        .iter()
-        .filter(|r| want.is_none_or(|w| r.status == w))
-        .map(flow_json)
-        .collect();
-    Ok(Json(json!({ "flows": flows })))
+        .list_flows(&h, want, page.after.as_deref(), page.limit)
+        .await?;
+    Ok(Json(openapi::FlowList {
+        flows: p.flows.iter().map(flow_view).collect(),
+        next_cursor: p.next.as_deref().map(page::encode_cursor),
+    }))
 }
 
 #[utoipa::path(
@@ -582,32 +618,69 @@ async fn flow_status(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path((h, crid)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Flow>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
-    let crid: ClientRequestId = crid
-        .parse()
-        .map_err(|e: braid_types::ParseError| ApiError::not_found(e.0))?;
-    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
+    let crid = client_request(&crid)?;
+    Ok(Json(flow_view(&client_flow(&c, &h, &crid).await?)))
+}
+
+/// The flow started with `crid` on `h`, or a 404.
+async fn client_flow(
+    c: &Ctx,
+    h: &HoldingId,
+    crid: &ClientRequestId,
+) -> Result<FlowRecord, ApiError> {
+    c.worker.flow_by_client(h, crid).await?.ok_or_else(|| {
         ApiError::not_found(format!(
             "no flow with clientRequestId {crid} on virtual node {h}"
         ))
-    })?;
-    Ok(Json(flow_json(&rec)))
+    })
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/health",
     tag = "node",
-    summary = "Liveness and readiness (no credentials needed)",
+    summary = "Liveness (no credentials needed): 200 whenever the node answers; the body says whether its store works",
     responses(
-        (status = 200, description = "The node is up", body = openapi::Health),
+        (status = 200, description = "The node is up (`status` is `DEGRADED` while its store fails)", body = openapi::Health),
     ),
 )]
-async fn health(State(c): State<Ctx>) -> Json<Value> {
-    let (live, known) = c.worker.counts();
-    Json(json!({"status": "UP", "liveFlows": live, "flows": known}))
+async fn health(State(c): State<Ctx>) -> Json<openapi::Health> {
+    let (live, unfinished) = c.worker.counts();
+    let store = c.worker.store().health();
+    Json(openapi::Health {
+        status: if store.ok { "UP" } else { "DEGRADED" }.into(),
+        ready: store.ok,
+        live_flows: live as u64,
+        flows: unfinished as u64,
+        store: openapi::StoreState {
+            status: if store.ok { "UP" } else { "FAILING" }.into(),
+            error: store.error,
+            since: timestamp(store.since_ms),
+        },
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/health/ready",
+    tag = "node",
+    summary = "Readiness (no credentials needed): 200 when the node can take requests, 503 while its store is failing",
+    responses(
+        (status = 200, description = "Ready", body = openapi::Health),
+        (status = 503, description = "Not ready: the store is failing (e.g. the disk is full) and recovering by itself", body = openapi::Health),
+    ),
+)]
+async fn ready(State(c): State<Ctx>) -> Response {
+    let Json(h) = health(State(c)).await;
+    let status = if h.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(h)).into_response()
 }
 
 fn checksum_path(s: &str) -> Result<Checksum, ApiError> {
@@ -637,14 +710,14 @@ async fn get_package(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(cs): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Package>, ApiError> {
     c.auth.check(&headers)?;
     let cs = checksum_path(&cs)?;
     let p = c
         .worker
         .package(&cs)
         .ok_or_else(|| ApiError::not_found(format!("no package with checksum {cs}")))?;
-    Ok(Json(package_json(&p)))
+    Ok(Json(package_view(&p)))
 }
 
 #[utoipa::path(
@@ -695,14 +768,14 @@ async fn upgrade_vnode(
     headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Vnode>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let checksum: Checksum = str_field(&v, "packageChecksum")?
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
-    Ok(Json(vnode_json(
+    Ok(Json(vnode_view(
         &c.worker.upgrade_vnode(h, checksum).await?,
     )))
 }
@@ -730,7 +803,7 @@ async fn vnode_state(
     headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Vnode>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
@@ -740,7 +813,7 @@ async fn vnode_state(
             "field \"flowStartsEnabled\" must be true or false",
         )
     })?;
-    Ok(Json(vnode_json(
+    Ok(Json(vnode_view(
         &c.worker.set_flow_starts(h, enabled).await?,
     )))
 }
@@ -765,77 +838,38 @@ async fn kill_flow(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path((h, crid)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<openapi::Flow>, ApiError> {
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
-    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no flow with clientRequestId {crid} on virtual node {h}"
-        ))
-    })?;
-    let rec = c.worker.kill(
-        rec.id,
-        format!("killed by an operator (clientRequestId {crid})"),
-    )?;
-    Ok(Json(flow_json(&rec)))
-}
-
-type SseStream = std::pin::Pin<
-    Box<
-        dyn futures_util::Stream<
-                Item = Result<axum::response::sse::Event, std::convert::Infallible>,
-            > + Send,
-    >,
->;
-
-fn status_stream(
-    rx: tokio::sync::broadcast::Receiver<FlowRecord>,
-    first: Option<FlowRecord>,
-    keep: impl Fn(&FlowRecord) -> bool + Send + Sync + 'static,
-    stop_at_end: bool,
-) -> SseStream {
-    use axum::response::sse::Event;
-    use tokio::sync::broadcast::error::RecvError;
-    let keep = Arc::new(keep);
-    let s = futures_util::stream::unfold((rx, first, false), move |(mut rx, first, done)| {
-        let keep = keep.clone();
-        async move {
-            if done {
-                return None;
-            }
-            let r = match first {
-                Some(r) => r,
-                None => loop {
-                    match rx.recv().await {
-                        Ok(r) if keep(&r) => break r,
-                        Ok(_) | Err(RecvError::Lagged(_)) => continue,
-                        Err(RecvError::Closed) => return None,
-                    }
-                },
-            };
-            let end = stop_at_end && r.status.is_terminal();
-            let ev = Event::default()
-                .event("status")
-                .json_data(flow_json(&r))
-                .ok()?;
-            Some((Ok(ev), (rx, None, end)))
-        }
-    });
-    Box::pin(s)
+    let rec = client_flow(&c, &h, &crid).await?;
+    let rec = c
+        .worker
+        .kill(
+            rec.id,
+            format!("killed by an operator (clientRequestId {crid})"),
+        )
+        .await?;
+    Ok(Json(flow_view(&rec)))
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/flow/{holding}/{client_request_id}/events",
     tag = "flows",
-    summary = "Stream a flow's status changes (Server-Sent Events `status`, each a Flow; ends when the flow ends)",
+    summary = "Stream a flow's status changes (Server-Sent Events; ends when the flow ends)",
+    description = "Each `status` event's data is a Flow; its `id` can be sent back as \
+        `Last-Event-ID` to resume after a reconnect. The stream starts with the flow's current \
+        status (unless resuming). A `resync` event means events were missed (the client fell \
+        too far behind, or resumed from an id the node no longer holds): it is followed by the \
+        flow's current status.",
     params(
         ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
         ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received, to resume after it"),
     ),
     responses(
-        (status = 200, description = "An event stream; each `status` event's data is a Flow", content_type = "text/event-stream", body = openapi::StatusEvent),
+        (status = 200, description = "An event stream of `status` and `resync` events", content_type = "text/event-stream", body = openapi::StatusEvent),
         (status = 404, description = "No such flow", body = openapi::Problem),
     ),
 )]
@@ -843,34 +877,32 @@ async fn flow_events(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path((h, crid)): Path<(String, String)>,
-) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<SseStream>>, ApiError> {
+) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<stream::SseStream>>, ApiError>
+{
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
-    // Subscribe before reading the current status so no change is missed.
-    let rx = c.worker.subscribe();
-    let rec = c.worker.flow_by_client(&h, &crid).ok_or_else(|| {
-        ApiError::not_found(format!(
-            "no flow with clientRequestId {crid} on virtual node {h}"
-        ))
-    })?;
-    let id = rec.id;
-    Ok(
-        axum::response::Sse::new(status_stream(rx, Some(rec), move |r| r.id == id, true))
-            .keep_alive(axum::response::sse::KeepAlive::default()),
-    )
+    // The cursor before the current status, so no change is missed.
+    let resume = stream::resume_point(&headers, c.worker.events());
+    let rec = client_flow(&c, &h, &crid).await?;
+    Ok(stream::follow_flow(c.worker.clone(), rec, resume))
 }
 
 #[utoipa::path(
     get,
     path = "/api/v1/flow/{holding}/events",
     tag = "flows",
-    summary = "Stream the status changes of a virtual node's flows (Server-Sent Events `status`, each a Flow; never ends)",
+    summary = "Stream the status changes of a virtual node's flows (Server-Sent Events; never ends)",
+    description = "Each `status` event's data is a Flow; its `id` can be sent back as \
+        `Last-Event-ID` to resume after a reconnect. A `resync` event means events were missed \
+        (the client fell too far behind, or resumed from an id the node no longer holds): list \
+        the flows again (`GET /api/v1/flow/{holding}`) and carry on with the stream.",
     params(
         ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last event received, to resume after it"),
     ),
     responses(
-        (status = 200, description = "An event stream; each `status` event's data is a Flow", content_type = "text/event-stream", body = openapi::StatusEvent),
+        (status = 200, description = "An event stream of `status` and `resync` events", content_type = "text/event-stream", body = openapi::StatusEvent),
         (status = 404, description = "No such virtual node", body = openapi::Problem),
     ),
 )]
@@ -878,7 +910,8 @@ async fn vnode_events(
     State(c): State<Ctx>,
     headers: HeaderMap,
     Path(h): Path<String>,
-) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<SseStream>>, ApiError> {
+) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<stream::SseStream>>, ApiError>
+{
     c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
@@ -886,11 +919,8 @@ async fn vnode_events(
             "no virtual node with holdingId {h}"
         )));
     }
-    let rx = c.worker.subscribe();
-    Ok(
-        axum::response::Sse::new(status_stream(rx, None, move |r| r.holding == h, false))
-            .keep_alive(axum::response::sse::KeepAlive::default()),
-    )
+    let resume = stream::resume_point(&headers, c.worker.events());
+    Ok(stream::follow_vnode(c.worker.clone(), h, resume))
 }
 
 #[utoipa::path(

@@ -168,11 +168,14 @@ pub struct Package {
     pub uploaded: String,
 }
 
-/// Every package.
+/// A page of packages, by checksum.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct PackageList {
     /// The packages.
     pub packages: Vec<Package>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// A package's bytes: a braid WebAssembly component (`braid package build`).
@@ -204,12 +207,14 @@ pub struct Vnode {
     pub flow_starts_enabled: bool,
 }
 
-/// Every virtual node.
+/// A page of virtual nodes, by X.500 name.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VnodeList {
     /// The virtual nodes.
     pub virtual_nodes: Vec<Vnode>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// The flows of a virtual node's package.
@@ -283,23 +288,48 @@ pub struct Flow {
     pub timestamp: String,
 }
 
-/// Flows of a virtual node.
+/// A page of a virtual node's flows, oldest first. With a status filter a
+/// page may hold fewer than `limit` flows (even none) and still have a
+/// `nextCursor`: follow it until it is `null`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct FlowList {
     /// The flows (responders included), oldest first.
     pub flows: Vec<Flow>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Liveness and readiness.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Health {
-    /// Always `UP` when the node answers.
+    /// `UP`, or `DEGRADED` while the store is failing (the node answers
+    /// and recovers by itself).
     pub status: String,
-    /// Flows in memory now.
+    /// Whether the node can take requests that write (the readiness
+    /// signal; `GET /api/v1/health/ready` answers 503 when not).
+    pub ready: bool,
+    /// Flows with a wasm instance now.
     pub live_flows: u64,
-    /// Flows the node knows of.
+    /// Flows not yet ended.
     pub flows: u64,
+    /// The store.
+    pub store: StoreState,
+}
+
+/// How the store is doing.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreState {
+    /// `UP`, or `FAILING` (e.g. the disk is full): writes are refused with
+    /// 503 and the store retries until they go through again.
+    pub status: String,
+    /// The last failure while `FAILING`.
+    pub error: Option<String>,
+    /// Since when it is in this state (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub since: String,
 }
 
 /// When a password stops being accepted: an RFC 3339 date-time or
@@ -453,14 +483,18 @@ pub struct Role {
     pub created: String,
 }
 
-/// One Server-Sent Event of a status stream: `event: status`, `data:` a
-/// [`Flow`] as JSON.
+/// One Server-Sent Event of a status stream: `event: status` with `data:`
+/// a [`Flow`] as JSON, or `event: resync` (events were missed; re-read the
+/// state) with `data:` a JSON object saying what to do. Every event has an
+/// `id` to send back as `Last-Event-ID` when reconnecting.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StatusEvent {
-    /// Always `status`.
-    #[schema(pattern = "^status$")]
+    /// `status` or `resync`.
+    #[schema(pattern = "^(status|resync)$")]
     pub event: String,
-    /// The flow's status, a `Flow` as JSON text.
+    /// The event's id, `<run>-<number>`.
+    pub id: String,
+    /// A `Flow` as JSON text (`status`), or `{"reason", "do"}` (`resync`).
     pub data: String,
 }
 

@@ -3,21 +3,40 @@
 //! Each call either replays the next journal entry (checking that it is
 //! the same call) or, past the end of the journal, does the work and
 //! appends the outcome. A call that must wait (`receive` with nothing
-//! queued, `sleep`) first asks the environment to commit the checkpoint,
-//! then waits for an event.
+//! queued, `sleep`, a WASI clock wait) first asks the environment to commit
+//! the checkpoint, then waits for an event.
+//!
+//! Everything the host keeps for the flow (new journal entries, outbound
+//! messages, delivered messages, sessions) is charged to the flow's memory
+//! budget before it is allocated; journal entries that are committed or
+//! replayed are dropped from memory.
 
 use crate::bindings::braid::flow::{host, types};
+use crate::budget::{CpuMeter, LogBucket, MemBudget};
 use crate::journal::{Entry, SessErr, digest};
 use crate::{Checkpoint, Event, FlowEnv, Limits};
 use braid_types::{
     Body, Endpoint, FlowId, FlowStart, HoldingId, SessionFault, SessionId, SessionInit,
     SessionMessage, Side, X500Name,
 };
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+/// Longest protocol name `initiate` accepts.
+pub(crate) const MAX_PROTOCOL_NAME: usize = 128;
+/// Most protocol versions `initiate` accepts.
+pub(crate) const MAX_VERSIONS: usize = 64;
+/// Longest log line kept (characters).
+const MAX_LOG_CHARS: usize = 4096;
+/// Longest failure text sent to each counterparty when a flow fails.
+const MAX_SESSION_ERROR_BYTES: usize = 1024;
+/// Host bytes charged per session beyond its names and versions.
+const SESSION_OVERHEAD: usize = 256;
+/// Host bytes charged per message beyond its payload.
+const MESSAGE_OVERHEAD: usize = 160;
 
 /// Why a flow was stopped from the host side (the trap's cause).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +47,14 @@ pub(crate) enum Stop {
     Cpu,
     Outbound,
     Fault(String),
+    /// The memory budget; the text says what needed the memory.
+    Memory(String),
+    /// Too many host calls without suspending.
+    HostCalls,
+    /// The journal would exceed its size limit.
+    Journal(String),
+    /// A call the host refuses to carry out in a flow.
+    Refused(String),
 }
 
 impl std::fmt::Display for Stop {
@@ -52,15 +79,78 @@ pub(crate) struct Sess {
     pub closed_by_me: bool,
 }
 
+impl Sess {
+    fn held_bytes(&self) -> usize {
+        SESSION_OVERHEAD
+            + self.protocol.len()
+            + self.versions.len() * 4
+            + self.me.name.as_str().len()
+            + self.peer.name.as_str().len()
+    }
+}
+
+/// Host bytes a message occupies while the host holds it for a flow.
+pub(crate) fn message_bytes(m: &SessionMessage) -> usize {
+    let body = match &m.body {
+        Body::Data(p) => p.len(),
+        Body::Close => 0,
+        Body::Error(f) => match f {
+            SessionFault::CounterpartyFailed(s)
+            | SessionFault::ProtocolUnsupported(s)
+            | SessionFault::Undeliverable(s) => s.len(),
+        },
+    };
+    let init = m
+        .init
+        .as_ref()
+        .map_or(0, |i| i.protocol.len() + i.versions.len() * 4);
+    MESSAGE_OVERHEAD + body + init + m.from.name.as_str().len() + m.to.name.as_str().len()
+}
+
+/// The part of `s` that fits in `max` bytes, cut at a character boundary.
+pub(crate) fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `s` cut to `max` bytes, saying how much was cut.
+pub(crate) fn bounded_text(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let note = format!(" ... ({} more bytes cut)", s.len() - max);
+    let keep = truncate_str(s, max.saturating_sub(note.len()));
+    format!("{keep}{note}")
+}
+
 pub(crate) struct FlowState {
     pub id: FlowId,
     pub holding: HoldingId,
     pub name: X500Name,
-    pub journal: Vec<Entry>,
+    pub created_ms: u64,
+    pub seed: u64,
+    /// Journal entries not yet replayed (while replaying) or not yet
+    /// committed (live); `journal[0]` has absolute index `base`.
+    pub journal: VecDeque<Entry>,
+    pub base: usize,
+    /// Absolute index of the next entry a call reads or writes.
     pub cursor: usize,
+    /// Entries loaded from the store: calls below this index replay.
+    pub loaded: usize,
+    /// Entries committed to the store.
     pub committed: usize,
+    /// Encoded bytes of the whole journal (committed and new).
+    pub journal_bytes: usize,
     pub outbound: Vec<SessionMessage>,
     pub consumed: Vec<Vec<u8>>,
+    /// Budget bytes charged for what the next checkpoint hands on.
+    pub pending_bytes: usize,
     pub sessions: HashMap<u64, Sess>,
     pub by_session: HashMap<SessionId, u64>,
     pub next_handle: u64,
@@ -75,11 +165,22 @@ pub(crate) struct FlowState {
     pub panic_message: Option<String>,
     /// The flow's virtual time: what the WASI clocks show.
     pub virtual_now: Arc<AtomicU64>,
-    pub cpu_used: Duration,
-    pub cpu_mark: Instant,
     pub wake_at: Option<u64>,
     /// A message arrived that the flow has not consumed yet.
     pub pending_delivery: bool,
+    pub mem: MemBudget,
+    pub cpu: Arc<CpuMeter>,
+    /// Set (once) when the flow is to be killed; checked at every host
+    /// call and epoch tick once replay is over.
+    pub kill: Arc<OnceLock<String>>,
+    /// Host calls since the last suspension.
+    pub calls: usize,
+    pub log: LogBucket,
+    pub node_log: Arc<Mutex<LogBucket>>,
+    /// Clock pollables (by resource rep): their deadlines, virtual ns.
+    pub deadlines: HashMap<u32, u64>,
+    pub wasi_rng: rand::rngs::StdRng,
+    pub wasi_insecure_rng: rand::rngs::StdRng,
 }
 
 fn to_wit(e: &SessErr) -> types::SessionError {
@@ -101,28 +202,52 @@ fn wit_result<T>(r: Result<T, SessErr>) -> Result<T, types::SessionError> {
 }
 
 impl FlowState {
-    pub(crate) fn charge_cpu(&mut self) {
-        let now = Instant::now();
-        self.cpu_used += now.saturating_duration_since(self.cpu_mark);
-        self.cpu_mark = now;
+    pub(crate) fn replaying(&self) -> bool {
+        self.cursor < self.loaded
     }
 
-    fn replaying(&self) -> bool {
-        self.cursor < self.journal.len()
+    pub(crate) fn virtual_now_ms(&self) -> u64 {
+        self.virtual_now.load(Ordering::Relaxed)
     }
 
     fn set_virtual_now(&self, ms: u64) {
         self.virtual_now.fetch_max(ms, Ordering::Relaxed);
     }
 
+    /// Every live host call passes here: a pending kill stops the flow,
+    /// and the calls between two suspensions are bounded.
+    pub(crate) fn count_host_call(&mut self) -> wasmtime::Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
+        if let Some(why) = self.kill.get() {
+            let why = why.clone();
+            return Err(self.halt(Stop::Killed(why)));
+        }
+        self.calls += 1;
+        if self.calls > self.limits.max_host_calls_per_checkpoint {
+            return Err(self.halt(Stop::HostCalls));
+        }
+        Ok(())
+    }
+
+    /// Charges `bytes` to the memory budget, or stops the flow.
+    pub(crate) fn charge(&mut self, bytes: usize, what: &str) -> wasmtime::Result<()> {
+        match self.mem.charge(bytes, what) {
+            Ok(()) => Ok(()),
+            Err(why) => Err(self.halt(Stop::Memory(why))),
+        }
+    }
+
     /// Takes the next journal entry during replay, or `None` when live.
     /// A call of another kind than the journal holds is a divergence.
-    fn replay(&mut self, call: &Entry) -> wasmtime::Result<Option<Entry>> {
+    fn replay(&mut self, call: &Call<'_>) -> wasmtime::Result<Option<Entry>> {
         if !self.replaying() {
+            self.count_host_call()?;
             return Ok(None);
         }
-        let e = self.journal[self.cursor].clone();
-        if std::mem::discriminant(&e) != std::mem::discriminant(call) || !same_call(&e, call) {
+        let e = self.journal.pop_front().expect("replaying: entries remain");
+        if !call.matches(&e) {
             let msg = format!(
                 "replay diverged from the journal at step {}: the journal has {} but the flow called {}; \
                  the package code changed under a running flow or the flow is not deterministic",
@@ -133,12 +258,28 @@ impl FlowState {
             return Err(self.halt(Stop::NonDeterminism(msg)));
         }
         self.cursor += 1;
+        self.base = self.cursor;
         Ok(Some(e))
     }
 
-    fn record(&mut self, e: Entry) {
-        self.journal.push(e);
-        self.cursor = self.journal.len();
+    /// Appends a new entry (live only), charging it to the memory budget
+    /// and the journal's size limit.
+    fn record(&mut self, e: Entry) -> wasmtime::Result<()> {
+        let bytes = e.held_bytes();
+        if self.journal_bytes.saturating_add(bytes) > self.limits.max_journal_bytes {
+            let why = format!(
+                "journal limit exceeded: {} would grow the flow's journal beyond {} MiB",
+                e.describe(),
+                self.limits.max_journal_bytes >> 20
+            );
+            return Err(self.halt(Stop::Journal(why)));
+        }
+        self.charge(bytes, &format!("journaling {}", e.describe()))?;
+        self.pending_bytes += bytes;
+        self.journal_bytes += bytes;
+        self.journal.push_back(e);
+        self.cursor += 1;
+        Ok(())
     }
 
     pub(crate) fn halt(&mut self, s: Stop) -> wasmtime::Error {
@@ -149,12 +290,16 @@ impl FlowState {
     /// The new journal entries, outbound messages and consumed inbox keys
     /// since the last commit.
     pub(crate) fn take_checkpoint(&mut self) -> Checkpoint {
-        let entries = self.journal[self.committed..]
-            .iter()
-            .map(Entry::encode)
-            .collect();
         let first_index = self.committed as u32;
-        self.committed = self.journal.len();
+        let entries = if self.replaying() {
+            Vec::new()
+        } else {
+            let e: Vec<Vec<u8>> = self.journal.drain(..).map(|e| e.encode()).collect();
+            self.committed = self.cursor;
+            self.base = self.cursor;
+            e
+        };
+        self.mem.release(std::mem::take(&mut self.pending_bytes));
         Checkpoint {
             first_index,
             entries,
@@ -178,30 +323,46 @@ impl FlowState {
                 name: self.name.clone(),
                 side: Side::Responder,
             };
-            self.sessions.insert(
-                1,
-                Sess {
-                    id: *session,
-                    me,
-                    peer: initiator.clone(),
-                    protocol: protocol.clone(),
-                    versions: vec![*version],
-                    next_send: 1,
-                    next_recv: 1,
-                    ended: None,
-                    closed_by_me: false,
-                },
-            );
+            let s = Sess {
+                id: *session,
+                me,
+                peer: initiator.clone(),
+                protocol: protocol.clone(),
+                versions: vec![*version],
+                next_send: 1,
+                next_recv: 1,
+                ended: None,
+                closed_by_me: false,
+            };
+            self.mem.charge_anyway(s.held_bytes());
+            self.sessions.insert(1, s);
             self.by_session.insert(*session, 1);
             self.next_handle = 2;
         }
     }
 
+    /// A delivered message: held for the flow until it reads it. It is
+    /// durable already, so it is charged even past the budget; the flow
+    /// then fails at its next allocation.
     pub(crate) fn accept(&mut self, m: SessionMessage) {
-        self.inbox
+        self.mem.charge_anyway(message_bytes(&m));
+        if let Some(old) = self
+            .inbox
             .entry(m.session)
             .or_default()
-            .insert((m.seq, m.from.holding), m);
+            .insert((m.seq, m.from.holding), m)
+        {
+            self.mem.release(message_bytes(&old));
+        }
+    }
+
+    fn consume_key(&mut self, key: Vec<u8>) {
+        // Keys are small; they are charged anyway (the message they name
+        // was just released).
+        let n = key.len() + 24;
+        self.mem.charge_anyway(n);
+        self.pending_bytes += n;
+        self.consumed.push(key);
     }
 
     fn push_outbound(&mut self, handle: u64, body: Body) -> wasmtime::Result<()> {
@@ -221,24 +382,37 @@ impl FlowState {
             init,
             body,
         };
-        s.next_send += 1;
+        let bytes = message_bytes(&m);
+        self.charge(bytes, "an outbound message")?;
+        self.pending_bytes += bytes;
+        self.sessions.get_mut(&handle).expect("present").next_send += 1;
         self.outbound.push(m);
         Ok(())
     }
 
     /// Messages to send when the flow ends: a close (or an error) on every
-    /// session this flow has not closed.
+    /// session this flow has not closed. Each counterparty gets at most
+    /// [`MAX_SESSION_ERROR_BYTES`] of the failure text, and only while the
+    /// budget has room; past it, a short fixed text.
     pub(crate) fn end_sessions(&mut self, failure: Option<&str>) {
         let mut handles: Vec<u64> = self.sessions.keys().copied().collect();
         handles.sort();
+        let full = failure.map(|r| bounded_text(r, MAX_SESSION_ERROR_BYTES));
         for h in handles {
             let s = &self.sessions[&h];
             if s.closed_by_me || (failure.is_none() && s.ended.is_some()) {
                 continue;
             }
-            let body = match failure {
+            let body = match &full {
                 None => Body::Close,
-                Some(r) => Body::Error(SessionFault::CounterpartyFailed(r.to_owned())),
+                Some(r) if self.mem.room() >= r.len() + MESSAGE_OVERHEAD * 2 => {
+                    Body::Error(SessionFault::CounterpartyFailed(r.clone()))
+                }
+                Some(_) => Body::Error(SessionFault::CounterpartyFailed(
+                    "the counterparty flow failed (its reason did not fit in its memory budget; \
+                     see its status on its node)"
+                        .into(),
+                )),
             };
             // Ending messages are never refused by the outbound limit.
             let s = self.sessions.get_mut(&h).expect("present");
@@ -247,31 +421,37 @@ impl FlowState {
                 protocol: s.protocol.clone(),
                 versions: s.versions.clone(),
             });
-            self.outbound.push(SessionMessage {
+            let m = SessionMessage {
                 session: s.id,
                 from: s.me.clone(),
                 to: s.peer.clone(),
                 seq: s.next_send,
                 init,
                 body,
-            });
+            };
             s.next_send += 1;
+            let bytes = message_bytes(&m);
+            self.mem.charge_anyway(bytes);
+            self.pending_bytes += bytes;
+            self.outbound.push(m);
         }
     }
 
     /// Commits what is new, then waits for one event. Returns after a
     /// message was queued or the deadline passed.
     async fn suspend(&mut self, deadline_ms: Option<u64>) -> wasmtime::Result<()> {
-        self.charge_cpu();
+        if let Some(why) = self.kill.get() {
+            let why = why.clone();
+            return Err(self.halt(Stop::Killed(why)));
+        }
         self.wake_at = deadline_ms;
         let cp = self.take_checkpoint();
         if let Err(e) = self.env.checkpoint(self.id, cp).await {
             return Err(self.halt(Stop::Fault(format!("checkpoint failed: {e:#}"))));
         }
+        self.calls = 0;
         self.pending_delivery = false;
-        let r = self.wait_event(deadline_ms).await;
-        self.cpu_mark = Instant::now();
-        r
+        self.wait_event(deadline_ms).await
     }
 
     async fn wait_event(&mut self, deadline_ms: Option<u64>) -> wasmtime::Result<()> {
@@ -295,6 +475,28 @@ impl FlowState {
         }
     }
 
+    /// A durable sleep until `wake_ms` (wall clock): journaled, so a replay
+    /// sees the same wake time; the flow is suspended (killable, evictable)
+    /// meanwhile; afterwards the flow's virtual time is the wake time.
+    pub(crate) async fn durable_sleep_until(&mut self, wake_ms: u64) -> wasmtime::Result<()> {
+        let wake = match self.replay(&Call::Sleep)? {
+            Some(Entry::Sleep { wake_at_ms }) => wake_at_ms,
+            Some(_) => unreachable!("replay checks the kind"),
+            None => {
+                self.record(Entry::Sleep {
+                    wake_at_ms: wake_ms,
+                })?;
+                wake_ms
+            }
+        };
+        // Past entries mean the sleep already ended in an earlier run.
+        while !self.replaying() && braid_types::now_millis() < wake {
+            self.suspend(Some(wake)).await?;
+        }
+        self.set_virtual_now(wake);
+        Ok(())
+    }
+
     fn session(&self, handle: u64) -> Result<&Sess, SessErr> {
         self.sessions.get(&handle).ok_or(SessErr::InvalidSession)
     }
@@ -306,13 +508,15 @@ impl FlowState {
     fn take_next(&mut self, handle: u64) -> Option<SessionMessage> {
         let s = self.sessions.get(&handle)?;
         let (id, want, peer) = (s.id, s.next_recv, s.peer.clone());
-        let q = self.inbox.get_mut(&id)?;
-        while let Some((&(seq, _), _)) = q.first_key_value() {
+        loop {
+            let q = self.inbox.get_mut(&id)?;
+            let (&(seq, _), _) = q.first_key_value()?;
             if seq != 0 && seq > want {
                 return None;
             }
             let (_, m) = q.pop_first().expect("non-empty");
-            self.consumed.push(m.key());
+            self.mem.release(message_bytes(&m));
+            self.consume_key(m.key());
             if seq != 0 && seq < want {
                 continue; // a stale duplicate
             }
@@ -328,7 +532,6 @@ impl FlowState {
             }
             return Some(m);
         }
-        None
     }
 
     /// Applies a receive outcome to the session state (live and replay alike).
@@ -342,40 +545,154 @@ impl FlowState {
             }
         }
     }
+
+    /// Writes a line of the flow's log, within its rate limit and the
+    /// node's.
+    fn write_log(&mut self, level: types::Level, message: &str) {
+        let now = Instant::now();
+        let Some(mut dropped) = self.log.admit(message.len(), now) else {
+            return;
+        };
+        match self
+            .node_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(message.len(), now)
+        {
+            Some(n) => dropped += n,
+            None => return,
+        }
+        let flow = self.id.to_string();
+        if dropped > 0 {
+            tracing::warn!(
+                flow_id = %flow,
+                dropped,
+                "{dropped} log lines of flows were dropped: over the log rate limit"
+            );
+        }
+        match level {
+            types::Level::Trace => tracing::trace!(flow_id = %flow, "{message}"),
+            types::Level::Debug => tracing::debug!(flow_id = %flow, "{message}"),
+            types::Level::Info => tracing::info!(flow_id = %flow, "{message}"),
+            types::Level::Warn => tracing::warn!(flow_id = %flow, "{message}"),
+            types::Level::Error => tracing::error!(flow_id = %flow, "{message}"),
+        }
+    }
 }
 
-fn same_call(journal: &Entry, call: &Entry) -> bool {
-    match (journal, call) {
-        (
-            Entry::Initiate {
-                counterparty: a,
-                protocol: p,
-                versions: v,
+/// An argument as journaled: cut one byte past `max`, so a replay compares
+/// the same text and an over-long argument still reads as over-long.
+fn journaled_arg(s: &str, max: usize) -> String {
+    truncate_str(s, max + 1).to_owned()
+}
+
+/// Why `initiate` refuses its arguments, if it does.
+fn check_initiate_args(protocol: &str, versions: &[u32]) -> Result<(), SessErr> {
+    if protocol.is_empty() || protocol.len() > MAX_PROTOCOL_NAME {
+        return Err(SessErr::Other(format!(
+            "protocol name must be 1 to {MAX_PROTOCOL_NAME} bytes, not {}",
+            protocol.len()
+        )));
+    }
+    if versions.is_empty() {
+        return Err(SessErr::Other("no protocol versions offered".into()));
+    }
+    if versions.len() > MAX_VERSIONS {
+        return Err(SessErr::Other(format!(
+            "at most {MAX_VERSIONS} protocol versions may be offered, not {}",
+            versions.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A host call as replay checks it against the journal: what the flow
+/// asked for, without what the host answered.
+pub(crate) enum Call<'a> {
+    Initiate {
+        counterparty: &'a str,
+        protocol: &'a str,
+        versions: &'a [u32],
+    },
+    Send {
+        handle: u64,
+        digest: u64,
+    },
+    Receive {
+        handle: u64,
+    },
+    Close {
+        handle: u64,
+    },
+    Sleep,
+    Now,
+    Random {
+        len: usize,
+    },
+}
+
+impl Call<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Call::Initiate { .. } => "initiate",
+            Call::Send { .. } => "send",
+            Call::Receive { .. } => "receive",
+            Call::Close { .. } => "close",
+            Call::Sleep => "sleep",
+            Call::Now => "now-millis",
+            Call::Random { .. } => "random-bytes",
+        }
+    }
+
+    /// Whether the journal entry records this same call.
+    fn matches(&self, e: &Entry) -> bool {
+        if self.kind() != e.call_kind() {
+            return false;
+        }
+        match (self, e) {
+            (
+                Call::Initiate {
+                    counterparty,
+                    protocol,
+                    versions,
+                },
+                Entry::Initiate {
+                    counterparty: a,
+                    protocol: p,
+                    versions: v,
+                    ..
+                },
+            ) => counterparty == a && protocol == p && versions == &v.as_slice(),
+            (
+                Call::Send { handle, digest },
+                Entry::Send {
+                    handle: a,
+                    digest: d,
+                    ..
+                },
+            ) => handle == a && digest == d,
+            (Call::Receive { handle }, Entry::Receive { handle: a, .. })
+            | (Call::Receive { handle }, Entry::Received { handle: a, .. }) => handle == a,
+            (Call::Close { handle }, Entry::Close { handle: a, .. }) => handle == a,
+            (Call::Random { len }, Entry::Random { bytes }) => *len == bytes.len(),
+            _ => true,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Call::Initiate {
+                counterparty,
+                protocol,
                 ..
-            },
-            Entry::Initiate {
-                counterparty: b,
-                protocol: q,
-                versions: w,
-                ..
-            },
-        ) => a == b && p == q && v == w,
-        (
-            Entry::Send {
-                handle: a,
-                digest: d,
-                ..
-            },
-            Entry::Send {
-                handle: b,
-                digest: e,
-                ..
-            },
-        ) => a == b && d == e,
-        (Entry::Receive { handle: a, .. }, Entry::Receive { handle: b, .. }) => a == b,
-        (Entry::Close { handle: a, .. }, Entry::Close { handle: b, .. }) => a == b,
-        (Entry::Random { bytes: a }, Entry::Random { bytes: b }) => a.len() == b.len(),
-        _ => true,
+            } => format!("initiate({counterparty:?}, {protocol:?})"),
+            Call::Send { handle, .. } => format!("send(session {handle})"),
+            Call::Receive { handle } => format!("receive(session {handle})"),
+            Call::Close { handle } => format!("close(session {handle})"),
+            Call::Sleep => "sleep".into(),
+            Call::Now => "now-millis".into(),
+            Call::Random { len } => format!("random-bytes({len})"),
+        }
     }
 }
 
@@ -389,11 +706,15 @@ impl host::Host for crate::FlowCtx {
         versions: Vec<u32>,
     ) -> wasmtime::Result<Result<u64, types::SessionError>> {
         let st = &mut self.st;
-        let call = Entry::Initiate {
-            counterparty: counterparty.clone(),
-            protocol: protocol.clone(),
-            versions: versions.clone(),
-            result: Ok(0),
+        // What is journaled (and compared in replay) is bounded whatever
+        // the flow passes; over-long arguments are refused below.
+        let counterparty = journaled_arg(&counterparty, 512);
+        let protocol = journaled_arg(&protocol, MAX_PROTOCOL_NAME);
+        let versions: Vec<u32> = versions.into_iter().take(MAX_VERSIONS + 1).collect();
+        let call = Call::Initiate {
+            counterparty: &counterparty,
+            protocol: &protocol,
+            versions: &versions,
         };
         let result = match st.replay(&call)? {
             Some(Entry::Initiate { result, .. }) => result,
@@ -401,14 +722,14 @@ impl host::Host for crate::FlowCtx {
             None => {
                 let r = match counterparty.parse::<X500Name>() {
                     Err(e) => Err(SessErr::CounterpartyUnknown(e.0)),
-                    Ok(name) => match st.env.resolve(&name) {
-                        None => Err(SessErr::CounterpartyUnknown(format!(
-                            "{name} is not a member of this network"
-                        ))),
-                        Some(_) if versions.is_empty() => {
-                            Err(SessErr::Other("no protocol versions offered".into()))
-                        }
-                        Some(_) => Ok(st.next_handle),
+                    Ok(name) => match check_initiate_args(&protocol, &versions) {
+                        Err(e) => Err(e),
+                        Ok(()) => match st.env.resolve(&name) {
+                            None => Err(SessErr::CounterpartyUnknown(format!(
+                                "{name} is not a member of this network"
+                            ))),
+                            Some(_) => Ok(st.next_handle),
+                        },
                     },
                 };
                 st.record(Entry::Initiate {
@@ -416,7 +737,7 @@ impl host::Host for crate::FlowCtx {
                     protocol: protocol.clone(),
                     versions: versions.clone(),
                     result: r.clone(),
-                });
+                })?;
                 r
             }
         };
@@ -431,28 +752,27 @@ impl host::Host for crate::FlowCtx {
                 initiator_flow: st.id,
                 index: handle,
             };
-            st.sessions.insert(
-                handle,
-                Sess {
-                    id,
-                    me: Endpoint {
-                        holding: st.holding,
-                        name: st.name.clone(),
-                        side: Side::Initiator,
-                    },
-                    peer: Endpoint {
-                        holding,
-                        name,
-                        side: Side::Responder,
-                    },
-                    protocol,
-                    versions,
-                    next_send: 1,
-                    next_recv: 1,
-                    ended: None,
-                    closed_by_me: false,
+            let s = Sess {
+                id,
+                me: Endpoint {
+                    holding: st.holding,
+                    name: st.name.clone(),
+                    side: Side::Initiator,
                 },
-            );
+                peer: Endpoint {
+                    holding,
+                    name,
+                    side: Side::Responder,
+                },
+                protocol,
+                versions,
+                next_send: 1,
+                next_recv: 1,
+                ended: None,
+                closed_by_me: false,
+            };
+            st.charge(s.held_bytes(), "a new session")?;
+            st.sessions.insert(handle, s);
             st.by_session.insert(id, handle);
             st.next_handle = handle + 1;
         }
@@ -465,12 +785,11 @@ impl host::Host for crate::FlowCtx {
         payload: Vec<u8>,
     ) -> wasmtime::Result<Result<(), types::SessionError>> {
         let st = &mut self.st;
-        let call = Entry::Send {
+        let d = digest(&payload);
+        if let Some(Entry::Send { result, .. }) = st.replay(&Call::Send {
             handle: s,
-            digest: digest(&payload),
-            result: Ok(()),
-        };
-        if let Some(Entry::Send { result, .. }) = st.replay(&call)? {
+            digest: d,
+        })? {
             if result.is_ok() {
                 st.sessions.get_mut(&s).expect("journaled").next_send += 1;
             }
@@ -480,8 +799,9 @@ impl host::Host for crate::FlowCtx {
             Err(e) => Err(e),
             Ok(sess) if sess.closed_by_me => Err(SessErr::Closed),
             Ok(sess) if sess.ended.is_some() => Err(sess.ended.clone().expect("checked")),
+            // The payload's size: what the flow tried to send.
             Ok(_) if payload.len() > st.limits.max_message_bytes => {
-                Err(SessErr::TooLarge(st.limits.max_message_bytes as u64))
+                Err(SessErr::TooLarge(payload.len() as u64))
             }
             Ok(_) => Ok(()),
         };
@@ -490,25 +810,33 @@ impl host::Host for crate::FlowCtx {
         }
         st.record(Entry::Send {
             handle: s,
-            digest: call_digest(&call),
+            digest: d,
             result: result.clone(),
-        });
+        })?;
         Ok(wit_result(result))
     }
 
     async fn receive(&mut self, s: u64) -> wasmtime::Result<Result<Vec<u8>, types::SessionError>> {
         let st = &mut self.st;
-        let call = Entry::Receive {
-            handle: s,
-            consumed: false,
-            result: Ok(vec![]),
-        };
-        if let Some(Entry::Receive {
-            consumed, result, ..
-        }) = st.replay(&call)?
-        {
-            st.apply_receive(s, consumed, &result);
-            return Ok(wit_result(result));
+        match st.replay(&Call::Receive { handle: s })? {
+            Some(Entry::Receive {
+                consumed, result, ..
+            }) => {
+                st.apply_receive(s, consumed, &result);
+                return Ok(wit_result(result));
+            }
+            Some(Entry::Received {
+                consumed,
+                result,
+                at_ms,
+                ..
+            }) => {
+                st.apply_receive(s, consumed, &result);
+                st.set_virtual_now(at_ms);
+                return Ok(wit_result(result));
+            }
+            Some(_) => unreachable!("replay checks the kind"),
+            None => {}
         }
         let deadline = braid_types::now_millis() + st.limits.session_timeout.as_millis() as u64;
         let (consumed, result) = loop {
@@ -541,22 +869,20 @@ impl host::Host for crate::FlowCtx {
             st.suspend(Some(deadline)).await?;
         };
         st.apply_receive(s, consumed, &result);
-        st.set_virtual_now(braid_types::now_millis());
-        st.record(Entry::Receive {
+        let at_ms = braid_types::now_millis();
+        st.set_virtual_now(at_ms);
+        st.record(Entry::Received {
             handle: s,
             consumed,
             result: result.clone(),
-        });
+            at_ms,
+        })?;
         Ok(wit_result(result))
     }
 
     async fn close(&mut self, s: u64) -> wasmtime::Result<Result<(), types::SessionError>> {
         let st = &mut self.st;
-        let call = Entry::Close {
-            handle: s,
-            result: Ok(()),
-        };
-        let result = match st.replay(&call)? {
+        let result = match st.replay(&Call::Close { handle: s })? {
             Some(Entry::Close { result, .. }) => {
                 if result.is_ok() {
                     let sess = st.sessions.get_mut(&s).expect("journaled");
@@ -579,7 +905,7 @@ impl host::Host for crate::FlowCtx {
                 st.record(Entry::Close {
                     handle: s,
                     result: r.clone(),
-                });
+                })?;
                 r
             }
         };
@@ -590,6 +916,7 @@ impl host::Host for crate::FlowCtx {
         &mut self,
         s: u64,
     ) -> wasmtime::Result<Result<String, types::SessionError>> {
+        self.st.count_host_call()?;
         Ok(wit_result(
             self.st.session(s).map(|x| x.peer.name.to_string()),
         ))
@@ -599,6 +926,7 @@ impl host::Host for crate::FlowCtx {
         &mut self,
         s: u64,
     ) -> wasmtime::Result<Result<u32, types::SessionError>> {
+        self.st.count_host_call()?;
         Ok(wit_result(
             self.st
                 .session(s)
@@ -607,32 +935,18 @@ impl host::Host for crate::FlowCtx {
     }
 
     async fn sleep(&mut self, millis: u64) -> wasmtime::Result<()> {
-        let st = &mut self.st;
-        let wake = match st.replay(&Entry::Sleep { wake_at_ms: 0 })? {
-            Some(Entry::Sleep { wake_at_ms }) => wake_at_ms,
-            Some(_) => unreachable!("replay checks the kind"),
-            None => {
-                let w = braid_types::now_millis().saturating_add(millis);
-                st.record(Entry::Sleep { wake_at_ms: w });
-                w
-            }
-        };
-        // Past entries mean the sleep already ended in an earlier run.
-        while !st.replaying() && braid_types::now_millis() < wake {
-            st.suspend(Some(wake)).await?;
-        }
-        st.set_virtual_now(wake);
-        Ok(())
+        let wake = braid_types::now_millis().saturating_add(millis);
+        self.st.durable_sleep_until(wake).await
     }
 
     async fn now_millis(&mut self) -> wasmtime::Result<u64> {
         let st = &mut self.st;
-        let ms = match st.replay(&Entry::Now { ms: 0 })? {
+        let ms = match st.replay(&Call::Now)? {
             Some(Entry::Now { ms }) => ms,
             Some(_) => unreachable!("replay checks the kind"),
             None => {
                 let ms = braid_types::now_millis();
-                st.record(Entry::Now { ms });
+                st.record(Entry::Now { ms })?;
                 ms
             }
         };
@@ -642,18 +956,29 @@ impl host::Host for crate::FlowCtx {
 
     async fn random_bytes(&mut self, len: u32) -> wasmtime::Result<Vec<u8>> {
         let st = &mut self.st;
-        let len = len.min(1 << 20) as usize;
-        match st.replay(&Entry::Random {
-            bytes: vec![0; len],
-        })? {
+        let len = len as usize;
+        match st.replay(&Call::Random { len })? {
             Some(Entry::Random { bytes }) => Ok(bytes),
             Some(_) => unreachable!("replay checks the kind"),
             None => {
+                // Two copies live until the next checkpoint: the journal's
+                // and the one handed to the flow. Check before allocating.
+                let need = len.saturating_mul(2).saturating_add(64);
+                if need > st.mem.room() {
+                    let why = format!(
+                        "memory limit exceeded: random-bytes({len}) needs {need} bytes, but only \
+                         {} of the flow's {} MiB are left",
+                        st.mem.room(),
+                        st.mem.cap() >> 20
+                    );
+                    st.mem.hit = Some(why.clone());
+                    return Err(st.halt(Stop::Memory(why)));
+                }
                 let mut bytes = vec![0u8; len];
                 rand::fill(&mut bytes[..]);
                 st.record(Entry::Random {
                     bytes: bytes.clone(),
-                });
+                })?;
                 Ok(bytes)
             }
         }
@@ -661,32 +986,54 @@ impl host::Host for crate::FlowCtx {
 
     async fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
         let st = &mut self.st;
-        let message: String = message.chars().take(4096).collect();
+        st.count_host_call()?;
+        let message = match message.char_indices().nth(MAX_LOG_CHARS) {
+            Some((cut, _)) => &message[..cut],
+            None => message.as_str(),
+        };
         if let Some(p) = message.strip_prefix("panic: ") {
-            st.panic_message = Some(p.to_owned());
+            st.panic_message = Some(bounded_text(p, st.limits.max_error_bytes));
         }
         if st.replaying() {
             return Ok(());
         }
-        let flow = st.id.to_string();
-        match level {
-            types::Level::Trace => tracing::trace!(flow_id = %flow, "{message}"),
-            types::Level::Debug => tracing::debug!(flow_id = %flow, "{message}"),
-            types::Level::Info => tracing::info!(flow_id = %flow, "{message}"),
-            types::Level::Warn => tracing::warn!(flow_id = %flow, "{message}"),
-            types::Level::Error => tracing::error!(flow_id = %flow, "{message}"),
-        }
+        st.write_log(level, message);
         Ok(())
     }
 
     async fn whoami(&mut self) -> wasmtime::Result<String> {
+        self.st.count_host_call()?;
         Ok(self.st.name.to_string())
     }
 }
 
-fn call_digest(e: &Entry) -> u64 {
-    match e {
-        Entry::Send { digest, .. } => *digest,
-        _ => 0,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_are_cut_at_character_boundaries_and_say_so() {
+        assert_eq!(truncate_str("héllo", 2), "h");
+        assert_eq!(truncate_str("héllo", 3), "hé");
+        assert_eq!(bounded_text("short", 100), "short");
+        let long = "é".repeat(5000);
+        let b = bounded_text(&long, 1000);
+        assert!(b.len() <= 1000, "{}", b.len());
+        assert!(b.ends_with("more bytes cut)"), "{b}");
+    }
+
+    #[test]
+    fn initiate_arguments_are_bounded() {
+        assert!(check_initiate_args("ping", &[1]).is_ok());
+        assert!(check_initiate_args("", &[1]).is_err());
+        assert!(check_initiate_args(&"p".repeat(MAX_PROTOCOL_NAME + 1), &[1]).is_err());
+        assert!(check_initiate_args("ping", &[]).is_err());
+        let many: Vec<u32> = (0..MAX_VERSIONS as u32 + 1).collect();
+        assert!(check_initiate_args("ping", &many).is_err());
+        assert!(check_initiate_args("ping", &many[..MAX_VERSIONS]).is_ok());
+        // What is journaled stays over the limit when the argument was.
+        let j = journaled_arg(&"p".repeat(1 << 20), MAX_PROTOCOL_NAME);
+        assert_eq!(j.len(), MAX_PROTOCOL_NAME + 1);
+        assert!(check_initiate_args(&j, &[1]).is_err());
     }
 }

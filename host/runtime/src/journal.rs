@@ -80,9 +80,78 @@ pub enum Entry {
         /// The bytes returned.
         bytes: Vec<u8>,
     },
+    /// `receive`, with the time it returned (the flow's virtual time moves
+    /// to it, in replay as live). Journals written before this variant hold
+    /// [`Entry::Receive`], which leaves the virtual time where it was.
+    Received {
+        /// Handle.
+        handle: u64,
+        /// Whether a session message was consumed to produce the outcome.
+        consumed: bool,
+        /// Outcome.
+        result: Result<Vec<u8>, SessErr>,
+        /// When it returned, ms since epoch.
+        at_ms: u64,
+    },
+}
+
+/// Bookkeeping bytes of one entry beyond its variable-size parts.
+const ENTRY_OVERHEAD: usize = 48;
+
+impl SessErr {
+    fn held_bytes(&self) -> usize {
+        match self {
+            SessErr::CounterpartyUnknown(s)
+            | SessErr::ProtocolUnsupported(s)
+            | SessErr::CounterpartyFailed(s)
+            | SessErr::Other(s) => s.len(),
+            _ => 0,
+        }
+    }
 }
 
 impl Entry {
+    /// The host call an entry records; the two forms of `receive` are one.
+    pub fn call_kind(&self) -> &'static str {
+        match self {
+            Entry::Initiate { .. } => "initiate",
+            Entry::Send { .. } => "send",
+            Entry::Receive { .. } | Entry::Received { .. } => "receive",
+            Entry::Close { .. } => "close",
+            Entry::Sleep { .. } => "sleep",
+            Entry::Now { .. } => "now-millis",
+            Entry::Random { .. } => "random-bytes",
+        }
+    }
+
+    /// About how many bytes the entry occupies in memory (for the flow's
+    /// memory budget).
+    pub fn held_bytes(&self) -> usize {
+        ENTRY_OVERHEAD
+            + match self {
+                Entry::Initiate {
+                    counterparty,
+                    protocol,
+                    versions,
+                    result,
+                } => {
+                    counterparty.len()
+                        + protocol.len()
+                        + versions.len() * 4
+                        + result.as_ref().err().map_or(0, SessErr::held_bytes)
+                }
+                Entry::Send { result, .. } | Entry::Close { result, .. } => {
+                    result.as_ref().err().map_or(0, SessErr::held_bytes)
+                }
+                Entry::Receive { result, .. } | Entry::Received { result, .. } => match result {
+                    Ok(p) => p.len(),
+                    Err(e) => e.held_bytes(),
+                },
+                Entry::Sleep { .. } | Entry::Now { .. } => 0,
+                Entry::Random { bytes } => bytes.len(),
+            }
+    }
+
     /// A short description naming the call, for divergence errors.
     pub fn describe(&self) -> String {
         match self {
@@ -92,7 +161,9 @@ impl Entry {
                 ..
             } => format!("initiate({counterparty:?}, {protocol:?})"),
             Entry::Send { handle, .. } => format!("send(session {handle})"),
-            Entry::Receive { handle, .. } => format!("receive(session {handle})"),
+            Entry::Receive { handle, .. } | Entry::Received { handle, .. } => {
+                format!("receive(session {handle})")
+            }
             Entry::Close { handle, .. } => format!("close(session {handle})"),
             Entry::Sleep { .. } => "sleep".into(),
             Entry::Now { .. } => "now-millis".into(),
@@ -170,7 +241,35 @@ mod tests {
             any::<u64>().prop_map(|wake_at_ms| Entry::Sleep { wake_at_ms }),
             any::<u64>().prop_map(|ms| Entry::Now { ms }),
             any::<Vec<u8>>().prop_map(|bytes| Entry::Random { bytes }),
+            (
+                any::<u64>(),
+                any::<bool>(),
+                prop::result::maybe_ok(any::<Vec<u8>>(), arb_err()),
+                any::<u64>()
+            )
+                .prop_map(|(handle, consumed, result, at_ms)| Entry::Received {
+                    handle,
+                    consumed,
+                    result,
+                    at_ms
+                }),
         ]
+    }
+
+    #[test]
+    fn journals_written_before_received_existed_still_decode() {
+        // postcard of Entry::Receive { handle: 1, consumed: true, result: Ok(vec![7]) }
+        // as the previous release wrote it: variant 2, varint 1, true, Ok, len 1, 7.
+        let old = [2u8, 1, 1, 0, 1, 7];
+        assert_eq!(
+            Entry::decode(&old).unwrap(),
+            Entry::Receive {
+                handle: 1,
+                consumed: true,
+                result: Ok(vec![7])
+            }
+        );
+        assert_eq!(Entry::Random { bytes: vec![0; 10] }.encode()[0], 6);
     }
 
     proptest! {

@@ -6,31 +6,42 @@
 //! entries and outbound messages; at the end it returns the result and the
 //! last checkpoint. The flow worker decides what to commit and when to send.
 //!
-//! Sandboxing: the pooling allocator with a per-flow memory cap, a wasm
-//! stack limit, a CPU budget enforced with epoch interruption (a busy flow
-//! yields every tick so it cannot starve the others), NaN canonicalisation
-//! and deterministic relaxed SIMD, no threads, and WASI imports that are
-//! present but virtual: no files, environment, arguments or sockets; clocks
-//! that show the flow's journaled time; randomness seeded per flow.
+//! Sandboxing: the pooling allocator with a per-flow memory budget that
+//! covers the flow's linear memory *and* everything the host holds on its
+//! behalf (checked before the host allocates), a wasm stack limit, a CPU
+//! budget that charges the CPU time of the flow's own code (thread CPU
+//! clock, not wall time) enforced with epoch interruption (a busy flow
+//! yields every tick so it cannot starve the others), a bound on host calls
+//! between suspensions and on the journal's size, bounded results, error
+//! texts and log volume, NaN canonicalisation and deterministic relaxed
+//! SIMD, no threads, and WASI imports that are present but virtual: no
+//! files, environment, arguments or sockets; clocks that show the flow's
+//! journaled time, with clock waits turned into durable sleeps; randomness
+//! seeded per flow. A kill stops a flow whatever it is doing: at its next
+//! host call, suspension or epoch tick once its replay is over.
 
+mod budget;
+pub mod describe;
 mod flow;
 pub mod journal;
+mod wasi;
 
 use anyhow::Context as _;
 use braid_types::{
     Checksum, FailureKind, FlowFailure, FlowId, FlowInfo, FlowStart, HoldingId, Protocol,
     SessionMessage, X500Name,
 };
-use flow::{FlowState, Stop};
+use budget::{CpuMeter, LogBucket, MemBudget, Metered};
+use flow::{FlowState, Stop, bounded_text};
 use journal::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store, UpdateDeadline};
+use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 #[allow(missing_docs)]
@@ -49,16 +60,31 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// Per-flow limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Linear memory cap per flow instance, bytes.
+    /// Memory budget per flow instance, bytes: its linear memory plus what
+    /// the host holds for it (uncommitted journal entries, outbound and
+    /// unread messages, sessions).
     pub memory_bytes: usize,
     /// Wasm stack limit, bytes.
     pub stack_bytes: usize,
-    /// CPU time one instance may use (replay included).
+    /// CPU time the flow's own code may use in one instance (replay
+    /// included).
     pub cpu_budget: Duration,
     /// Messages a flow may send between two checkpoints.
     pub max_outbound_per_checkpoint: usize,
+    /// Host calls (braid's and WASI's) a flow may make between two
+    /// suspensions.
+    pub max_host_calls_per_checkpoint: usize,
     /// Largest message payload.
     pub max_message_bytes: usize,
+    /// Largest journal (all entries a flow ever recorded), bytes.
+    pub max_journal_bytes: usize,
+    /// Largest JSON result a flow may return, bytes.
+    pub max_result_bytes: usize,
+    /// Longest failure text kept for a flow, bytes (longer ones are cut).
+    pub max_error_bytes: usize,
+    /// Log text one flow may write per second, bytes (bursts up to four
+    /// times that); lines beyond are dropped and counted.
+    pub log_bytes_per_sec: usize,
     /// How long `receive` waits before `timed-out`.
     pub session_timeout: Duration,
 }
@@ -70,11 +96,26 @@ impl Default for Limits {
             stack_bytes: 512 << 10,
             cpu_budget: Duration::from_secs(10),
             max_outbound_per_checkpoint: 10_000,
+            max_host_calls_per_checkpoint: 1_000_000,
             max_message_bytes: 1 << 20,
+            max_journal_bytes: 256 << 20,
+            max_result_bytes: 1 << 20,
+            max_error_bytes: 4 << 10,
+            log_bytes_per_sec: 16 << 10,
             session_timeout: Duration::from_secs(600),
         }
     }
 }
+
+/// Log text all flows of a node together may write per second, bytes.
+const NODE_LOG_BYTES_PER_SEC: usize = 1 << 20;
+/// CPU time `describe` may use.
+const DESCRIBE_CPU: Duration = Duration::from_secs(2);
+/// Wall-clock time `describe` may take (it cannot wait on anything, so
+/// this only matters on a machine that is very busy).
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Host resources (pollables, streams...) a flow may hold at once.
+const MAX_RESOURCES: usize = 10_000;
 
 /// Engine configuration.
 #[derive(Debug, Clone)]
@@ -162,6 +203,9 @@ pub struct FlowInput {
     pub journal: Vec<Vec<u8>>,
     /// Messages waiting in the inbox.
     pub inbox: Vec<SessionMessage>,
+    /// Set (once, with the reason) to kill the flow; the worker keeps a
+    /// clone and may set it while the flow runs.
+    pub kill: Arc<OnceLock<String>>,
 }
 
 /// How a run ended.
@@ -212,7 +256,6 @@ impl Package {
 pub struct FlowCtx {
     wasi: WasiCtx,
     table: ResourceTable,
-    limiter: MemLimiter,
     st: FlowState,
 }
 
@@ -222,38 +265,6 @@ impl WasiView for FlowCtx {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
-    }
-}
-
-struct MemLimiter {
-    cap: usize,
-    hit: bool,
-}
-
-impl ResourceLimiter for MemLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.cap {
-            self.hit = true;
-            return Err(wasmtime::format_err!(
-                "memory limit exceeded: the flow asked for {desired} bytes, the cap is {}",
-                self.cap
-            ));
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
     }
 }
 
@@ -269,27 +280,14 @@ impl wasmtime_wasi::HostWallClock for VirtualWall {
     }
 }
 
-/// The monotonic clock WASI shows a flow: virtual time since its start.
-struct VirtualMonotonic(Arc<AtomicU64>, u64);
-
-impl wasmtime_wasi::HostMonotonicClock for VirtualMonotonic {
-    fn resolution(&self) -> u64 {
-        1_000_000
-    }
-    fn now(&self) -> u64 {
-        self.0
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.1)
-            .saturating_mul(1_000_000)
-    }
-}
-
 /// The engine and its package cache.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<FlowCtx>,
     config: RuntimeConfig,
     packages: Mutex<HashMap<Checksum, Arc<Package>>>,
+    /// Log volume of all flows together.
+    node_log: Arc<Mutex<LogBucket>>,
 }
 
 /// The environment used while asking a package what it offers: it never
@@ -319,7 +317,10 @@ impl Runtime {
             // waits are rejected at validation.
             .max_wasm_stack(l.stack_bytes)
             // The async (fiber) stack holds the wasm stack plus host frames.
-            .async_stack_size(l.stack_bytes + (256 << 10));
+            .async_stack_size(l.stack_bytes + (256 << 10))
+            // A trap then carries the store's globals, which tell a shadow
+            // stack overflow from any other out-of-bounds access.
+            .coredump_on_trap(true);
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         let n = config.max_instances.max(8);
         pool.total_component_instances(n)
@@ -334,6 +335,8 @@ impl Runtime {
         let engine = Engine::new(&cfg).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        wasi::shadow_blocking_imports(&mut linker)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         bindings::FlowPackage::add_to_linker::<FlowCtx, HasSelf<FlowCtx>>(&mut linker, |c| c)
             .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
@@ -355,6 +358,10 @@ impl Runtime {
             linker,
             config,
             packages: Mutex::new(HashMap::new()),
+            node_log: Arc::new(Mutex::new(LogBucket::new(
+                NODE_LOG_BYTES_PER_SEC,
+                NODE_LOG_BYTES_PER_SEC * 4,
+            ))),
         })
     }
 
@@ -439,35 +446,34 @@ impl Runtime {
         Ok(component)
     }
 
-    fn new_store(&self, st: FlowState, seed: u64, created_ms: u64) -> Store<FlowCtx> {
-        use rand::SeedableRng;
+    fn new_store(&self, st: FlowState, cpu_budget: Duration) -> Store<FlowCtx> {
         let mut b = WasiCtx::builder();
         b.wall_clock(VirtualWall(st.virtual_now.clone()))
-            .monotonic_clock(VirtualMonotonic(st.virtual_now.clone(), created_ms))
-            .secure_random(rand::rngs::StdRng::seed_from_u64(seed))
-            .insecure_random(rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed))
-            .insecure_random_seed(seed as u128)
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
         let ctx = FlowCtx {
             wasi: b.build(),
-            table: ResourceTable::new(),
-            limiter: MemLimiter {
-                cap: self.config.limits.memory_bytes,
-                hit: false,
-            },
+            table,
             st,
         };
         let mut store = Store::new(&self.engine, ctx);
-        store.limiter(|c| &mut c.limiter);
-        let budget = self.config.limits.cpu_budget;
+        store.limiter(|c| &mut c.st.mem);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             let st = &mut ctx.data_mut().st;
-            st.charge_cpu();
-            if st.cpu_used > budget {
+            if st.cpu.used() > cpu_budget {
                 return Err(st.halt(Stop::Cpu));
+            }
+            // A kill takes effect once replay is over (so every session
+            // the flow had is known and told).
+            if !st.replaying()
+                && let Some(why) = st.kill.get()
+            {
+                let why = why.clone();
+                return Err(st.halt(Stop::Killed(why)));
             }
             Ok(UpdateDeadline::Yield(1))
         });
@@ -480,6 +486,9 @@ impl Runtime {
         env: Arc<dyn FlowEnv>,
         events: mpsc::UnboundedReceiver<Event>,
     ) -> anyhow::Result<FlowState> {
+        use rand::SeedableRng;
+        let l = &self.config.limits;
+        let journal_bytes: usize = input.journal.iter().map(Vec::len).sum();
         let journal = input
             .journal
             .iter()
@@ -488,31 +497,44 @@ impl Runtime {
                 Entry::decode(b)
                     .with_context(|| format!("journal entry {i} of flow {} is corrupt", input.id))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let committed = journal.len();
+            .collect::<anyhow::Result<VecDeque<_>>>()?;
+        let loaded = journal.len();
         let mut st = FlowState {
             id: input.id,
             holding: input.holding,
             name: input.name.clone(),
+            created_ms: input.created_ms,
+            seed: input.seed,
             journal,
+            base: 0,
             cursor: 0,
-            committed,
+            loaded,
+            committed: loaded,
+            journal_bytes,
             outbound: Vec::new(),
             consumed: Vec::new(),
+            pending_bytes: 0,
             sessions: HashMap::new(),
             by_session: HashMap::new(),
             next_handle: 1,
             inbox: HashMap::new(),
             events,
             env,
-            limits: self.config.limits.clone(),
+            limits: l.clone(),
             stop: None,
             panic_message: None,
             virtual_now: Arc::new(AtomicU64::new(input.created_ms)),
-            cpu_used: Duration::ZERO,
-            cpu_mark: Instant::now(),
             wake_at: None,
             pending_delivery: false,
+            mem: MemBudget::new(l.memory_bytes),
+            cpu: Arc::new(CpuMeter::default()),
+            kill: input.kill.clone(),
+            calls: 0,
+            log: LogBucket::new(l.log_bytes_per_sec, l.log_bytes_per_sec.saturating_mul(4)),
+            node_log: self.node_log.clone(),
+            deadlines: HashMap::new(),
+            wasi_rng: rand::rngs::StdRng::seed_from_u64(input.seed),
+            wasi_insecure_rng: rand::rngs::StdRng::seed_from_u64(input.seed ^ 0x5eed),
         };
         st.open_responder_session(&input.start);
         for m in &input.inbox {
@@ -540,20 +562,46 @@ impl Runtime {
             created_ms: 0,
             journal: vec![],
             inbox: vec![],
+            kill: Arc::new(OnceLock::new()),
         };
         let st = self
             .state(&input, Arc::new(NoEnv), rx)
             .map_err(|e| RuntimeError::Engine(e.to_string()))?;
-        let mut store = self.new_store(st, 0, 0);
-        let inst = pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| RuntimeError::InvalidPackage(format!("instantiation failed: {e:#}")))?;
-        let flows = inst
-            .braid_flow_guest()
-            .call_describe(&mut store)
-            .await
-            .map_err(|e| RuntimeError::InvalidPackage(format!("describe() failed: {e:#}")))?;
+        let cpu = st.cpu.clone();
+        let mut store = self.new_store(st, DESCRIBE_CPU.min(self.config.limits.cpu_budget));
+        let call = async {
+            let inst = pre.instantiate_async(&mut store).await?;
+            inst.braid_flow_guest().call_describe(&mut store).await
+        };
+        let outcome = tokio::time::timeout(DESCRIBE_TIMEOUT, Metered::new(call, cpu)).await;
+        let flows = match outcome {
+            Err(_) => {
+                return Err(RuntimeError::InvalidPackage(format!(
+                    "describe() did not return within {} s",
+                    DESCRIBE_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Ok(flows)) => flows,
+            Ok(Err(err)) => {
+                let why = match &store.data().st.stop {
+                    Some(Stop::Cpu) => format!(
+                        "describe() used more than {} ms of CPU time",
+                        DESCRIBE_CPU.min(self.config.limits.cpu_budget).as_millis()
+                    ),
+                    Some(Stop::Fault(_)) | Some(Stop::Refused(_)) => {
+                        "describe() tried to wait (sleep, receive or a WASI clock wait); it must \
+                         only list the package's flows"
+                            .to_string()
+                    }
+                    Some(Stop::Memory(m)) => format!("describe() hit its {m}"),
+                    _ if store.data().st.mem.hit.is_some() => {
+                        "describe() exceeded the flow memory limit".to_string()
+                    }
+                    _ => format!("describe() failed: {}", root_cause(&err)),
+                };
+                return Err(RuntimeError::InvalidPackage(why));
+            }
+        };
         let flows: Vec<FlowInfo> = flows
             .into_iter()
             .map(|f| FlowInfo {
@@ -569,11 +617,7 @@ impl Runtime {
                 }),
             })
             .collect();
-        if flows.is_empty() {
-            return Err(RuntimeError::InvalidPackage(
-                "the package exports no flows".into(),
-            ));
-        }
+        describe::validate(&flows).map_err(RuntimeError::InvalidPackage)?;
         Ok(flows)
     }
 
@@ -586,6 +630,7 @@ impl Runtime {
         env: Arc<dyn FlowEnv>,
         events: mpsc::UnboundedReceiver<Event>,
     ) -> RunOutcome {
+        let l = &self.config.limits;
         let st = match self.state(&input, env, events) {
             Ok(s) => s,
             Err(e) => {
@@ -598,7 +643,8 @@ impl Runtime {
                 };
             }
         };
-        let mut store = self.new_store(st, input.seed, input.created_ms);
+        let cpu = st.cpu.clone();
+        let mut store = self.new_store(st, l.cpu_budget);
         let start = match &input.start {
             FlowStart::Client { request_body, .. } => {
                 bindings::exports::braid::flow::guest::Start::Client(request_body.clone())
@@ -607,17 +653,38 @@ impl Runtime {
                 bindings::exports::braid::flow::guest::Start::Responder(1)
             }
         };
-        let outcome = match package.pre.instantiate_async(&mut store).await {
-            Ok(inst) => {
-                inst.braid_flow_guest()
-                    .call_run(&mut store, &input.flow_name, &start)
-                    .await
-            }
-            Err(e) => Err(e),
+        let call = async {
+            let inst = package.pre.instantiate_async(&mut store).await?;
+            inst.braid_flow_guest()
+                .call_run(&mut store, &input.flow_name, &start)
+                .await
         };
-        let data = store.data_mut();
-        let st = &mut data.st;
+        let outcome = Metered::new(call, cpu).await;
+        let overflowed = match &outcome {
+            Err(err) => shadow_stack_overflowed(&mut store, err),
+            Ok(_) => false,
+        };
+        let st = &mut store.data_mut().st;
+        let mem_hit = st.mem.hit.clone();
+        let memory_failure = |m: Option<String>| FlowFailure {
+            kind: FailureKind::MemoryLimit,
+            message: m.unwrap_or_else(|| {
+                format!(
+                    "memory limit exceeded: the flow went beyond its {} MiB budget",
+                    l.memory_bytes >> 20
+                )
+            }),
+        };
         let result = match outcome {
+            Ok(Ok(json)) if json.len() > l.max_result_bytes => Err(FlowFailure {
+                kind: FailureKind::ResultLimit,
+                message: format!(
+                    "result limit exceeded: the flow returned a result of {} bytes, more than \
+                     the {} bytes a result may have",
+                    json.len(),
+                    l.max_result_bytes
+                ),
+            }),
             Ok(Ok(json)) => Ok(json),
             Ok(Err(reason)) => Err(FlowFailure {
                 kind: FailureKind::FlowFailed,
@@ -642,33 +709,53 @@ impl Runtime {
                 Some(Stop::Cpu) => Err(FlowFailure {
                     kind: FailureKind::CpuLimit,
                     message: format!(
-                        "CPU budget exceeded: the flow ran for more than {} ms of CPU time",
-                        self.config.limits.cpu_budget.as_millis()
+                        "CPU budget exceeded: the flow's code used more than {} ms of CPU time",
+                        l.cpu_budget.as_millis()
                     ),
                 }),
                 Some(Stop::Outbound) => Err(FlowFailure {
                     kind: FailureKind::OutboundLimit,
                     message: format!(
                         "outbound message limit exceeded: more than {} messages sent without suspending",
-                        self.config.limits.max_outbound_per_checkpoint
+                        l.max_outbound_per_checkpoint
                     ),
                 }),
-                None if data.limiter.hit => Err(FlowFailure {
-                    kind: FailureKind::MemoryLimit,
+                Some(Stop::HostCalls) => Err(FlowFailure {
+                    kind: FailureKind::HostCallLimit,
                     message: format!(
-                        "memory limit exceeded: the flow tried to grow its memory beyond the cap of {} MiB",
-                        self.config.limits.memory_bytes >> 20
+                        "host-call limit exceeded: more than {} host calls without suspending \
+                         (each call to braid or WASI counts; a receive or sleep that waits \
+                         starts a new count)",
+                        l.max_host_calls_per_checkpoint
                     ),
                 }),
-                None if err.downcast_ref::<wasmtime::Trap>()
-                    == Some(&wasmtime::Trap::StackOverflow) =>
+                Some(Stop::Journal(m)) => Err(FlowFailure {
+                    kind: FailureKind::JournalLimit,
+                    message: m,
+                }),
+                Some(Stop::Memory(m)) => Err(memory_failure(Some(m))),
+                Some(Stop::Refused(m)) => Err(FlowFailure {
+                    kind: FailureKind::Trap,
+                    message: m,
+                }),
+                None if mem_hit.is_some() => Err(memory_failure(mem_hit.clone())),
+                None if overflowed
+                    || err.downcast_ref::<wasmtime::Trap>()
+                        == Some(&wasmtime::Trap::StackOverflow) =>
                 {
                     Err(FlowFailure {
                         kind: FailureKind::StackLimit,
-                        message: format!(
-                            "stack limit exceeded: the flow overflowed its {} KiB wasm stack",
-                            self.config.limits.stack_bytes >> 10
-                        ),
+                        message: if overflowed {
+                            "stack limit exceeded: the flow overflowed its shadow stack (the \
+                             stack its compiler keeps in linear memory, 1 MiB for Rust by \
+                             default; build with a larger `-z stack-size` or recurse less)"
+                                .to_string()
+                        } else {
+                            format!(
+                                "stack limit exceeded: the flow overflowed its {} KiB wasm stack",
+                                l.stack_bytes >> 10
+                            )
+                        },
                     })
                 }
                 None => Err(FlowFailure {
@@ -680,19 +767,27 @@ impl Runtime {
                 }),
             },
         };
-        // The memory limiter hit is reported even if the guest turned the
-        // failed allocation into its own abort.
+        // The memory limit is reported even if the guest turned the failed
+        // allocation into its own abort.
         let result = match result {
-            Err(f) if data.limiter.hit && f.kind == FailureKind::Trap => Err(FlowFailure {
-                kind: FailureKind::MemoryLimit,
-                message: format!(
-                    "memory limit exceeded: the flow tried to grow its memory beyond the cap of {} MiB",
-                    self.config.limits.memory_bytes >> 20
-                ),
-            }),
+            Err(f) if mem_hit.is_some() && f.kind == FailureKind::Trap => {
+                Err(memory_failure(mem_hit))
+            }
             r => r,
         };
-        let st = &mut store.data_mut().st;
+        // A kill requested before the end is committed wins over the end.
+        let result = match (result, st.kill.get()) {
+            (Err(f), _) if f.kind == FailureKind::Killed => Err(f),
+            (_, Some(why)) => Err(FlowFailure {
+                kind: FailureKind::Killed,
+                message: why.clone(),
+            }),
+            (r, None) => r,
+        };
+        let result = result.map_err(|f| FlowFailure {
+            message: bounded_text(&f.message, l.max_error_bytes),
+            ..f
+        });
         st.end_sessions(result.as_ref().err().map(|f| f.message.as_str()));
         st.wake_at = None;
         RunOutcome::Finished {
@@ -700,6 +795,33 @@ impl Runtime {
             checkpoint: st.take_checkpoint(),
         }
     }
+}
+
+/// Whether a trap came from overflowing the shadow stack: compilers for
+/// wasm32 keep the stack in linear memory below a `__stack_pointer`
+/// global, and Rust puts that stack first, so an overflow wraps the
+/// pointer past the end of memory and the next access traps as out of
+/// bounds. The core dump of the trap holds the globals.
+fn shadow_stack_overflowed(store: &mut Store<FlowCtx>, err: &wasmtime::Error) -> bool {
+    use wasmtime::{Mutability, Val, ValType};
+    if err.downcast_ref::<wasmtime::Trap>() != Some(&wasmtime::Trap::MemoryOutOfBounds) {
+        return false;
+    }
+    let Some(dump) = err.downcast_ref::<wasmtime::WasmCoreDump>() else {
+        return false;
+    };
+    let largest = dump
+        .memories()
+        .iter()
+        .map(|m| m.data_size(&*store))
+        .max()
+        .unwrap_or(0);
+    dump.globals().iter().any(|g| {
+        let ty = g.ty(&*store);
+        ty.mutability() == Mutability::Var
+            && matches!(ty.content(), ValType::I32)
+            && matches!(g.get(&mut *store), Val::I32(v) if (v as u32 as usize) > largest)
+    })
 }
 
 fn root_cause(err: &wasmtime::Error) -> String {

@@ -11,8 +11,8 @@
 pub mod embedded;
 
 use braid_types::{
-    Checksum, FlowFailure, FlowId, FlowInfo, FlowStart, FlowStatus, HoldingId, SessionMessage,
-    X500Name,
+    Checksum, ClientRequestId, FlowFailure, FlowId, FlowInfo, FlowStart, FlowStatus, HoldingId,
+    SessionMessage, X500Name,
 };
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,61 @@ pub enum StoreError {
     /// The store has shut down.
     #[error("store is closed")]
     Closed,
+    /// The database file is not a usable database: cut short, overwritten,
+    /// or written by an incompatible version. Restore it from a backup, or
+    /// move it away to start with an empty store.
+    #[error(
+        "the store's database file {} is damaged ({detail}); restore it from a backup, or move \
+         it away to start the node with an empty store",
+        path.display()
+    )]
+    Damaged {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The store failed and is recovering (e.g. the disk was full); it
+    /// retries by itself. Retry the request later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// How the store is doing, for health and readiness checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Whether writes are going through.
+    pub ok: bool,
+    /// The last failure while not ok.
+    pub error: Option<String>,
+    /// Since when (ms since epoch) the store has been in this state.
+    pub since_ms: u64,
+}
+
+/// Rows per table, for operators and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Flow records.
+    pub flows: u64,
+    /// Flows not yet ended.
+    pub unfinished: u64,
+    /// Journal entries of all flows.
+    pub journal_entries: u64,
+    /// Messages waiting in inboxes.
+    pub inbox: u64,
+    /// Messages waiting in the outbox.
+    pub outbox: u64,
+    /// Kills requested and not yet carried out.
+    pub kills: u64,
+}
+
+/// One page of a vnode's flows, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct FlowPage {
+    /// The flows on this page.
+    pub flows: Vec<FlowRecord>,
+    /// Where the next page starts (pass as `after`), if there may be more.
+    pub next: Option<Vec<u8>>,
 }
 
 /// A virtual node.
@@ -157,21 +212,32 @@ pub enum Op {
     DeletePackage(Checksum),
     /// Node-level settings (admin credentials, ...).
     PutMeta(String, Vec<u8>),
+    /// A kill was requested: durable before it is acknowledged.
+    PutKill(FlowId, String),
+    /// A requested kill was carried out (or is moot).
+    DeleteKill(FlowId),
+    /// Drops every message still waiting in a flow's inbox (it ended).
+    DeleteFlowInbox(FlowId),
+    /// Deletes a finished flow: its record, journal, inbox and indexes.
+    DeleteFlow(Box<FlowRecord>),
 }
 
-/// What a node loads when it starts.
+/// What a node loads when it starts: what running flows need, not the
+/// history (finished flows are read from the store when asked for).
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// All vnodes.
     pub vnodes: Vec<VnodeRecord>,
     /// All package metadata.
     pub packages: Vec<PackageRecord>,
-    /// All flows.
+    /// The flows that have not ended.
     pub flows: Vec<FlowRecord>,
     /// Messages committed but perhaps not delivered.
     pub outbox: Vec<SessionMessage>,
     /// Flows with inbox messages waiting.
     pub inbox_flows: Vec<FlowId>,
+    /// Kills requested and not yet carried out.
+    pub kills: Vec<(FlowId, String)>,
 }
 
 /// Durable state behind a node.
@@ -189,4 +255,47 @@ pub trait Store: Send + Sync + 'static {
     async fn inbox(&self, flow: &FlowId) -> Result<Vec<SessionMessage>, StoreError>;
     /// A node-level setting.
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// One flow's record.
+    async fn flow(&self, id: &FlowId) -> Result<Option<FlowRecord>, StoreError>;
+    /// The flow a client started with `client_request_id` on `holding`.
+    async fn flow_by_client(
+        &self,
+        holding: &HoldingId,
+        client_request_id: &ClientRequestId,
+    ) -> Result<Option<FlowRecord>, StoreError>;
+    /// A page of `holding`'s flows, oldest first, starting after the
+    /// `after` of the previous page, keeping those with `status` (when
+    /// given): at most `limit` flows, looking at no more than `scan` flows.
+    async fn list_flows(
+        &self,
+        holding: &HoldingId,
+        status: Option<FlowStatus>,
+        after: Option<&[u8]>,
+        limit: usize,
+        scan: usize,
+    ) -> Result<FlowPage, StoreError>;
+    /// Up to `limit` flows that ended before `cutoff_ms`, oldest first.
+    async fn finished_before(
+        &self,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<FlowRecord>, StoreError>;
+    /// Rows per table.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Whether writes are going through.
+    fn health(&self) -> StoreHealth;
+    /// Finishes the writes in flight and closes the store cleanly; later
+    /// calls fail with [`StoreError::Closed`].
+    async fn close(&self);
+}
+
+/// The byte that stands for a status in the store's indexes.
+pub fn status_code(s: FlowStatus) -> u8 {
+    match s {
+        FlowStatus::StartRequested => 0,
+        FlowStatus::Running => 1,
+        FlowStatus::Completed => 2,
+        FlowStatus::Failed => 3,
+        FlowStatus::Killed => 4,
+    }
 }

@@ -438,6 +438,12 @@ pub enum FailureKind {
     Killed,
     /// The flow's package could not be loaded or is not a braid package.
     InvalidPackage,
+    /// The flow made more host calls than allowed between two suspensions.
+    HostCallLimit,
+    /// The flow's journal grew beyond its size limit.
+    JournalLimit,
+    /// The flow returned a result larger than allowed.
+    ResultLimit,
 }
 
 /// Why a flow failed.

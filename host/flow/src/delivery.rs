@@ -1,0 +1,281 @@
+//! Session messages into flows of this node: into the receiver's inbox, or
+//! starting the responder flow a session-init names, each in one durable
+//! transaction with whatever the caller commits alongside.
+
+use crate::state::State;
+use crate::{FlowEvent, FlowWorker, WorkerError};
+use braid_bus::BusReceiver;
+use braid_runtime::Event;
+use braid_storage::{FlowRecord, Op, StoreError};
+use braid_types::{Body, FlowId, FlowStart, SessionFault, SessionMessage, now_millis};
+use std::collections::HashMap;
+
+/// The store writes and follow-ups that deliver messages to flows of this
+/// node. Planned under the state lock, written in one transaction (with
+/// whatever else the caller commits), applied after the commit.
+#[derive(Default)]
+pub(crate) struct Delivery {
+    pub ops: Vec<Op>,
+    created: HashMap<FlowId, FlowRecord>,
+    wake: Vec<SessionMessage>,
+    replies: Vec<SessionMessage>,
+}
+
+impl Delivery {
+    /// Plans delivery of `m`: into the receiver's inbox, starting the
+    /// responder flow its session-init names, or a protocol error back.
+    /// Flows that ended get nothing; a session-init for a flow id that is
+    /// neither running nor known to have ended must have been checked
+    /// against the store first ([`FlowWorker::learn_finished`]).
+    pub fn plan(&mut self, w: &FlowWorker, st: &mut State, m: &SessionMessage) {
+        let dest = m.destination_flow();
+        if st.flows.contains_key(&dest) || self.created.contains_key(&dest) {
+            self.ops.push(Op::PutInbox(Box::new(m.clone())));
+            self.wake.push(m.clone());
+            return;
+        }
+        if st.finished.contains(&dest) {
+            tracing::debug!(flow_id = %dest, "dropping message for finished flow");
+            return;
+        }
+        if st.creating.contains(&dest) {
+            // Another delivery is creating it: the message waits in its
+            // inbox, which the flow reads when it first runs.
+            self.ops.push(Op::PutInbox(Box::new(m.clone())));
+            return;
+        }
+        let Some(init) = &m.init else {
+            tracing::warn!(flow_id = %dest, session = %m.session, "dropping message for unknown flow (no session-init)");
+            return;
+        };
+        let Some(v) = st.vnodes.get(&m.to.holding) else {
+            tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
+            return;
+        };
+        let responder = w
+            .inner
+            .runtime
+            .cached(&v.package)
+            .and_then(|p| p.responder_for(&init.protocol, &init.versions));
+        let Some((flow_name, version)) = responder else {
+            let reply = SessionMessage {
+                session: m.session,
+                from: m.to.clone(),
+                to: m.from.clone(),
+                seq: 1,
+                init: None,
+                body: Body::Error(SessionFault::ProtocolUnsupported(format!(
+                    "{} has no responder for protocol {:?} versions {:?}",
+                    v.name, init.protocol, init.versions
+                ))),
+            };
+            self.ops.push(Op::PutOutbox(Box::new(reply.clone())));
+            self.replies.push(reply);
+            return;
+        };
+        let rec = FlowRecord::new(
+            dest,
+            v.holding,
+            flow_name,
+            v.package,
+            FlowStart::Responder {
+                session: m.session,
+                initiator: m.from.clone(),
+                protocol: init.protocol.clone(),
+                version,
+            },
+            now_millis(),
+            rand::random(),
+        );
+        self.ops.push(Op::PutFlow(Box::new(rec.clone())));
+        self.ops.push(Op::PutInbox(Box::new(m.clone())));
+        st.creating.insert(dest);
+        self.created.insert(dest, rec);
+        self.wake.push(m.clone());
+    }
+
+    /// The commit failed: forget what was planned.
+    pub fn abandon(self, w: &FlowWorker) {
+        let mut st = w.inner.lock();
+        for id in self.created.keys() {
+            st.creating.remove(id);
+        }
+    }
+
+    /// After the commit: registers new flows and wakes receivers.
+    pub fn apply(self, w: &FlowWorker) {
+        let mut to_schedule = Vec::new();
+        let mut created = Vec::new();
+        {
+            let mut st = w.inner.lock();
+            for (id, rec) in self.created {
+                st.creating.remove(&id);
+                w.inner.metrics.count(rec.holding, FlowEvent::Started);
+                created.push(rec.clone());
+                st.insert_flow(rec);
+            }
+            for m in self.wake {
+                let dest = m.destination_flow();
+                match st.live.get(&dest) {
+                    Some(l) => {
+                        let _ = l.events.send(Event::Message(m));
+                        st.unsuspend(&dest);
+                    }
+                    None => to_schedule.push(dest),
+                }
+            }
+        }
+        for rec in &created {
+            w.inner.events.publish(rec);
+        }
+        for id in to_schedule {
+            w.schedule(id);
+        }
+        if !self.replies.is_empty() {
+            w.publish(self.replies);
+        }
+    }
+
+    /// Writes the plan (plus nothing else) and applies it.
+    pub async fn commit(mut self, w: &FlowWorker) -> Result<(), StoreError> {
+        let ops = std::mem::take(&mut self.ops);
+        if let Err(e) = w.inner.store.write(ops).await {
+            self.abandon(w);
+            return Err(e);
+        }
+        self.apply(w);
+        Ok(())
+    }
+}
+
+impl FlowWorker {
+    /// Makes sure every session-init in `batch` for a flow this node does
+    /// not run is known to be new or finished: flows that ended are not in
+    /// memory, and a late duplicate of their session-init must not start
+    /// them again.
+    pub(crate) async fn learn_finished(&self, batch: &[SessionMessage]) -> Result<(), StoreError> {
+        let unknown: Vec<FlowId> = {
+            let st = self.inner.lock();
+            batch
+                .iter()
+                .filter(|m| m.init.is_some())
+                .map(SessionMessage::destination_flow)
+                .filter(|d| {
+                    !st.flows.contains_key(d)
+                        && !st.finished.contains(d)
+                        && !st.creating.contains(d)
+                })
+                .collect()
+        };
+        for id in unknown {
+            if self.inner.store.flow(&id).await?.is_some() {
+                self.inner.lock().finished.insert(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers messages that arrived from other nodes: each goes into its
+    /// receiver's inbox (or starts the responder its session-init names),
+    /// all in one durable transaction. Returns once durable, so the link
+    /// manager may then acknowledge them. Messages for vnodes this node
+    /// does not host are refused.
+    pub async fn deliver_inbound(&self, batch: &[SessionMessage]) -> Result<(), WorkerError> {
+        self.learn_finished(batch).await?;
+        let mut d = Delivery::default();
+        {
+            let mut st = self.inner.lock();
+            for m in batch {
+                if !st.vnodes.contains_key(&m.to.holding) {
+                    drop(st);
+                    d.abandon(self);
+                    return Err(WorkerError::NotFound(format!(
+                        "no vnode {} ({}) on this node",
+                        m.to.name, m.to.holding
+                    )));
+                }
+                d.plan(self, &mut st, m);
+            }
+        }
+        d.commit(self).await?;
+        Ok(())
+    }
+
+    /// The peer holds these messages (outbox keys) durably: forget them.
+    pub async fn remote_delivered(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .store
+            .write(keys.into_iter().map(Op::DeleteOutbox).collect())
+            .await
+    }
+
+    /// The link manager gave up on `m`: its sender's session ends with
+    /// `reason` (a sequence-0 error into the sender's inbox, in the same
+    /// transaction that drops `m` from the outbox).
+    pub async fn remote_failed(
+        &self,
+        m: &SessionMessage,
+        reason: String,
+    ) -> Result<(), StoreError> {
+        let notice = SessionMessage {
+            session: m.session,
+            from: m.to.clone(),
+            to: m.from.clone(),
+            seq: 0,
+            init: None,
+            body: Body::Error(SessionFault::Undeliverable(format!(
+                "to {}: {reason}",
+                m.to.name
+            ))),
+        };
+        let mut d = Delivery::default();
+        d.ops.push(Op::DeleteOutbox(m.key()));
+        {
+            let mut st = self.inner.lock();
+            d.plan(self, &mut st, &notice);
+        }
+        d.commit(self).await
+    }
+}
+
+/// Delivers published messages to flows of this node.
+pub(crate) async fn route(w: FlowWorker, mut rx: BusReceiver) {
+    while let Some(mut batch) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            batch.extend(more);
+            if batch.len() > 4096 {
+                break;
+            }
+        }
+        crate::retry_until_ok("message delivery", || deliver(&w, &batch)).await;
+    }
+}
+
+/// Delivers a batch taken from the bus: each message moves from the
+/// outbox to its receiver's inbox in one transaction.
+async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreError> {
+    w.learn_finished(batch).await?;
+    let mut d = Delivery::default();
+    let mut remote = Vec::new();
+    {
+        let mut st = w.inner.lock();
+        for m in batch {
+            if w.inner.remote.is_some() && !st.vnodes.contains_key(&m.to.holding) {
+                remote.push(m.clone());
+                continue;
+            }
+            d.ops.push(Op::DeleteOutbox(m.key()));
+            d.plan(w, &mut st, m);
+        }
+    }
+    if let (Some(r), false) = (&w.inner.remote, remote.is_empty()) {
+        r.send(remote);
+    }
+    if d.ops.is_empty() {
+        return Ok(());
+    }
+    d.commit(w).await
+}

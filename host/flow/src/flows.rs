@@ -1,0 +1,252 @@
+//! What clients do with flows: start, kill, look up, list.
+
+use crate::{FlowEvent, FlowWorker, WorkerError};
+use braid_storage::{FlowPage, FlowRecord, Op};
+use braid_types::{ClientRequestId, FlowId, FlowStart, FlowStatus, HoldingId, now_millis};
+
+/// Flows a listing looks at per request at most (a status filter that
+/// matches little returns a short page with a cursor rather than scanning
+/// everything).
+const LIST_SCAN: usize = 10_000;
+
+impl FlowWorker {
+    /// Starts a flow for a client. The start is durable before this returns.
+    pub async fn start_flow(
+        &self,
+        holding: HoldingId,
+        client_request_id: ClientRequestId,
+        flow_name: String,
+        request_body: String,
+    ) -> Result<FlowRecord, WorkerError> {
+        let key = (holding, client_request_id.clone());
+        let conflict = || {
+            WorkerError::Conflict(format!(
+                "clientRequestId {client_request_id} was already used on virtual node {holding}"
+            ))
+        };
+        let rec = {
+            let mut st = self.inner.lock();
+            let v = st.vnodes.get(&holding).ok_or_else(|| {
+                WorkerError::NotFound(format!("no virtual node with holdingId {holding}"))
+            })?;
+            if !v.flow_starts_enabled {
+                return Err(WorkerError::Conflict(format!(
+                    "flow starts are disabled on virtual node {holding}; \
+                     enable them with PUT /api/v1/virtualnode/{holding}/state"
+                )));
+            }
+            let package = v.package;
+            let flows = st
+                .packages
+                .get(&package)
+                .map(|p| p.flows.as_slice())
+                .unwrap_or(&[]);
+            match flows.iter().find(|f| f.name == flow_name) {
+                Some(f) if f.startable => {}
+                Some(_) => {
+                    return Err(WorkerError::Invalid(format!(
+                        "flow {flow_name:?} is a responder flow and cannot be started by a client"
+                    )));
+                }
+                None => {
+                    let names: Vec<&str> = flows
+                        .iter()
+                        .filter(|f| f.startable)
+                        .map(|f| f.name.as_str())
+                        .collect();
+                    return Err(WorkerError::NotFound(format!(
+                        "virtual node {holding} has no flow named {flow_name:?}; startable flows: {names:?}"
+                    )));
+                }
+            }
+            if st.by_client.contains_key(&key) {
+                return Err(conflict());
+            }
+            // Reserved while the store is asked about finished flows and
+            // while the start commits.
+            st.by_client.insert(key.clone(), None);
+            FlowRecord::new(
+                FlowId::random(),
+                holding,
+                flow_name,
+                package,
+                FlowStart::Client {
+                    client_request_id: client_request_id.clone(),
+                    request_body,
+                },
+                now_millis(),
+                rand::random(),
+            )
+        };
+        let release = || {
+            self.inner.lock().by_client.remove(&key);
+        };
+        match self
+            .inner
+            .store
+            .flow_by_client(&holding, &client_request_id)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                release();
+                return Err(conflict());
+            }
+            Err(e) => {
+                release();
+                return Err(e.into());
+            }
+        }
+        if let Err(e) = self
+            .inner
+            .store
+            .write(vec![Op::PutFlow(Box::new(rec.clone()))])
+            .await
+        {
+            release();
+            return Err(e.into());
+        }
+        {
+            let mut st = self.inner.lock();
+            st.insert_flow(rec.clone());
+            if st.queued.insert(rec.id) {
+                st.queue.push_back(rec.id);
+            }
+        }
+        self.inner.metrics.count(holding, FlowEvent::Started);
+        self.inner.events.publish(&rec);
+        self.pump();
+        Ok(rec)
+    }
+
+    /// Kills an unfinished flow: it ends KILLED and its counterparties'
+    /// sessions fail. The kill is durable before this returns and is
+    /// carried out whatever the flow is doing (running, waiting, evicted,
+    /// sleeping), also after a restart.
+    pub async fn kill(&self, flow: FlowId, reason: String) -> Result<FlowRecord, WorkerError> {
+        let rec = {
+            let mut st = self.inner.lock();
+            match st.flows.get(&flow).cloned() {
+                None => None,
+                Some(_) if st.ending.contains(&flow) => {
+                    return Err(WorkerError::Conflict(format!(
+                        "flow {flow} is ending; its end is being recorded"
+                    )));
+                }
+                Some(rec) => {
+                    st.kills.entry(flow).or_insert_with(|| reason.clone());
+                    if let Some(l) = st.live.get(&flow) {
+                        // Takes effect at the flow's next host call or
+                        // epoch tick; the event wakes it if it waits.
+                        let _ = l.kill.set(reason.clone());
+                        let _ = l.events.send(braid_runtime::Event::Kill(reason.clone()));
+                    }
+                    Some(rec)
+                }
+            }
+        };
+        let Some(rec) = rec else {
+            return match self.inner.store.flow(&flow).await? {
+                Some(r) => Err(WorkerError::Conflict(format!(
+                    "flow {flow} has already ended ({:?})",
+                    r.status
+                ))),
+                None => Err(WorkerError::NotFound(format!("no flow {flow}"))),
+            };
+        };
+        self.inner
+            .store
+            .write(vec![Op::PutKill(flow, reason)])
+            .await?;
+        self.schedule(flow);
+        Ok(rec)
+    }
+
+    /// A client-started flow's record: the running flow's from memory, a
+    /// finished one's from the store.
+    pub async fn flow_by_client(
+        &self,
+        holding: &HoldingId,
+        id: &ClientRequestId,
+    ) -> Result<Option<FlowRecord>, WorkerError> {
+        {
+            let st = self.inner.lock();
+            if let Some(Some(fid)) = st.by_client.get(&(*holding, id.clone()))
+                && let Some(r) = st.flows.get(fid)
+            {
+                return Ok(Some(r.clone()));
+            }
+        }
+        Ok(self.inner.store.flow_by_client(holding, id).await?)
+    }
+
+    /// A page of a vnode's flows (responders included), oldest first,
+    /// optionally only those with `status`; `after` is the previous page's
+    /// `next`.
+    pub async fn list_flows(
+        &self,
+        holding: &HoldingId,
+        status: Option<FlowStatus>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<FlowPage, WorkerError> {
+        let mut page = self
+            .inner
+            .store
+            .list_flows(holding, status, after, limit, LIST_SCAN)
+            .await?;
+        // A running flow's status in memory can be ahead of the store's
+        // (START_REQUESTED flows that started running).
+        let st = self.inner.lock();
+        for f in &mut page.flows {
+            if let Some(cur) = st.flows.get(&f.id)
+                && cur.status != f.status
+                && status.is_none()
+            {
+                f.status = cur.status;
+            }
+        }
+        Ok(page)
+    }
+
+    /// The unfinished flows of a vnode (from memory).
+    pub fn unfinished_of(&self, holding: &HoldingId) -> Vec<FlowRecord> {
+        let st = self.inner.lock();
+        let mut v: Vec<FlowRecord> = st
+            .flows
+            .values()
+            .filter(|r| r.holding == *holding)
+            .cloned()
+            .collect();
+        v.sort_by_key(|r| r.created_ms);
+        v
+    }
+
+    /// How many of a vnode's flows have `status` (reads every page).
+    pub async fn count_flows(
+        &self,
+        holding: &HoldingId,
+        status: FlowStatus,
+    ) -> Result<usize, WorkerError> {
+        let mut n = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .inner
+                .store
+                .list_flows(holding, Some(status), after.as_deref(), 10_000, LIST_SCAN)
+                .await?;
+            n += page.flows.len();
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// How many flows have an instance now, and how many are unfinished.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        (st.live.len(), st.flows.len())
+    }
+}

@@ -1,0 +1,397 @@
+//! Running flows: which flow runs next, the bounded live set and eviction,
+//! committing checkpoints and ends, and the environment the runtime calls.
+
+use crate::delivery::Delivery;
+use crate::state::Live;
+use crate::{FlowEvent, FlowWorker};
+use braid_runtime::{Checkpoint, Event, FlowEnv, FlowInput, Package, RunOutcome};
+use braid_storage::{FlowRecord, Op, StoreError};
+use braid_types::{
+    FailureKind, FlowFailure, FlowId, FlowStatus, HoldingId, SessionMessage, X500Name, now_millis,
+};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub(crate) struct Env {
+    pub worker: FlowWorker,
+}
+
+#[async_trait::async_trait]
+impl FlowEnv for Env {
+    async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()> {
+        let inner = &self.worker.inner;
+        let rec = {
+            let st = inner.lock();
+            if st.stopping {
+                anyhow::bail!("the node is shutting down");
+            }
+            let mut r = st
+                .flows
+                .get(&flow)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("flow {flow} vanished"))?;
+            if r.status != FlowStatus::Running {
+                r.updated_ms = now_millis();
+            }
+            r.status = FlowStatus::Running;
+            r.wake_at_ms = cp.wake_at_ms;
+            r.journal_len = cp.first_index + cp.entries.len() as u32;
+            r
+        };
+        self.worker.commit_checkpoint(&rec, cp, Vec::new()).await?;
+        {
+            let mut st = inner.lock();
+            st.retries.remove(&flow);
+            if st.live.get(&flow).is_some_and(|l| !l.evicting) {
+                st.mark_suspended(flow);
+            }
+        }
+        inner.events.publish(&rec);
+        // A flow just suspended: if others wait for room, evict now.
+        if !inner.lock().queue.is_empty() {
+            self.worker.pump();
+        }
+        Ok(())
+    }
+
+    fn resolve(&self, name: &X500Name) -> Option<HoldingId> {
+        let inner = &self.worker.inner;
+        if let Some(h) = inner.lock().names.get(name).copied() {
+            return Some(h);
+        }
+        match &inner.remote {
+            Some(r) if r.is_member(name) => Some(HoldingId::derive(name, &inner.config.group)),
+            _ => None,
+        }
+    }
+
+    fn derive(&self, name: &X500Name) -> HoldingId {
+        HoldingId::derive(name, &self.worker.inner.config.group)
+    }
+}
+
+async fn load_input(
+    w: &FlowWorker,
+    id: FlowId,
+    kill: Arc<OnceLock<String>>,
+) -> anyhow::Result<(Arc<Package>, FlowInput)> {
+    let (rec, name) = {
+        let st = w.inner.lock();
+        let rec = st
+            .flows
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("unknown flow {id}"))?;
+        let name = st
+            .vnodes
+            .get(&rec.holding)
+            .map(|v| v.name.clone())
+            .ok_or_else(|| anyhow::anyhow!("flow {id} belongs to unknown vnode {}", rec.holding))?;
+        (rec, name)
+    };
+    let pkg = match w.inner.runtime.cached(&rec.package) {
+        Some(p) => p,
+        None => {
+            let bytes = w
+                .inner
+                .store
+                .package_bytes(&rec.package)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("package {} missing", rec.package))?;
+            w.inner.runtime.load(rec.package, &bytes).await?
+        }
+    };
+    let journal = w.inner.store.journal(&id).await?;
+    let inbox = w.inner.store.inbox(&id).await?;
+    Ok((
+        pkg,
+        FlowInput {
+            id,
+            holding: rec.holding,
+            name,
+            flow_name: rec.flow_name.clone(),
+            start: rec.start.clone(),
+            seed: rec.seed,
+            created_ms: rec.created_ms,
+            journal,
+            inbox,
+            kill,
+        },
+    ))
+}
+
+/// Runs one flow instance until it ends, is evicted or hits a host fault.
+async fn drive(
+    w: FlowWorker,
+    id: FlowId,
+    events: mpsc::UnboundedReceiver<Event>,
+    kill: Arc<OnceLock<String>>,
+) {
+    let outcome = match load_input(&w, id, kill.clone()).await {
+        Ok((pkg, input)) => {
+            let env = Arc::new(Env { worker: w.clone() });
+            w.inner.runtime.run(pkg, input, env, events).await
+        }
+        // A flow that cannot even be loaded can still be killed (its
+        // counterparties are not told: its sessions are unknown).
+        Err(e) if kill.get().is_some() => RunOutcome::Finished {
+            result: Err(FlowFailure {
+                kind: FailureKind::Killed,
+                message: format!(
+                    "{} (the flow could not be loaded: {e:#})",
+                    kill.get().expect("checked")
+                ),
+            }),
+            checkpoint: Checkpoint::default(),
+        },
+        Err(e) => RunOutcome::Fault(format!("{e:#}")),
+    };
+    let mut retry = false;
+    match outcome {
+        RunOutcome::Finished { result, checkpoint } => {
+            if w.finish(id, result, checkpoint).await.is_err() {
+                retry = true;
+            }
+        }
+        RunOutcome::Evicted { .. } => {}
+        RunOutcome::Fault(f) => {
+            tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry");
+            retry = true;
+        }
+    }
+    let (wake, delay) = {
+        let mut st = w.inner.lock();
+        if st.live.remove(&id).is_some_and(|l| l.evicting) {
+            st.evicting -= 1;
+        }
+        st.unsuspend(&id);
+        let wake = st.flows.get(&id).map(|r| r.wake_at_ms);
+        let delay = retry.then(|| {
+            let n = st.retries.entry(id).or_insert(0);
+            *n += 1;
+            Duration::from_millis((50u64 << (*n).min(8)).min(10_000))
+        });
+        (wake, delay)
+    };
+    if let Some(wake) = wake {
+        if let Some(d) = delay {
+            w.wake_at(id, now_millis() + d.as_millis() as u64);
+        } else {
+            // Evicted: resume when a message is waiting (one may have raced
+            // the eviction), a kill is pending, or its timer is due.
+            let kill_pending = w.inner.lock().kills.contains_key(&id);
+            match w.inner.store.inbox(&id).await {
+                Ok(msgs) if !msgs.is_empty() || kill_pending => w.schedule(id),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming");
+                    w.schedule(id);
+                }
+            }
+            if let Some(at) = wake {
+                w.wake_at(id, at);
+            }
+        }
+    }
+    w.pump();
+}
+
+impl FlowWorker {
+    /// Commits a flow's end: its record (final status, result or failure),
+    /// the last checkpoint, the removal of what is left in its inbox and of
+    /// its kill request, all in one transaction. A kill requested before
+    /// this point wins over the end the flow reached.
+    async fn finish(
+        &self,
+        id: FlowId,
+        mut result: Result<String, FlowFailure>,
+        checkpoint: Checkpoint,
+    ) -> Result<(), StoreError> {
+        let rec = {
+            let mut st = self.inner.lock();
+            let Some(mut rec) = st.flows.get(&id).cloned() else {
+                return Ok(());
+            };
+            if let Some(why) = st.kills.get(&id)
+                && !matches!(&result, Err(f) if f.kind == FailureKind::Killed)
+            {
+                result = Err(FlowFailure {
+                    kind: FailureKind::Killed,
+                    message: why.clone(),
+                });
+            }
+            st.ending.insert(id);
+            rec.updated_ms = now_millis();
+            rec.wake_at_ms = None;
+            rec.journal_len = checkpoint.first_index + checkpoint.entries.len() as u32;
+            match result {
+                Ok(json) => {
+                    rec.status = FlowStatus::Completed;
+                    rec.result = Some(json);
+                }
+                Err(f) => {
+                    tracing::info!(flow_id = %id, kind = ?f.kind, reason = %f.message, "flow failed");
+                    rec.status = if f.kind == FailureKind::Killed {
+                        FlowStatus::Killed
+                    } else {
+                        FlowStatus::Failed
+                    };
+                    rec.error = Some(f);
+                }
+            }
+            rec
+        };
+        let extra = vec![Op::DeleteFlowInbox(id), Op::DeleteKill(id)];
+        match self.commit_checkpoint(&rec, checkpoint, extra).await {
+            Ok(()) => {
+                let ev = match rec.status {
+                    FlowStatus::Completed => FlowEvent::Completed,
+                    FlowStatus::Killed => FlowEvent::Killed,
+                    _ => FlowEvent::Failed,
+                };
+                self.inner.metrics.count(rec.holding, ev);
+                self.inner.lock().forget_flow(&id);
+                self.inner.events.publish(&rec);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun");
+                self.inner.lock().ending.remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn wake_at(&self, id: FlowId, at_ms: u64) {
+        let w = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_millis()))).await;
+            w.schedule(id);
+        });
+    }
+
+    /// Makes sure a flow will run: queued unless it is live or finished.
+    pub(crate) fn schedule(&self, id: FlowId) {
+        {
+            let mut st = self.inner.lock();
+            if st.stopping
+                || !st.flows.contains_key(&id)
+                || st.live.contains_key(&id)
+                || !st.queued.insert(id)
+            {
+                return;
+            }
+            st.queue.push_back(id);
+        }
+        self.pump();
+    }
+
+    /// Starts queued flows while there is room; makes room by evicting the
+    /// longest-suspended live flows.
+    pub(crate) fn pump(&self) {
+        let mut st = self.inner.lock();
+        if st.stopping {
+            return;
+        }
+        let max = self.inner.config.max_live_flows.max(1);
+        while st.live.len() < max {
+            let Some(id) = st.queue.pop_front() else {
+                break;
+            };
+            st.queued.remove(&id);
+            let pending_kill = st.kills.get(&id).cloned();
+            let Some(rec) = st.flows.get_mut(&id) else {
+                continue;
+            };
+            if rec.status == FlowStatus::StartRequested {
+                rec.status = FlowStatus::Running;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let kill = Arc::new(OnceLock::new());
+            if let Some(why) = pending_kill {
+                let _ = kill.set(why);
+            }
+            st.live.insert(
+                id,
+                Live {
+                    events: tx,
+                    evicting: false,
+                    kill: kill.clone(),
+                },
+            );
+            tokio::spawn(drive(self.clone(), id, rx, kill));
+        }
+        let mut want = st.queue.len().saturating_sub(st.evicting);
+        while want > 0 {
+            let Some((_, id)) = st.lru.pop_first() else {
+                break;
+            };
+            st.lru_pos.remove(&id);
+            if st.evict(&id) {
+                want -= 1;
+            }
+        }
+    }
+
+    pub(crate) fn publish(&self, msgs: Vec<SessionMessage>) {
+        if let Err(e) = self.inner.bus.publish(msgs) {
+            // The messages stay in the outbox and are published on restart.
+            tracing::warn!(cause = %e, "could not publish messages");
+        }
+    }
+
+    /// Commits a flow's checkpoint in one transaction: journal entries,
+    /// consumed inbox entries, the flow record, its outbound messages and
+    /// `extra`. A message for a vnode of this node goes straight into the
+    /// receiver's inbox in the same transaction (and the receiver is woken
+    /// after the commit); anything else goes to the outbox and is published
+    /// after the commit.
+    pub(crate) async fn commit_checkpoint(
+        &self,
+        rec: &FlowRecord,
+        cp: Checkpoint,
+        extra: Vec<Op>,
+    ) -> Result<(), StoreError> {
+        let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 2 + extra.len());
+        if !cp.entries.is_empty() {
+            ops.push(Op::AppendJournal {
+                flow: rec.id,
+                start: cp.first_index,
+                entries: cp.entries,
+            });
+        }
+        ops.extend(cp.consumed.into_iter().map(Op::DeleteInbox));
+        ops.push(Op::PutFlow(Box::new(rec.clone())));
+        ops.extend(extra);
+        let mut local = Delivery::default();
+        let mut remote = Vec::new();
+        {
+            let mut st = self.inner.lock();
+            for m in cp.outbound {
+                if st.vnodes.contains_key(&m.to.holding) {
+                    local.plan(self, &mut st, &m);
+                } else {
+                    ops.push(Op::PutOutbox(Box::new(m.clone())));
+                    remote.push(m);
+                }
+            }
+        }
+        ops.append(&mut local.ops);
+        let t = std::time::Instant::now();
+        if let Err(e) = self.inner.store.write(ops).await {
+            local.abandon(self);
+            return Err(e);
+        }
+        self.inner.metrics.checkpoint_commit.observe(t.elapsed());
+        // The record first, so that anything the receivers do next sees it.
+        if let Some(cur) = self.inner.lock().flows.get_mut(&rec.id) {
+            *cur = rec.clone();
+        }
+        local.apply(self);
+        if !remote.is_empty() {
+            self.publish(remote);
+        }
+        Ok(())
+    }
+}
