@@ -176,6 +176,40 @@ pub fn package_bytes(pkg: Pkg) -> Vec<u8> {
         .expect("every package is built")
 }
 
+/// The `hostile-describe` package built with `BRAID_HOSTILE_DESCRIBE` set
+/// to `variant` (`sleep`, `spin`, `invalid`), built once per variant.
+pub fn hostile_describe_bytes(variant: &str) -> Vec<u8> {
+    static BUILT: OnceLock<std::sync::Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Default::default);
+    let mut built = built.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = built.get(variant) {
+        return b.clone();
+    }
+    let out = fresh_dir("describe-package");
+    let file = out.join(format!("hostile-describe-{variant}.wasm"));
+    let crate_dir = repo_root().join("examples-flows/hostile-describe");
+    let output = Command::new(braid_bin())
+        .arg("package")
+        .arg("build")
+        .arg(&crate_dir)
+        .arg("-o")
+        .arg(&file)
+        .env("CARGO_TARGET_DIR", wasm_target_dir())
+        .env("BRAID_HOSTILE_DESCRIBE", variant)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", braid_bin().display()));
+    assert!(
+        output.status.success(),
+        "building hostile-describe ({variant}) failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bytes = fs::read(&file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    let _ = fs::remove_dir_all(&out);
+    built.insert(variant.to_string(), bytes.clone());
+    bytes
+}
+
 fn build_packages() -> Built {
     let bin = braid_bin();
     let out = fresh_dir("packages");
@@ -477,6 +511,65 @@ impl Node {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Starts the process again after it stopped (see [`Node::terminate`]).
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
+    /// Sends SIGTERM and waits (up to `timeout`) for the process to exit;
+    /// returns its exit status. Panics if it does not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("node running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for node") {
+                if let Ok(mut log) = OpenOptions::new().append(true).open(self.log_path()) {
+                    let _ = writeln!(
+                        log,
+                        "\n===== [e2e] node exited after SIGTERM: {status} ====="
+                    );
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the node did not exit within {timeout:?} of SIGTERM; log tail:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The process id of the running node.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node running").id()
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (e.g. `VmRSS`, `VmHWM`), bytes.
+    pub fn proc_status_bytes(&self, field: &str) -> u64 {
+        let text = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        text.lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+                rest.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
+            * 1024
+    }
+
+    /// The whole log of the node (every run on this data directory).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// Whether the process is still running.
@@ -849,6 +942,15 @@ impl Api {
                 resp.text
             ),
         }
+    }
+
+    /// Kills a flow (`POST .../kill`): the raw answer.
+    pub fn kill_flow(&self, holding: &str, client_request_id: &str) -> Resp {
+        self.post_json(
+            &format!("/api/v1/flow/{holding}/{client_request_id}/kill"),
+            &json!({}),
+        )
+        .expect("kill flow")
     }
 
     /// Starts a flow; panics unless `202`.

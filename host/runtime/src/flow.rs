@@ -706,8 +706,9 @@ impl host::Host for crate::FlowCtx {
         versions: Vec<u32>,
     ) -> wasmtime::Result<Result<u64, types::SessionError>> {
         let st = &mut self.st;
-        // What is journaled (and compared in replay) is bounded whatever
-        // the flow passes; over-long arguments are refused below.
+        // Checked on the arguments as passed; what is journaled (and
+        // compared in replay) is bounded whatever the flow passes.
+        let args_ok = check_initiate_args(&protocol, &versions);
         let counterparty = journaled_arg(&counterparty, 512);
         let protocol = journaled_arg(&protocol, MAX_PROTOCOL_NAME);
         let versions: Vec<u32> = versions.into_iter().take(MAX_VERSIONS + 1).collect();
@@ -722,7 +723,7 @@ impl host::Host for crate::FlowCtx {
             None => {
                 let r = match counterparty.parse::<X500Name>() {
                     Err(e) => Err(SessErr::CounterpartyUnknown(e.0)),
-                    Ok(name) => match check_initiate_args(&protocol, &versions) {
+                    Ok(name) => match args_ok {
                         Err(e) => Err(e),
                         Ok(()) => match st.env.resolve(&name) {
                             None => Err(SessErr::CounterpartyUnknown(format!(

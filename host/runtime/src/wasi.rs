@@ -110,9 +110,16 @@ impl FlowCtx {
                     .to_string();
                 return Err(self.st.halt(Stop::Refused(why)));
             };
-            // The deadline as wall-clock ms, rounded up so that it has
-            // passed when the sleep ends.
-            let wake_ms = self.st.created_ms.saturating_add(at_ns.div_ceil(1_000_000));
+            // Sleep for what is left until the deadline on the flow's
+            // clock, from now (its clock may lag: it only moves at
+            // journaled calls). Afterwards the clock shows the wake time,
+            // which is at or past the deadline.
+            let left_ms = at_ns
+                .saturating_sub(self.monotonic_now())
+                .div_ceil(1_000_000);
+            let wake_ms = braid_types::now_millis()
+                .max(self.st.virtual_now_ms())
+                .saturating_add(left_ms);
             self.st.durable_sleep_until(wake_ms).await?;
         }
     }

@@ -148,12 +148,16 @@ fn needs_reopen(e: &redb::StorageError) -> bool {
 /// file from other failures.
 fn open_db(path: &Path) -> Result<Database, StoreError> {
     let p = path.to_path_buf();
+    // A new file is "repaired" into shape too; only say so for old ones.
+    let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
     // redb may panic on a file that is not a database it wrote (e.g. one
     // cut short); that is a damaged file, not a bug to crash on.
     let opened = std::panic::catch_unwind(move || {
         Database::builder()
-            .set_repair_callback(|_| {
-                tracing::warn!("the store was not closed cleanly; repairing it");
+            .set_repair_callback(move |s| {
+                if existed && s.progress() == 0.0 {
+                    tracing::warn!("the store was not closed cleanly; repairing it");
+                }
             })
             .create(&p)
     });

@@ -14,6 +14,8 @@ mod openapi;
 mod rbac;
 mod rest_input;
 mod sandbox;
+mod sandbox_limits;
+mod sandbox_waits;
 
 use braid_e2e::{Api, FlowStatus};
 use serde_json::{Value, json};
