@@ -1,24 +1,46 @@
-//! Authentication and authorization: HTTP basic auth against Argon2id
-//! password hashes, a per-user failed-login throttle, a per-user cache of
-//! verified credentials, and the guard layer that checks every request's
-//! `"<METHOD> <path>"` operation against the caller's roles (see
-//! [`crate::rbac`]).
+//! Authentication and authorization.
+//!
+//! - HTTP basic auth against Argon2id password hashes, computed on a
+//!   bounded pool with reused memory ([`hashing`]);
+//! - a cache of verified credentials: a correct password checked once is
+//!   answered without hashing, and never throttled;
+//! - a throttle of failed logins per (login, source address) and per
+//!   address, with growing locks and bounded memory ([`throttle`]);
+//! - two layers every request passes: [`authenticate`] (all but the open
+//!   paths; `401` before anything else) puts the [`Principal`] in the
+//!   request's extensions, then routing, then [`authorize`] (only for a
+//!   request that matched a route and one of its methods) checks the
+//!   `"<METHOD> <path>"` operation against the caller's roles (see
+//!   [`crate::rbac`]). So an authenticated caller gets `404` for a path
+//!   that does not exist, `405` for a method a path does not have, and
+//!   `403` only for an operation its roles do not allow.
+
+pub(crate) mod hashing;
+pub(crate) mod throttle;
 
 use crate::ApiError;
-use crate::rbac::{self, RbacState, Throttle, now_ms};
-use axum::extract::{Request, State};
+use crate::rbac::handlers::{is_valid_name, now_ms};
+use crate::rbac::{self, RbacState, policy};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use braid_storage::{Op, Store};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use hashing::{HashError, HashPool};
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, LazyLock, Mutex};
+use throttle::{Locked, Source, Throttle};
 
 /// Where versions before RBAC kept the admin's hash; migrated on start.
 const LEGACY_ADMIN_HASH_KEY: &str = "user/admin/argon2";
 
 /// Paths anyone may call without credentials.
 pub(crate) const OPEN_PATHS: [&str; 3] = ["/api/v1/health", "/metrics", "/api/v1/openapi.json"];
+
+/// Seconds a client is asked to wait when password hashing is busy.
+const BUSY_RETRY_SECS: u64 = 1;
 
 /// The store [`Auth::init`] reads from and, when it is shared, writes
 /// user and role changes to.
@@ -60,11 +82,25 @@ impl AuthStore<'_> {
     }
 }
 
-/// The authenticated caller, put in the request's extensions by the guard.
+/// The authenticated caller, put in the request's extensions by
+/// [`authenticate`]; handlers take it as an extractor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     /// Login name.
     pub login: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        // Only reachable for a route outside the authentication layer.
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| unauthorized("credentials required: use HTTP basic auth"))
+    }
 }
 
 /// A credential that passed Argon2 verification: a keyed digest of the
@@ -91,6 +127,7 @@ pub struct Auth {
     cache_key: [u8; 32],
     /// Verified against for unknown users, so they cost the same time.
     dummy_hash: String,
+    hashing: HashPool,
 }
 
 /// What authentication needs next.
@@ -110,37 +147,24 @@ fn unauthorized(m: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", m)
 }
 
-/// Hashes `password` with Argon2id (m = 19 MiB, t = 2, p = 1: OWASP).
-fn hash_now(password: &str) -> Result<String, argon2::password_hash::Error> {
-    use argon2::PasswordHasher;
-    let salt = argon2::password_hash::SaltString::encode_b64(&rand::random::<[u8; 16]>())?;
-    Ok(argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
+fn wrong_credentials() -> ApiError {
+    unauthorized("wrong user name or password")
 }
 
-/// Hashes on a blocking thread.
-pub(crate) async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || hash_now(&password))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                "could not hash the password; retry",
-            )
-        })
-}
-
-fn verify(password: &str, hash: &str) -> bool {
-    use argon2::PasswordVerifier;
-    argon2::PasswordHash::new(hash).is_ok_and(|h| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
+fn hash_error(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "AUTH_BUSY",
+            "too many logins are being checked right now; retry in a moment",
+        )
+        .retry_after(BUSY_RETRY_SECS),
+        other => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("could not hash the password ({other}); retry"),
+        ),
+    }
 }
 
 impl Auth {
@@ -156,6 +180,13 @@ impl Auth {
         generated_to: &std::path::Path,
     ) -> anyhow::Result<Auth> {
         let store = store.into();
+        let hashing = HashPool::for_this_machine();
+        let hash = async |password: String| {
+            hashing
+                .hash(password)
+                .await
+                .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
+        };
         let now = now_ms();
         let state = match store.get().meta(rbac::STATE_KEY).await? {
             Some(bytes) => {
@@ -181,7 +212,7 @@ impl Auth {
                                 p
                             }
                         };
-                        hash_now(&password).map_err(|e| anyhow::anyhow!("hashing password: {e}"))?
+                        hash(password).await?
                     }
                 };
                 let s = RbacState::bootstrap(admin_hash, now);
@@ -198,6 +229,8 @@ impl Auth {
                 None
             }
         };
+        let dummy_hash = hash("not a password of anyone".into()).await?;
+        tracing::info!(workers = hashing.workers(), "password hashing pool ready");
         Ok(Auth {
             live: Mutex::new(Live {
                 rbac: Arc::new(state),
@@ -207,8 +240,8 @@ impl Auth {
             writer: tokio::sync::Mutex::new(()),
             store,
             cache_key: rand::random(),
-            dummy_hash: hash_now("not a password of anyone")
-                .map_err(|e| anyhow::anyhow!("hashing: {e}"))?,
+            dummy_hash,
+            hashing,
         })
     }
 
@@ -221,16 +254,24 @@ impl Auth {
         self.lock().rbac.clone()
     }
 
+    /// Hashes a new password on the pool (`503 AUTH_BUSY` when it is full).
+    pub(crate) async fn hash_password(&self, password: String) -> Result<String, ApiError> {
+        self.hashing.hash(password).await.map_err(hash_error)
+    }
+
     /// Applies `change` to a copy of the state, persists it, then makes it
     /// current (dropping cached credentials of users whose hash changed or
-    /// who were deleted). Nothing changes when `change` fails.
+    /// who were deleted). Nothing changes when `change` fails, or when it
+    /// would leave nobody holding the `Admin` role (`409 LAST_ADMIN`).
     pub(crate) async fn update<T>(
         &self,
         change: impl FnOnce(&mut RbacState) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let _w = self.writer.lock().await;
-        let mut next = (*self.snapshot()).clone();
+        let current = self.snapshot();
+        let mut next = (*current).clone();
         let out = change(&mut next)?;
+        policy::an_admin_remains(&current, &next)?;
         if let Some(store) = &self.store {
             persist(store.as_ref(), &next).await.map_err(|e| {
                 ApiError::new(
@@ -257,8 +298,13 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// Parses the credentials and answers from the cache when it can.
-    fn lookup(&self, authorization: Option<&HeaderValue>) -> Result<Step, ApiError> {
+    /// Parses the credentials, answers from the cache when it can, and
+    /// otherwise consults the throttle before any hashing.
+    fn lookup(
+        &self,
+        authorization: Option<&HeaderValue>,
+        source: Source,
+    ) -> Result<Step, ApiError> {
         use base64::Engine as _;
         let h = authorization
             .and_then(|v| v.to_str().ok())
@@ -274,39 +320,41 @@ impl Auth {
         let (login, password) = raw
             .split_once(':')
             .ok_or_else(|| unauthorized("malformed basic auth header"))?;
+        // No user can have such a name: nothing to hash, nothing to count
+        // (and the throttle's keys stay small).
+        if !is_valid_name(login) {
+            return Err(wrong_credentials());
+        }
         let digest = self.digest(login, password);
         let now = now_ms();
-        let mut live = self.lock();
-        if let Err(wait_ms) = live.throttle.check(login, now) {
-            return Err(throttled(login, wait_ms));
-        }
-        let Some(user) = live.rbac.users.get(login) else {
-            return Ok(Step::Verify {
-                login: login.to_owned(),
-                password: password.to_owned(),
-                digest,
-                hash: self.dummy_hash.clone(),
-                known: false,
-            });
-        };
-        if live
-            .verified
-            .get(login)
-            .is_some_and(|v| v.digest == digest && v.hash == user.hash)
+        let live = self.lock();
+        let user = live.rbac.users.get(login);
+        if let Some(user) = user
+            && live
+                .verified
+                .get(login)
+                .is_some_and(|v| v.digest == digest && v.hash == user.hash)
         {
+            // Already verified: never throttled, whatever others send (and
+            // it does not lift a lock others earned from its address).
             check_expiry(user, now)?;
-            // A good login forgets earlier failures, cached or not.
-            live.throttle.success(login);
             return Ok(Step::Done(Principal {
                 login: login.to_owned(),
             }));
         }
+        if let Err(locked) = live.throttle.check(login, source, now) {
+            return Err(throttled(login, locked));
+        }
+        let (hash, known) = match user {
+            Some(u) => (u.hash.clone(), true),
+            None => (self.dummy_hash.clone(), false),
+        };
         Ok(Step::Verify {
             login: login.to_owned(),
             password: password.to_owned(),
             digest,
-            hash: user.hash.clone(),
-            known: true,
+            hash,
+            known,
         })
     }
 
@@ -314,6 +362,7 @@ impl Auth {
     fn finish(
         &self,
         login: String,
+        source: Source,
         digest: [u8; 32],
         hash: String,
         known: bool,
@@ -321,19 +370,18 @@ impl Auth {
     ) -> Result<Principal, ApiError> {
         let now = now_ms();
         let mut live = self.lock();
-        if !known {
-            return Err(unauthorized("wrong user name or password"));
+        if !known || !ok {
+            // Unknown users count like known ones: the throttle tells
+            // nobody who exists.
+            live.throttle.failure(&login, source, now);
+            return Err(wrong_credentials());
         }
         let current = live.rbac.users.get(&login).cloned();
         let Some(user) = current.filter(|u| u.hash == hash) else {
             // Deleted or password changed meanwhile.
-            return Err(unauthorized("wrong user name or password"));
+            return Err(wrong_credentials());
         };
-        if !ok {
-            live.throttle.failure(&login, now);
-            return Err(unauthorized("wrong user name or password"));
-        }
-        live.throttle.success(&login);
+        live.throttle.success(&login, source);
         live.verified
             .insert(login.clone(), Verified { digest, hash });
         drop(live);
@@ -341,31 +389,16 @@ impl Auth {
         Ok(Principal { login })
     }
 
-    /// Authenticates, running Argon2 (when the cache cannot answer) on the
-    /// current thread.
-    fn authenticate_blocking(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        match self.lookup(headers.get(header::AUTHORIZATION))? {
-            Step::Done(p) => Ok(p),
-            Step::Verify {
-                login,
-                password,
-                digest,
-                hash,
-                known,
-            } => {
-                let ok = verify(&password, &hash);
-                self.finish(login, digest, hash, known, ok)
-            }
-        }
-    }
-
-    /// Authenticates, running Argon2 (when the cache cannot answer) on a
-    /// blocking thread.
+    /// Authenticates a request from `peer` (its source address, when
+    /// known): `401`, `429` (throttled) or `503` (hashing busy) when it
+    /// does not pass.
     pub async fn authenticate(
-        self: &Arc<Self>,
+        &self,
         headers: &HeaderMap,
+        peer: Option<IpAddr>,
     ) -> Result<Principal, ApiError> {
-        match self.lookup(headers.get(header::AUTHORIZATION))? {
+        let source = Source::of(peer);
+        match self.lookup(headers.get(header::AUTHORIZATION), source)? {
             Step::Done(p) => Ok(p),
             Step::Verify {
                 login,
@@ -374,11 +407,23 @@ impl Auth {
                 hash,
                 known,
             } => {
-                let (ok, hash) =
-                    tokio::task::spawn_blocking(move || (verify(&password, &hash), hash))
-                        .await
-                        .map_err(|_| unauthorized("could not verify the password; retry"))?;
-                self.finish(login, digest, hash, known, ok)
+                let ok = match self
+                    .hashing
+                    .verify(Some(source), password, hash.clone())
+                    .await
+                {
+                    Ok(ok) => ok,
+                    Err(HashError::Unusable(why)) => {
+                        tracing::error!(
+                            login = %login,
+                            cause = %why,
+                            "a stored password hash cannot be checked; reset the user's password"
+                        );
+                        false
+                    }
+                    Err(e) => return Err(hash_error(e)),
+                };
+                self.finish(login, source, digest, hash, known, ok)
             }
         }
     }
@@ -399,31 +444,26 @@ impl Auth {
             ))
         }
     }
-
-    /// Checks the request's credentials (401/429 when they do not pass).
-    /// Cheap after the guard layer has verified them once.
-    pub(crate) fn check(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
-        self.authenticate_blocking(headers)
-    }
-
-    /// Checks the request's credentials and that the caller may perform
-    /// `operation` (e.g. `flow:start:<holdingId>:<flowName>`).
-    pub(crate) fn permit(&self, headers: &HeaderMap, operation: &str) -> Result<(), ApiError> {
-        let p = self.check(headers)?;
-        self.authorize(&p, operation)
-    }
 }
 
-fn throttled(login: &str, wait_ms: u64) -> ApiError {
+fn throttled(login: &str, locked: Locked) -> ApiError {
+    let (wait_ms, what) = match locked {
+        Locked::Login { wait_ms } => (
+            wait_ms,
+            format!("too many failed logins for user {login:?} from your address"),
+        ),
+        Locked::Source { wait_ms } => (wait_ms, "too many failed logins from your address".into()),
+    };
     let secs = wait_ms.div_ceil(1000).max(1);
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "TOO_MANY_FAILED_LOGINS",
         format!(
-            "too many failed logins for user {login:?}; try again in {secs} s \
-             (each further failure doubles the wait)"
+            "{what}; try again in {secs} s (each further failure doubles the wait; a \
+             password already accepted keeps working)"
         ),
     )
+    .retry_after(secs)
 }
 
 fn check_expiry(user: &rbac::User, now: u64) -> Result<(), ApiError> {
@@ -451,8 +491,6 @@ async fn persist(store: &dyn Store, state: &RbacState) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decodes `%XX` escapes so that an operation names what the router will
-/// route to (`/api/v1/flow/%30…` is `/api/v1/flow/0…`).
 fn decode_path(path: &str) -> Option<String> {
     let b = path.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -470,33 +508,101 @@ fn decode_path(path: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The guard layer: authenticates every request except the open paths and
-/// authorizes its `"<METHOD> <path>"` operation; puts the [`Principal`] in
-/// the request's extensions.
-pub(crate) async fn guard(State(auth): State<Arc<Auth>>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if OPEN_PATHS.contains(&path) {
+/// The methods each route template serves, from the OpenAPI document's
+/// paths (the same routes the router serves).
+static ROUTE_METHODS: LazyLock<HashMap<String, BTreeSet<&'static str>>> = LazyLock::new(|| {
+    let (_, api) = crate::api_routes().split_for_parts();
+    api.paths
+        .paths
+        .iter()
+        .map(|(path, item)| {
+            let methods = [
+                ("GET", item.get.is_some()),
+                ("PUT", item.put.is_some()),
+                ("POST", item.post.is_some()),
+                ("DELETE", item.delete.is_some()),
+                ("PATCH", item.patch.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(m, has)| has.then_some(m))
+            .collect();
+            (path.clone(), methods)
+        })
+        .collect()
+});
+
+/// The first layer: authenticates every request except the open paths
+/// and puts the [`Principal`] in its extensions.
+pub(crate) async fn authenticate(
+    State(auth): State<Arc<Auth>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if OPEN_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
-    let Some(path) = decode_path(path) else {
-        return ApiError::bad("INVALID_PATH", "the request path has malformed %-escapes")
-            .into_response();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    match auth.authenticate(req.headers(), peer).await {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The route layer: runs once a request matched a route. Authorizes its
+/// `"<METHOD> <path>"` operation (percent-decoded, so it names what the
+/// handler serves); a method the route does not serve passes on to the
+/// router's `405`.
+pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+        if OPEN_PATHS.contains(&req.uri().path()) {
+            return next.run(req).await;
+        }
+        return unauthorized("credentials required: use HTTP basic auth").into_response();
     };
     // HEAD is answered by the GET handler: it needs the same permission.
     let method = match req.method() {
         &axum::http::Method::HEAD => "GET",
         m => m.as_str(),
     };
-    let operation = format!("{method} {path}");
-    let principal = match auth.authenticate(req.headers()).await {
-        Ok(p) => p,
-        Err(e) => return e.into_response(),
+    let served = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|t| ROUTE_METHODS.get(t.as_str()))
+        .is_some_and(|ms| ms.contains(method));
+    if !served {
+        return next.run(req).await;
+    }
+    let Some(path) = decode_path(req.uri().path()) else {
+        return ApiError::bad("INVALID_PATH", "the request path has malformed %-escapes")
+            .into_response();
     };
-    if let Err(e) = auth.authorize(&principal, &operation) {
+    if let Err(e) = auth.authorize(&principal, &format!("{method} {path}"))
+        && !is_own_password(&req, &principal)
+    {
         return e.into_response();
     }
-    req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// The route on which everyone may change their own password, whatever
+/// their roles (the handler keeps the expiry out of their reach).
+pub(crate) const OWN_PASSWORD_ROUTE: &str = "/api/v1/user/{login}/password";
+
+/// Whether `req` is `principal` setting its own password.
+fn is_own_password(req: &Request, principal: &Principal) -> bool {
+    req.method() == axum::http::Method::PUT
+        && req
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|t| t.as_str() == OWN_PASSWORD_ROUTE)
+        && decode_path(req.uri().path())
+            .is_some_and(|p| p == format!("/api/v1/user/{}/password", principal.login))
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
@@ -517,31 +623,40 @@ mod tests {
     use super::*;
     use braid_storage::embedded::EmbeddedStore;
 
-    #[tokio::test]
-    async fn users_and_roles_survive_a_restart_and_old_passwords_stop_working() {
+    fn basic(user: &str, pw: &str) -> HeaderMap {
+        use base64::Engine as _;
+        let mut h = HeaderMap::new();
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Basic {enc}").parse().unwrap(),
+        );
+        h
+    }
+
+    fn temp_dir() -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "braid-auth-test-{}",
             hex::encode(rand::random::<[u8; 8]>())
         ));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn users_and_roles_survive_a_restart_and_old_passwords_stop_working() {
+        let dir = temp_dir();
         let db = dir.join("store.redb");
-        let basic = |user: &str, pw: &str| {
-            use base64::Engine as _;
-            let mut h = HeaderMap::new();
-            let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
-            h.insert(
-                header::AUTHORIZATION,
-                format!("Basic {enc}").parse().unwrap(),
-            );
-            h
-        };
+        let here = Some(IpAddr::from([127, 0, 0, 1]));
         {
             let store = Arc::new(EmbeddedStore::open(&db).unwrap());
             let auth = Auth::init(store, Some("admin-password".into()), &dir.join("pw"))
                 .await
                 .unwrap();
-            auth.check(&basic("admin", "admin-password")).unwrap();
-            let hash = hash_now("bob-password").unwrap();
+            auth.authenticate(&basic("admin", "admin-password"), here)
+                .await
+                .unwrap();
+            let hash = auth.hash_password("bob-password".into()).await.unwrap();
             auth.update(|s| {
                 s.users.insert(
                     "bob".into(),
@@ -557,28 +672,86 @@ mod tests {
             })
             .await
             .unwrap();
-            auth.check(&basic("bob", "bob-password")).unwrap();
+            auth.authenticate(&basic("bob", "bob-password"), here)
+                .await
+                .unwrap();
             // A new password replaces the cached old one at once.
-            let hash = hash_now("bob-password-2").unwrap();
+            let hash = auth.hash_password("bob-password-2".into()).await.unwrap();
             auth.update(|s| {
                 s.users.get_mut("bob").unwrap().hash = hash;
                 Ok(())
             })
             .await
             .unwrap();
-            let e = auth.check(&basic("bob", "bob-password")).unwrap_err();
+            let e = auth
+                .authenticate(&basic("bob", "bob-password"), here)
+                .await
+                .unwrap_err();
             assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         }
         let store = Arc::new(EmbeddedStore::open(&db).unwrap());
         let auth = Auth::init(store, None, &dir.join("pw")).await.unwrap();
-        let bob = auth.check(&basic("bob", "bob-password-2")).unwrap();
+        let bob = auth
+            .authenticate(&basic("bob", "bob-password-2"), here)
+            .await
+            .unwrap();
         auth.authorize(&bob, "GET /api/v1/virtualnode").unwrap();
         let e = auth
             .authorize(&bob, "POST /api/v1/virtualnode")
             .unwrap_err();
         assert_eq!(e.status, StatusCode::FORBIDDEN);
-        auth.check(&basic("admin", "admin-password")).unwrap();
+        auth.authenticate(&basic("admin", "admin-password"), here)
+            .await
+            .unwrap();
         drop(auth);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_verified_password_is_never_throttled_and_other_addresses_are_not_locked() {
+        let dir = temp_dir();
+        let store = EmbeddedStore::open(&dir.join("store.redb")).unwrap();
+        let auth = Auth::init(&store, Some("admin-password".into()), &dir.join("pw"))
+            .await
+            .unwrap();
+        let (home, away, third) = (
+            Some(IpAddr::from([127, 0, 0, 1])),
+            Some(IpAddr::from([127, 0, 0, 2])),
+            Some(IpAddr::from([127, 0, 0, 3])),
+        );
+        let good = basic("admin", "admin-password");
+        auth.authenticate(&good, home).await.unwrap();
+        let mut codes = Vec::new();
+        for _ in 0..7 {
+            let e = auth
+                .authenticate(&basic("admin", "guess"), away)
+                .await
+                .unwrap_err();
+            codes.push(e.status.as_u16());
+        }
+        assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429]);
+        // The cached credential passes from anywhere, the locked address
+        // included; a fresh verification from elsewhere passes too.
+        auth.authenticate(&good, away).await.unwrap();
+        auth.authenticate(&good, home).await.unwrap();
+        auth.lock().verified.clear();
+        auth.authenticate(&good, third).await.unwrap();
+        // Unknown users are throttled the same way.
+        let mut codes = Vec::new();
+        for _ in 0..6 {
+            let e = auth
+                .authenticate(&basic("ghost", "guess"), third)
+                .await
+                .unwrap_err();
+            codes.push(e.status.as_u16());
+        }
+        assert_eq!(codes, [401, 401, 401, 401, 401, 429]);
+        // Logins no user can have are refused without hashing.
+        let e = auth
+            .authenticate(&basic(&"x".repeat(10_000), "guess"), third)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -592,5 +765,15 @@ mod tests {
         assert_eq!(decode_path("/a%2"), None);
         assert_eq!(decode_path("/a%zz"), None);
         assert_eq!(decode_path("/a%ff"), None);
+    }
+
+    #[test]
+    fn every_route_template_has_its_methods() {
+        assert_eq!(
+            ROUTE_METHODS["/api/v1/user/{login}/role/{role}"],
+            BTreeSet::from(["DELETE", "PUT"])
+        );
+        assert!(ROUTE_METHODS["/api/v1/flow/{holding}"].contains("POST"));
+        assert!(ROUTE_METHODS[OWN_PASSWORD_ROUTE].contains("PUT"));
     }
 }
