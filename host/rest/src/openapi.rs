@@ -91,10 +91,23 @@ pub fn document() -> OpenApi {
                 ),
             ];
             for (status, description) in guard_answers {
-                op.responses
-                    .responses
-                    .entry(status.to_string())
-                    .or_insert_with(|| problem_response(description));
+                match op.responses.responses.entry(status.to_string()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(problem_response(description));
+                    }
+                    // The operation's own 503 (its store) and the guard's.
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if status == "503"
+                            && let RefOr::T(r) = o.get_mut()
+                            && !r.description.contains("AUTH_BUSY")
+                        {
+                            r.description.push_str(
+                                "; or too many logins are being checked at once \
+                                 (`AUTH_BUSY`, with `Retry-After`)",
+                            );
+                        }
+                    }
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
 //! The authorization matrix, driven by the served OpenAPI document: every
 //! operation is called with no credentials (`401`), a wrong password
 //! (`401`), as a user with no roles (`403`) and as admin (`2xx`, a status
-//! the document lists). Open endpoints answer `2xx` to everyone. The
+//! the document lists). Open endpoints answer `2xx` to everyone. Then a
+//! user holding only `UserAdmin` tries, on every operation that changes a
+//! user's roles or credentials or a role's permissions, to give or take
+//! more than it holds (`403 PRIVILEGE_ESCALATION`, nothing changes). The
 //! served document must also equal the committed `docs/openapi.json`.
 
 use std::collections::BTreeMap;
@@ -14,7 +17,8 @@ use crate::{ALICE, BOB, ping_body};
 /// Password of the role-less users.
 const NO_ROLE_PASSWORD: &str = "no-role-password-1";
 /// Each role-less user takes at most this many wrong-password attempts, so
-/// the per-user throttle (5 failures a minute) never answers `429` instead.
+/// the throttle (5 failures a minute per login and address) never answers
+/// `429` instead.
 const FAILURES_PER_USER: usize = 4;
 
 enum Body {

@@ -1,7 +1,9 @@
 //! Users, roles and permissions: a flow executor for one vnode can neither
 //! start nor read another vnode's flows; credentials are checked (401),
-//! roles are enforced (403), failed logins are throttled per user (429) and
-//! expired passwords are refused.
+//! roles are enforced (403), failed logins are throttled (429) and expired
+//! passwords are refused; nobody can grant or change more than they hold;
+//! unknown paths are 404 after authentication; user and role lists are
+//! paginated. Throttling under attack: `rbac_logins`.
 
 use braid_e2e::{Api, DEADLINE, Node, Pkg, Resp, wait_until};
 use serde_json::{Value, json};

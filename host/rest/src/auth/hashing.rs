@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 const MAX_M_COST: u32 = 64 * 1024;
 
 /// Why a hash could not be computed or checked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum HashError {
     /// Every place in the pool and its queue is taken (or this source's

@@ -6,31 +6,26 @@
 //!   answered without hashing, and never throttled;
 //! - a throttle of failed logins per (login, source address) and per
 //!   address, with growing locks and bounded memory ([`throttle`]);
-//! - two layers every request passes: [`authenticate`] (all but the open
-//!   paths; `401` before anything else) puts the [`Principal`] in the
-//!   request's extensions, then routing, then [`authorize`] (only for a
-//!   request that matched a route and one of its methods) checks the
-//!   `"<METHOD> <path>"` operation against the caller's roles (see
-//!   [`crate::rbac`]). So an authenticated caller gets `404` for a path
-//!   that does not exist, `405` for a method a path does not have, and
-//!   `403` only for an operation its roles do not allow.
+//! - the two layers every request passes ([`guard`]): authentication
+//!   first, then routing, then authorization of the matched operation.
 
+mod guard;
 pub(crate) mod hashing;
 pub(crate) mod throttle;
+
+pub(crate) use guard::{authenticate, authorize};
 
 use crate::ApiError;
 use crate::rbac::handlers::{is_valid_name, now_ms};
 use crate::rbac::{self, RbacState, policy};
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use braid_storage::{Op, Store};
 use hashing::{HashError, HashPool};
-use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use throttle::{Locked, Source, Throttle};
 
 /// Where versions before RBAC kept the admin's hash; migrated on start.
@@ -128,6 +123,19 @@ pub struct Auth {
     /// Verified against for unknown users, so they cost the same time.
     dummy_hash: String,
     hashing: HashPool,
+    /// Verifications running, by credential digest and hash.
+    inflight: Inflight,
+}
+
+/// The outcome of a verification once it is known.
+type Verdict = Option<Result<bool, HashError>>;
+/// Running verifications, by (credential digest, hash), with the channel
+/// their outcome arrives on.
+type InflightMap = HashMap<([u8; 32], String), tokio::sync::watch::Receiver<Verdict>>;
+type Inflight = Arc<Mutex<InflightMap>>;
+
+fn lock_inflight(m: &Inflight) -> std::sync::MutexGuard<'_, InflightMap> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What authentication needs next.
@@ -242,6 +250,7 @@ impl Auth {
             cache_key: rand::random(),
             dummy_hash,
             hashing,
+            inflight: Arc::default(),
         })
     }
 
@@ -389,6 +398,46 @@ impl Auth {
         Ok(Principal { login })
     }
 
+    /// Verifies `password` against `hash` on the pool; concurrent requests
+    /// with the same credentials (a client's first burst) share one
+    /// verification. It runs as a task of its own, so that it completes
+    /// (and leaves [`Auth::inflight`]) even when every request waiting for
+    /// it goes away.
+    async fn verify_once(
+        &self,
+        source: Source,
+        digest: [u8; 32],
+        password: String,
+        hash: String,
+    ) -> Result<bool, HashError> {
+        let key = (digest, hash.clone());
+        let mut rx = {
+            let mut inflight = lock_inflight(&self.inflight);
+            match inflight.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    inflight.insert(key.clone(), rx.clone());
+                    let pool = self.hashing.clone();
+                    let map = self.inflight.clone();
+                    tokio::spawn(async move {
+                        let verdict = pool.verify(Some(source), password, hash).await;
+                        lock_inflight(&map).remove(&key);
+                        let _ = tx.send(Some(verdict));
+                    });
+                    rx
+                }
+            }
+        };
+        let verdict = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| HashError::Task("the verification task ended early".into()))?;
+        verdict
+            .clone()
+            .unwrap_or_else(|| Err(HashError::Task("no verdict".into())))
+    }
+
     /// Authenticates a request from `peer` (its source address, when
     /// known): `401`, `429` (throttled) or `503` (hashing busy) when it
     /// does not pass.
@@ -408,8 +457,7 @@ impl Auth {
                 known,
             } => {
                 let ok = match self
-                    .hashing
-                    .verify(Some(source), password, hash.clone())
+                    .verify_once(source, digest, password, hash.clone())
                     .await
                 {
                     Ok(ok) => ok,
@@ -489,120 +537,6 @@ async fn persist(store: &dyn Store, state: &RbacState) -> anyhow::Result<()> {
         .write(vec![Op::PutMeta(rbac::STATE_KEY.into(), bytes)])
         .await?;
     Ok(())
-}
-
-fn decode_path(path: &str) -> Option<String> {
-    let b = path.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// The methods each route template serves, from the OpenAPI document's
-/// paths (the same routes the router serves).
-static ROUTE_METHODS: LazyLock<HashMap<String, BTreeSet<&'static str>>> = LazyLock::new(|| {
-    let (_, api) = crate::api_routes().split_for_parts();
-    api.paths
-        .paths
-        .iter()
-        .map(|(path, item)| {
-            let methods = [
-                ("GET", item.get.is_some()),
-                ("PUT", item.put.is_some()),
-                ("POST", item.post.is_some()),
-                ("DELETE", item.delete.is_some()),
-                ("PATCH", item.patch.is_some()),
-            ]
-            .into_iter()
-            .filter_map(|(m, has)| has.then_some(m))
-            .collect();
-            (path.clone(), methods)
-        })
-        .collect()
-});
-
-/// The first layer: authenticates every request except the open paths
-/// and puts the [`Principal`] in its extensions.
-pub(crate) async fn authenticate(
-    State(auth): State<Arc<Auth>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    if OPEN_PATHS.contains(&req.uri().path()) {
-        return next.run(req).await;
-    }
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    match auth.authenticate(req.headers(), peer).await {
-        Ok(p) => {
-            req.extensions_mut().insert(p);
-            next.run(req).await
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-/// The route layer: runs once a request matched a route. Authorizes its
-/// `"<METHOD> <path>"` operation (percent-decoded, so it names what the
-/// handler serves); a method the route does not serve passes on to the
-/// router's `405`.
-pub(crate) async fn authorize(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
-    let Some(principal) = req.extensions().get::<Principal>().cloned() else {
-        if OPEN_PATHS.contains(&req.uri().path()) {
-            return next.run(req).await;
-        }
-        return unauthorized("credentials required: use HTTP basic auth").into_response();
-    };
-    // HEAD is answered by the GET handler: it needs the same permission.
-    let method = match req.method() {
-        &axum::http::Method::HEAD => "GET",
-        m => m.as_str(),
-    };
-    let served = req
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|t| ROUTE_METHODS.get(t.as_str()))
-        .is_some_and(|ms| ms.contains(method));
-    if !served {
-        return next.run(req).await;
-    }
-    let Some(path) = decode_path(req.uri().path()) else {
-        return ApiError::bad("INVALID_PATH", "the request path has malformed %-escapes")
-            .into_response();
-    };
-    if let Err(e) = auth.authorize(&principal, &format!("{method} {path}"))
-        && !is_own_password(&req, &principal)
-    {
-        return e.into_response();
-    }
-    next.run(req).await
-}
-
-/// The route on which everyone may change their own password, whatever
-/// their roles (the handler keeps the expiry out of their reach).
-pub(crate) const OWN_PASSWORD_ROUTE: &str = "/api/v1/user/{login}/password";
-
-/// Whether `req` is `principal` setting its own password.
-fn is_own_password(req: &Request, principal: &Principal) -> bool {
-    req.method() == axum::http::Method::PUT
-        && req
-            .extensions()
-            .get::<MatchedPath>()
-            .is_some_and(|t| t.as_str() == OWN_PASSWORD_ROUTE)
-        && decode_path(req.uri().path())
-            .is_some_and(|p| p == format!("/api/v1/user/{}/password", principal.login))
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
@@ -707,6 +641,40 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_one_credential_costs_one_verification_and_others_are_bounded() {
+        let dir = temp_dir();
+        let store = EmbeddedStore::open(&dir.join("store.redb")).unwrap();
+        let auth = Auth::init(&store, Some("admin-password".into()), &dir.join("pw"))
+            .await
+            .unwrap();
+        let here = Some(IpAddr::from([127, 0, 0, 1]));
+        let burst = 4 * auth.hashing.workers() * 5;
+        let good = basic("admin", "admin-password");
+        let all =
+            futures_util::future::join_all((0..burst).map(|_| auth.authenticate(&good, here)));
+        for r in all.await {
+            r.unwrap();
+        }
+        assert!(lock_inflight(&auth.inflight).is_empty());
+        // Distinct wrong passwords cannot share: past the pool's places
+        // (and this address's share of them) they are told to come back.
+        let guesses: Vec<HeaderMap> = (0..burst)
+            .map(|i| basic(&format!("ghost{i}"), "guess"))
+            .collect();
+        let all =
+            futures_util::future::join_all(guesses.iter().map(|h| auth.authenticate(h, here)));
+        let codes: Vec<u16> = all
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_err().status.as_u16())
+            .collect();
+        assert!(codes.iter().all(|c| [401, 503].contains(c)), "{codes:?}");
+        assert!(codes.contains(&503), "{codes:?}");
+        assert!(lock_inflight(&auth.inflight).is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn a_verified_password_is_never_throttled_and_other_addresses_are_not_locked() {
         let dir = temp_dir();
@@ -753,27 +721,5 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn paths_are_percent_decoded() {
-        assert_eq!(
-            decode_path("/api/v1/flow/%30123").as_deref(),
-            Some("/api/v1/flow/0123")
-        );
-        assert_eq!(decode_path("/a%2Fb").as_deref(), Some("/a/b"));
-        assert_eq!(decode_path("/a%2"), None);
-        assert_eq!(decode_path("/a%zz"), None);
-        assert_eq!(decode_path("/a%ff"), None);
-    }
-
-    #[test]
-    fn every_route_template_has_its_methods() {
-        assert_eq!(
-            ROUTE_METHODS["/api/v1/user/{login}/role/{role}"],
-            BTreeSet::from(["DELETE", "PUT"])
-        );
-        assert!(ROUTE_METHODS["/api/v1/flow/{holding}"].contains("POST"));
-        assert!(ROUTE_METHODS[OWN_PASSWORD_ROUTE].contains("PUT"));
     }
 }
