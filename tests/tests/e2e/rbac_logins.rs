@@ -60,6 +60,13 @@ fn wrong_passwords_from_one_address_do_not_lock_out_the_real_user() {
         .get(vnodes)
         .unwrap()
         .expect_status(&[200], "admin (cached) while the attacker is locked");
+    // A password already accepted is not refused even from the locked
+    // address (it costs no hashing, so there is nothing to slow down).
+    let (status, _, body) = get_as(&attacker, vnodes, ADMIN_USER, ADMIN_PASSWORD);
+    assert_eq!(
+        status, 200,
+        "admin's cached credential from 127.0.0.2: {body}"
+    );
     // ...and with a fresh login that needs a full verification (a new
     // password empties the credential cache).
     let new_password = "a-new-admin-password-1";
