@@ -284,6 +284,18 @@ pub fn wait_until<T>(
 // Nodes
 // ---------------------------------------------------------------------------
 
+/// The resident memory of process `pid` in KiB: `VmRSS` in
+/// `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}: {status}"))
+}
+
 /// Options of `braid node start` beyond the data dir and REST address.
 #[derive(Debug, Clone, Default)]
 pub struct NodeOptions {
@@ -572,6 +584,11 @@ impl Node {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The node's resident memory in KiB (see [`rss_kib`]).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
@@ -776,11 +793,14 @@ pub fn ca_for(base: &str) -> Option<Vec<u8>> {
     trusted_cas().read().unwrap().get(base).cloned()
 }
 
-/// A blocking REST client for one node, authenticated as admin.
+/// A blocking REST client for one node, authenticated as admin (or as
+/// the user given to [`Api::as_user`]).
 #[derive(Debug, Clone)]
 pub struct Api {
     base: String,
     client: reqwest::blocking::Client,
+    login: String,
+    password: String,
 }
 
 /// A transport error (connection refused, reset, timeout…).
@@ -791,17 +811,46 @@ impl Api {
     /// trusting only the CA registered for it with [`trust_ca`] (no
     /// built-in roots).
     pub fn new(base: String) -> Api {
+        let client = Self::client_for(&base, None);
+        Api {
+            base,
+            client,
+            login: ADMIN_USER.to_string(),
+            password: ADMIN_PASSWORD.to_string(),
+        }
+    }
+
+    fn client_for(base: &str, local: Option<std::net::IpAddr>) -> reqwest::blocking::Client {
         let mut builder = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(4)
-            .tls_built_in_root_certs(false);
-        if let Some(pem) = ca_for(&base) {
+            .tls_built_in_root_certs(false)
+            .local_address(local);
+        if let Some(pem) = ca_for(base) {
             builder = builder.add_root_certificate(
                 reqwest::Certificate::from_pem(&pem).expect("the node's ca.pem is PEM"),
             );
         }
-        let client = builder.build().expect("build reqwest client");
-        Api { base, client }
+        builder.build().expect("build reqwest client")
+    }
+
+    /// The same node, with `login` and `password` as credentials.
+    pub fn as_user(&self, login: &str, password: &str) -> Api {
+        Api {
+            login: login.to_string(),
+            password: password.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The same node and credentials, over a fresh client whose
+    /// connections come from the local address `ip` (any `127.x.y.z` is
+    /// local on Linux): a client on another source address.
+    pub fn bound_to(&self, ip: std::net::IpAddr) -> Api {
+        Api {
+            client: Self::client_for(&self.base, Some(ip)),
+            ..self.clone()
+        }
     }
 
     /// The base URL.
@@ -825,7 +874,7 @@ impl Api {
         build: impl FnOnce(&reqwest::blocking::Client) -> reqwest::blocking::RequestBuilder,
     ) -> Result<Resp, NetError> {
         let resp = build(&self.client)
-            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .basic_auth(&self.login, Some(&self.password))
             .send()?;
         let status = resp.status().as_u16();
         let text = resp.text()?;

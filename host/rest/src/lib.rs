@@ -8,7 +8,7 @@ use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use braid_flow::{FlowWorker, WorkerError};
@@ -36,12 +36,14 @@ pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
 /// Largest JSON request body.
 pub const MAX_JSON_BYTES: usize = 1 << 20;
 
-/// A REST error: status, stable code, message.
+/// A REST error: status, stable code, message (and, for `429`/`503`,
+/// when to retry).
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -54,7 +56,13 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
+    }
+    /// Adds a `Retry-After: secs` header.
+    pub(crate) fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after_secs = Some(secs);
+        self
     }
     fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
@@ -67,11 +75,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut resp = (
             self.status,
             Json(json!({"code": self.code, "message": self.message})),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 
@@ -146,11 +159,27 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
     upload.merge(json_routes).merge(rbac::routes())
 }
 
-/// Builds the API router.
+/// Builds the API router: authentication first (`401`), then routing
+/// (`404`, `405`), then authorization of the matched operation (`403`).
+/// Serve it with connect info (`into_make_service_with_connect_info::<SocketAddr>`)
+/// so that failed logins are throttled per source address.
 pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
     let ctx = Ctx { worker, auth };
     let (routes, _) = api_routes().split_for_parts();
     routes
+        // Before the route layer, which then wraps it: the layer lets a
+        // method the route does not serve through to this 405.
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "this endpoint does not support that method; see /api/v1/openapi.json",
+            )
+        })
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.auth.clone(),
+            auth::authorize,
+        ))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -158,16 +187,9 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
                 "no such endpoint; see /api/v1/openapi.json",
             )
         })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                "this endpoint does not support that method",
-            )
-        })
         .layer(axum::middleware::from_fn_with_state(
             ctx.auth.clone(),
-            auth::guard,
+            auth::authenticate,
         ))
         .layer(axum::middleware::from_fn(observe_latency))
         .with_state(ctx)
@@ -180,7 +202,8 @@ pub async fn run(
     auth: Arc<Auth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(worker, auth))
+    let app = router(worker, auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -194,7 +217,12 @@ pub async fn run_tls(
     auth: Arc<Auth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(tls::TlsListener::new(listener, tls)?, router(worker, auth))
+    use axum::serve::ListenerExt as _;
+    // tap_io: axum provides the peer address as connect info for a tapped
+    // listener of any kind.
+    let listener = tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
+    let app = router(worker, auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -296,10 +324,8 @@ fn vnode_view(v: &VnodeRecord) -> openapi::Vnode {
 )]
 async fn upload_package(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    c.auth.check(&headers)?;
     let body = body.map_err(body_error)?;
     if body.is_empty() {
         return Err(ApiError::bad(
@@ -336,10 +362,8 @@ async fn upload_package(
 )]
 async fn list_packages(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<openapi::PackageList>, ApiError> {
-    c.auth.check(&headers)?;
     let page = Page::from_query(&q)?;
     let mut all = c.worker.packages();
     all.sort_by_key(|p| p.checksum.to_string());
@@ -372,10 +396,8 @@ async fn list_packages(
 )]
 async fn create_vnode(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    c.auth.check(&headers)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let name: X500Name = str_field(&v, "x500Name")?
         .parse()
@@ -400,10 +422,8 @@ async fn create_vnode(
 )]
 async fn list_vnodes(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<openapi::VnodeList>, ApiError> {
-    c.auth.check(&headers)?;
     let page = Page::from_query(&q)?;
     let after = page.after_str()?.map(str::to_owned);
     // Sorted by name, as `vnodes()` returns them.
@@ -434,10 +454,8 @@ async fn list_vnodes(
 )]
 async fn get_vnode(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = c
         .worker
@@ -461,10 +479,8 @@ async fn get_vnode(
 )]
 async fn vnode_flows(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
 ) -> Result<Json<openapi::FlowInfoList>, ApiError> {
-    c.auth.check(&headers)?;
     let flows = c.worker.vnode_flows(&holding(&h)?)?;
     Ok(Json(openapi::FlowInfoList { flows }))
 }
@@ -489,11 +505,9 @@ async fn vnode_flows(
 )]
 async fn force_package(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let checksum: Checksum = str_field(&v, "packageChecksum")?
@@ -524,19 +538,20 @@ async fn force_package(
 )]
 async fn start_flow(
     State(c): State<Ctx>,
-    headers: HeaderMap,
+    principal: Principal,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let crid: ClientRequestId = str_field(&v, "clientRequestId")?
         .parse()
         .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CLIENT_REQUEST_ID", e.0))?;
     let flow_name = str_field(&v, "flowName")?.to_owned();
+    // The guard checked `POST /api/v1/flow/{h}`; the flow itself needs
+    // its own permission.
     c.auth
-        .permit(&headers, &format!("flow:start:{h}:{flow_name}"))?;
+        .authorize(&principal, &format!("flow:start:{h}:{flow_name}"))?;
     let request_body = v
         .get("requestBody")
         .cloned()
@@ -567,11 +582,9 @@ async fn start_flow(
 )]
 async fn list_flows(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<openapi::FlowList>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
         return Err(ApiError::not_found(format!(
@@ -616,10 +629,8 @@ async fn list_flows(
 )]
 async fn flow_status(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path((h, crid)): Path<(String, String)>,
 ) -> Result<Json<openapi::Flow>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
     Ok(Json(flow_view(&client_flow(&c, &h, &crid).await?)))
@@ -708,10 +719,8 @@ fn client_request(s: &str) -> Result<ClientRequestId, ApiError> {
 )]
 async fn get_package(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(cs): Path<String>,
 ) -> Result<Json<openapi::Package>, ApiError> {
-    c.auth.check(&headers)?;
     let cs = checksum_path(&cs)?;
     let p = c
         .worker
@@ -737,10 +746,8 @@ async fn get_package(
 )]
 async fn delete_package(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(cs): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    c.auth.check(&headers)?;
     c.worker.delete_package(checksum_path(&cs)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -765,11 +772,9 @@ async fn delete_package(
 )]
 async fn upgrade_vnode(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let checksum: Checksum = str_field(&v, "packageChecksum")?
@@ -800,11 +805,9 @@ async fn upgrade_vnode(
 )]
 async fn vnode_state(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path(h): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let v = parse_json(&body.map_err(body_error)?)?;
     let enabled = field(&v, "flowStartsEnabled")?.as_bool().ok_or_else(|| {
@@ -836,10 +839,8 @@ async fn vnode_state(
 )]
 async fn kill_flow(
     State(c): State<Ctx>,
-    headers: HeaderMap,
     Path((h, crid)): Path<(String, String)>,
 ) -> Result<Json<openapi::Flow>, ApiError> {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
     let rec = client_flow(&c, &h, &crid).await?;
@@ -875,11 +876,10 @@ async fn kill_flow(
 )]
 async fn flow_events(
     State(c): State<Ctx>,
-    headers: HeaderMap,
+    headers: axum::http::HeaderMap,
     Path((h, crid)): Path<(String, String)>,
 ) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<stream::SseStream>>, ApiError>
 {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     let crid = client_request(&crid)?;
     // The cursor before the current status, so no change is missed.
@@ -908,11 +908,10 @@ async fn flow_events(
 )]
 async fn vnode_events(
     State(c): State<Ctx>,
-    headers: HeaderMap,
+    headers: axum::http::HeaderMap,
     Path(h): Path<String>,
 ) -> Result<axum::response::Sse<axum::response::sse::KeepAliveStream<stream::SseStream>>, ApiError>
 {
-    c.auth.check(&headers)?;
     let h = holding(&h)?;
     if c.worker.vnode(&h).is_none() {
         return Err(ApiError::not_found(format!(

@@ -80,15 +80,34 @@ pub fn document() -> OpenApi {
                 ),
                 (
                     "429",
-                    "Too many failed logins for this user (`TOO_MANY_FAILED_LOGINS`); \
-                     retry later",
+                    "Too many failed logins for this user from this address, or from \
+                     this address (`TOO_MANY_FAILED_LOGINS`); retry after `Retry-After` \
+                     seconds",
+                ),
+                (
+                    "503",
+                    "Too many logins are being checked at once (`AUTH_BUSY`); retry \
+                     after `Retry-After` seconds",
                 ),
             ];
             for (status, description) in guard_answers {
-                op.responses
-                    .responses
-                    .entry(status.to_string())
-                    .or_insert_with(|| problem_response(description));
+                match op.responses.responses.entry(status.to_string()) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(problem_response(description));
+                    }
+                    // The operation's own 503 (its store) and the guard's.
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        if status == "503"
+                            && let RefOr::T(r) = o.get_mut()
+                            && !r.description.contains("AUTH_BUSY")
+                        {
+                            r.description.push_str(
+                                "; or too many logins are being checked at once \
+                                 (`AUTH_BUSY`, with `Retry-After`)",
+                            );
+                        }
+                    }
+                }
             }
         }
     }
@@ -387,11 +406,14 @@ pub struct User {
     pub created: String,
 }
 
-/// Every user.
+/// One page of users, by login name.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct UserList {
     /// The users.
     pub users: Vec<User>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Grant or forbid.
@@ -498,11 +520,14 @@ pub struct StatusEvent {
     pub data: String,
 }
 
-/// Every role.
+/// One page of roles, by name.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct RoleList {
     /// The roles.
     pub roles: Vec<Role>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
 }
 
 #[cfg(test)]
@@ -539,7 +564,7 @@ mod tests {
     fn openapi_routes_are_only_added_through_routes_macro() {
         for (file, text) in [
             ("lib.rs", include_str!("lib.rs")),
-            ("rbac.rs", include_str!("rbac.rs")),
+            ("rbac/handlers.rs", include_str!("rbac/handlers.rs")),
         ] {
             assert!(
                 !text.contains(concat!(".route", "(")),

@@ -12,6 +12,7 @@ mod network_attacks;
 mod nondeterminism;
 mod openapi;
 mod rbac;
+mod rbac_logins;
 mod rest_input;
 mod sandbox;
 mod sandbox_limits;

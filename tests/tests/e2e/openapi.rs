@@ -1,7 +1,10 @@
 //! The authorization matrix, driven by the served OpenAPI document: every
 //! operation is called with no credentials (`401`), a wrong password
 //! (`401`), as a user with no roles (`403`) and as admin (`2xx`, a status
-//! the document lists). Open endpoints answer `2xx` to everyone. The
+//! the document lists). Open endpoints answer `2xx` to everyone. Then a
+//! user holding only `UserAdmin` tries, on every operation that changes a
+//! user's roles or credentials or a role's permissions, to give or take
+//! more than it holds (`403 PRIVILEGE_ESCALATION`, nothing changes). The
 //! served document must also equal the committed `docs/openapi.json`.
 
 use std::collections::BTreeMap;
@@ -14,7 +17,8 @@ use crate::{ALICE, BOB, ping_body};
 /// Password of the role-less users.
 const NO_ROLE_PASSWORD: &str = "no-role-password-1";
 /// Each role-less user takes at most this many wrong-password attempts, so
-/// the per-user throttle (5 failures a minute) never answers `429` instead.
+/// the throttle (5 failures a minute per login and address) never answers
+/// `429` instead.
 const FAILURES_PER_USER: usize = 4;
 
 enum Body {
@@ -218,6 +222,171 @@ impl World {
     }
 }
 
+/// Operations that change a user's roles or credentials or a role's
+/// permissions: each must refuse a caller that would give (or take) more
+/// than it holds itself, so each has a case in [`escalation_cases`].
+const PRIVILEGED_CHANGES: &[&str] = &[
+    "grant_role",
+    "revoke_role",
+    "set_password",
+    "delete_user",
+    "add_permission",
+    "remove_permission",
+];
+
+/// A user holding only `UserAdmin` may call every user and role endpoint,
+/// but each attempt below gives or takes more than it holds: each must be
+/// `403 PRIVILEGE_ESCALATION` (a documented status), and none may change
+/// anything.
+fn escalation_cases(
+    world: &mut World,
+    operations: &BTreeMap<String, (String, String, Value)>,
+    problems: &mut Vec<String>,
+) {
+    let ua = world.next("matrix-user-admin-");
+    let password = "matrix-user-admin-password";
+    world.admin_ok(
+        "POST",
+        "/api/v1/user",
+        json!({"loginName": ua, "password": password}),
+    );
+    world.admin_ok(
+        "PUT",
+        &format!("/api/v1/user/{ua}/role/UserAdmin"),
+        json!({}),
+    );
+    // A role it holds, inside what it holds, and a DENY that fences it.
+    let own = world.throwaway_role(json!([
+        {"permissionType": "ALLOW", "pattern": "GET /api/v1/user/*"}
+    ]));
+    let fence = world.throwaway_role(json!([
+        {"permissionType": "DENY", "pattern": "DELETE /api/v1/role/*/permission/x"}
+    ]));
+    for role in [&own, &fence] {
+        world.admin_ok("PUT", &format!("/api/v1/user/{ua}/role/{role}"), json!({}));
+    }
+    let victim = world.throwaway_user();
+    world.admin_ok(
+        "PUT",
+        &format!("/api/v1/user/{victim}/role/ReadOnly"),
+        json!({}),
+    );
+    let allow_all = json!({"permissionType": "ALLOW", "pattern": "*"});
+    let cases: Vec<(&str, &str, Call)> = vec![
+        (
+            "grant_role",
+            "grant itself Admin",
+            Call::json(format!("/api/v1/user/{ua}/role/Admin"), json!({})),
+        ),
+        (
+            "grant_role",
+            "grant ReadOnly to a user",
+            Call::json(
+                format!("/api/v1/user/{}/role/ReadOnly", world.throwaway_user()),
+                json!({}),
+            ),
+        ),
+        (
+            "grant_role",
+            "grant a role to admin",
+            Call::json(format!("/api/v1/user/admin/role/{own}"), json!({})),
+        ),
+        (
+            "set_password",
+            "set admin's password",
+            Call::json(
+                "/api/v1/user/admin/password",
+                json!({"password": "taken-over-password"}),
+            ),
+        ),
+        (
+            "set_password",
+            "set a reader's password",
+            Call::json(
+                format!("/api/v1/user/{victim}/password"),
+                json!({"password": "taken-over-password"}),
+            ),
+        ),
+        (
+            "delete_user",
+            "delete admin",
+            Call::get("/api/v1/user/admin"),
+        ),
+        (
+            "revoke_role",
+            "take Admin from admin",
+            Call::get("/api/v1/user/admin/role/Admin"),
+        ),
+        (
+            "revoke_role",
+            "take its fence off itself",
+            Call::get(format!("/api/v1/user/{ua}/role/{fence}")),
+        ),
+        (
+            "add_permission",
+            "widen a role it holds",
+            Call::json(format!("/api/v1/role/{own}/permission"), allow_all),
+        ),
+        (
+            "remove_permission",
+            "lift its fence",
+            Call::json(
+                format!("/api/v1/role/{fence}/permission"),
+                json!({"permissionType": "DENY", "pattern": "DELETE /api/v1/role/*/permission/x"}),
+            ),
+        ),
+    ];
+    for id in PRIVILEGED_CHANGES {
+        if !cases.iter().any(|(op, _, _)| op == id) {
+            problems.push(format!(
+                "{id}: no privilege-escalation case in escalation_cases"
+            ));
+        }
+    }
+    for (id, what, call) in &cases {
+        let Some((method, _, op)) = operations.get(*id) else {
+            problems.push(format!("{id}: not in the OpenAPI document"));
+            continue;
+        };
+        let (status, body) = send(&world.api, method, call, Some((&ua, password)));
+        let code = serde_json::from_str::<Value>(&body).unwrap_or_default()["code"].clone();
+        if status != 403 || code != "PRIVILEGE_ESCALATION" {
+            problems.push(format!(
+                "{method} {} ({id}) as a user admin ({what}): expected 403 \
+                 PRIVILEGE_ESCALATION, got HTTP {status}: {body}",
+                call.path
+            ));
+        } else if op["responses"].get("403").is_none() {
+            problems.push(format!("{id}: 403 is not documented"));
+        }
+    }
+    // Nothing changed.
+    let r = world.api.get(&format!("/api/v1/user/{ua}")).unwrap();
+    let mut expected = vec!["UserAdmin".to_string(), own.clone(), fence.clone()];
+    expected.sort();
+    if r.json["roles"] != json!(expected) {
+        problems.push(format!("the user admin's roles changed: {}", r.text));
+    }
+    let r = world.api.get("/api/v1/user/admin").unwrap();
+    if r.json["roles"] != json!(["Admin", "UserAdmin"]) {
+        problems.push(format!("admin's roles changed: {}", r.text));
+    }
+    let r = world.api.get(&format!("/api/v1/role/{own}")).unwrap();
+    if r.json["permissions"].as_array().map(Vec::len) != Some(1) {
+        problems.push(format!("role {own} changed: {}", r.text));
+    }
+    let r = world.api.get(&format!("/api/v1/role/{fence}")).unwrap();
+    if r.json["permissions"].as_array().map(Vec::len) != Some(1) {
+        problems.push(format!("role {fence} changed: {}", r.text));
+    }
+    // admin's password was not changed: a fresh client still logs in.
+    let fresh = braid_e2e::Api::new(world.api.base().to_string());
+    let r = fresh.get("/api/v1/user/admin").unwrap();
+    if r.status != 200 {
+        problems.push(format!("admin cannot log in any more: HTTP {}", r.status));
+    }
+}
+
 /// Operations that need a network-map node; on this plain node admin gets
 /// `409 NOT_NETWORK_OPERATOR` instead of a 2xx.
 const ADMIN_CONFLICT: &[&str] = &["pending", "approve"];
@@ -365,6 +534,7 @@ fn every_operation_answers_401_403_and_2xx_as_documented() {
             expect("admin", got, &|s| (200..300).contains(&s));
         }
     }
+    escalation_cases(&mut world, &operations, &mut problems);
     assert!(
         problems.is_empty(),
         "{} problem(s) in the authorization matrix:\n{}",

@@ -1,7 +1,9 @@
 //! Users, roles and permissions: a flow executor for one vnode can neither
 //! start nor read another vnode's flows; credentials are checked (401),
-//! roles are enforced (403), failed logins are throttled per user (429) and
-//! expired passwords are refused.
+//! roles are enforced (403), failed logins are throttled (429) and expired
+//! passwords are refused; nobody can grant or change more than they hold;
+//! unknown paths are 404 after authentication; user and role lists are
+//! paginated. Throttling under attack: `rbac_logins`.
 
 use braid_e2e::{Api, DEADLINE, Node, Pkg, Resp, wait_until};
 use serde_json::{Value, json};
@@ -325,4 +327,461 @@ fn credentials_roles_throttling_and_expiry() {
         .expect_status(&[200], "delete user");
     as_user(&api, "nobody", "nobody-password", "GET", vnodes, None)
         .expect_problem(&[401], "a deleted user");
+}
+
+#[track_caller]
+fn expect_escalation(r: &Resp, lacking: &str, what: &str) {
+    r.expect_problem(&[403], what);
+    assert_eq!(r.json["code"], "PRIVILEGE_ESCALATION", "{what}: {}", r.text);
+    let message = r.json["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("{lacking:?}")),
+        "{what}: the 403 should name the permission {lacking:?} the caller lacks: {message}"
+    );
+}
+
+fn create_role(api: &Api, name: &str, permissions: &[(&str, &str)]) {
+    let permissions: Vec<Value> = permissions
+        .iter()
+        .map(|(kind, pattern)| json!({"permissionType": kind, "pattern": pattern}))
+        .collect();
+    api.post_json(
+        "/api/v1/role",
+        &json!({"roleName": name, "permissions": permissions}),
+    )
+    .expect("create role")
+    .expect_status(&[201], &format!("create role {name}"));
+}
+
+/// A user admin may hand out only what it holds itself and may not touch
+/// users who hold more; role changes cannot widen what anyone holds; the
+/// last Admin cannot go.
+#[test]
+fn nobody_can_grant_or_take_more_than_they_hold() {
+    let node = Node::start();
+    let admin = node.api().clone();
+    let pw = "user-admin-password";
+    create_user(&admin, "ua", pw, &["UserAdmin"]);
+    create_user(&admin, "reader", "reader-password", &["ReadOnly"]);
+    create_user(&admin, "plain", "plain-password", &[]);
+    let ua = admin.as_user("ua", pw);
+
+    // Roles it does not hold: refused, naming a permission it lacks.
+    for (role, lacking) in [
+        ("Admin", "*"),
+        ("ReadOnly", "GET /api/v1/*"),
+        ("VNodeCreator", "* /api/v1/package"),
+    ] {
+        for target in ["ua", "plain"] {
+            let r = ua
+                .put_json(&format!("/api/v1/user/{target}/role/{role}"), &json!({}))
+                .unwrap();
+            expect_escalation(
+                &r,
+                lacking,
+                &format!("user admin grants {role} to {target}"),
+            );
+        }
+    }
+    // Wider than any one of its patterns, though each looks alike: refused.
+    // Inside one of them: granted.
+    for (i, (pattern, inside)) in [
+        ("* /api/v1/user*", false),
+        ("*/api/v1/user/*", false),
+        ("* /api/v1/*", false),
+        ("* /api/v1/user/*/x", true),
+        ("GET /api/v1/user/*/*x*", true),
+        ("DELETE /api/v1/role", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("pattern-{i}");
+        create_role(&admin, &name, &[("ALLOW", pattern)]);
+        let r = ua
+            .put_json(&format!("/api/v1/user/plain/role/{name}"), &json!({}))
+            .unwrap();
+        if inside {
+            r.expect_status(&[200], &format!("grant a role allowing {pattern:?}"));
+        } else {
+            expect_escalation(&r, pattern, &format!("grant a role allowing {pattern:?}"));
+        }
+    }
+    // A role inside what it holds can be granted, to others and itself.
+    create_role(&admin, "user-reader", &[("ALLOW", "GET /api/v1/user/*")]);
+    for target in ["plain", "ua"] {
+        ua.put_json(
+            &format!("/api/v1/user/{target}/role/user-reader"),
+            &json!({}),
+        )
+        .unwrap()
+        .expect_status(&[200], &format!("grant user-reader to {target}"));
+    }
+
+    // Users who hold more than it: nothing about them can change.
+    let attempts: [(&str, &str, Option<Value>); 5] = [
+        (
+            "PUT",
+            "/api/v1/user/admin/password",
+            Some(json!({"password": "taken-over-1"})),
+        ),
+        ("DELETE", "/api/v1/user/admin", None),
+        ("DELETE", "/api/v1/user/admin/role/Admin", None),
+        (
+            "PUT",
+            "/api/v1/user/admin/role/user-reader",
+            Some(json!({})),
+        ),
+        (
+            "PUT",
+            "/api/v1/user/reader/password",
+            Some(json!({"password": "taken-over-2"})),
+        ),
+    ];
+    for (method, path, body) in attempts {
+        let r = as_user(&admin, "ua", pw, method, path, body.as_ref());
+        let lacking = if path.starts_with("/api/v1/user/reader/") {
+            "GET /api/v1/*"
+        } else {
+            "*"
+        };
+        expect_escalation(&r, lacking, &format!("user admin: {method} {path}"));
+    }
+    // Its own password it may always change; a user with less, too.
+    ua.put_json(
+        "/api/v1/user/plain/password",
+        &json!({"password": "plain-password-2"}),
+    )
+    .unwrap()
+    .expect_status(
+        &[200],
+        "user admin resets a less privileged user's password",
+    );
+    let pw2 = "user-admin-password-2";
+    ua.put_json("/api/v1/user/ua/password", &json!({"password": pw2}))
+        .unwrap()
+        .expect_status(&[200], "user admin changes its own password");
+    let ua = admin.as_user("ua", pw2);
+    // So may a user whose roles allow no user endpoint at all, but not
+    // its expiry, and nobody else's password.
+    let plain = admin.as_user("plain", "plain-password-2");
+    plain
+        .put_json(
+            "/api/v1/user/plain/password",
+            &json!({"password": "plain-password-3"}),
+        )
+        .unwrap()
+        .expect_status(&[200], "a user changes its own password");
+    let plain = admin.as_user("plain", "plain-password-3");
+    let r = plain
+        .put_json(
+            "/api/v1/user/plain/password",
+            &json!({"password": "plain-password-4", "passwordExpiry": "2999-01-01T00:00:00Z"}),
+        )
+        .unwrap();
+    r.expect_problem(&[403], "a user sets its own password's expiry");
+    expect_forbidden(
+        &plain
+            .put_json(
+                "/api/v1/user/ua/password",
+                &json!({"password": "plain-password-5"}),
+            )
+            .unwrap(),
+        "PUT /api/v1/user/ua/password",
+        "a user sets another user's password",
+    );
+    plain
+        .put_json(
+            "/api/v1/user/plain/password",
+            &json!({"password": "plain-password-6"}),
+        )
+        .unwrap()
+        .expect_status(&[200], "the refused requests changed nothing");
+    // Nothing of the refused requests happened.
+    admin
+        .get("/api/v1/user/admin")
+        .unwrap()
+        .expect_status(&[200], "admin's password unchanged");
+    let r = admin.get("/api/v1/user/ua").unwrap();
+    assert_eq!(
+        r.json["roles"],
+        json!(["UserAdmin", "user-reader"]),
+        "the user admin's roles: {}",
+        r.text
+    );
+
+    // Role changes: only by a user holding the role before and after.
+    create_role(&admin, "ua-extra", &[("ALLOW", "GET /api/v1/user/*")]);
+    ua.put_json("/api/v1/user/ua/role/ua-extra", &json!({}))
+        .unwrap()
+        .expect_status(&[200], "grant ua-extra to itself");
+    let widen = json!({"permissionType": "ALLOW", "pattern": "GET /api/v1/*"});
+    let r = ua
+        .post_json("/api/v1/role/ua-extra/permission", &widen)
+        .unwrap();
+    expect_escalation(&r, "GET /api/v1/*", "widen a role it holds");
+    let narrow = json!({"permissionType": "ALLOW", "pattern": "GET /api/v1/user/x*"});
+    ua.post_json("/api/v1/role/ua-extra/permission", &narrow)
+        .unwrap()
+        .expect_status(&[200], "add a permission it holds to a role");
+    // A DENY fences a user admin in: it can neither lift it from the role
+    // nor take the role off itself.
+    create_role(&admin, "fence", &[("DENY", "DELETE /api/v1/user/plain")]);
+    create_user(
+        &admin,
+        "ua3",
+        "user-admin-3-password",
+        &["UserAdmin", "fence"],
+    );
+    let ua3 = admin.as_user("ua3", "user-admin-3-password");
+    expect_forbidden(
+        &ua3.send(|c| c.delete(ua3.url("/api/v1/user/plain")))
+            .unwrap(),
+        "DELETE /api/v1/user/plain",
+        "the fence holds",
+    );
+    let r = ua3
+        .send(|c| {
+            c.delete(ua3.url("/api/v1/role/fence/permission"))
+                .json(&json!({"permissionType": "DENY", "pattern": "DELETE /api/v1/user/plain"}))
+        })
+        .unwrap();
+    expect_escalation(&r, "DELETE /api/v1/user/plain", "lift a DENY from a role");
+    let r = ua3
+        .send(|c| c.delete(ua3.url("/api/v1/user/ua3/role/fence")))
+        .unwrap();
+    expect_escalation(
+        &r,
+        "DELETE /api/v1/user/plain",
+        "take a fencing role off itself",
+    );
+    // A role held by a more privileged user cannot be changed: adding a
+    // DENY would lock the admin out.
+    create_role(&admin, "admins-extra", &[("ALLOW", "GET /api/v1/user/*")]);
+    admin
+        .put_json("/api/v1/user/admin/role/admins-extra", &json!({}))
+        .unwrap()
+        .expect_status(&[200], "admin takes admins-extra");
+    let deny_all = json!({"permissionType": "DENY", "pattern": "*"});
+    let r = ua
+        .post_json("/api/v1/role/admins-extra/permission", &deny_all)
+        .unwrap();
+    expect_escalation(&r, "*", "change a role the admin holds");
+    admin
+        .get("/api/v1/virtualnode")
+        .unwrap()
+        .expect_status(&[200], "admin still has full access");
+
+    // An actor's own DENY counts: a user admin fenced off roles cannot
+    // hand out UserAdmin.
+    create_role(&admin, "no-roles", &[("DENY", "* /api/v1/role/*")]);
+    create_user(
+        &admin,
+        "ua2",
+        "user-admin-2-password",
+        &["UserAdmin", "no-roles"],
+    );
+    let r = as_user(
+        &admin,
+        "ua2",
+        "user-admin-2-password",
+        "PUT",
+        "/api/v1/user/plain/role/UserAdmin",
+        Some(&json!({})),
+    );
+    expect_escalation(&r, "* /api/v1/role/*", "fenced user admin grants UserAdmin");
+
+    // The last Admin stays.
+    let r = admin
+        .send(|c| c.delete(admin.url("/api/v1/user/admin/role/Admin")))
+        .unwrap();
+    r.expect_problem(&[409], "revoke the last Admin");
+    assert_eq!(r.json["code"], "LAST_ADMIN", "{}", r.text);
+    let r = admin
+        .send(|c| c.delete(admin.url("/api/v1/user/admin")))
+        .unwrap();
+    r.expect_problem(&[409], "delete the last Admin");
+    assert_eq!(r.json["code"], "LAST_ADMIN", "{}", r.text);
+    // With a second Admin, the first may step down.
+    create_user(&admin, "admin2", "second-admin-password", &["Admin"]);
+    admin
+        .send(|c| c.delete(admin.url("/api/v1/user/admin/role/Admin")))
+        .unwrap()
+        .expect_status(&[200], "an Admin steps down while another remains");
+    let admin2 = admin.as_user("admin2", "second-admin-password");
+    let r = admin2
+        .send(|c| c.delete(admin2.url("/api/v1/user/admin2/role/Admin")))
+        .unwrap();
+    r.expect_problem(&[409], "the last Admin steps down");
+    assert_eq!(r.json["code"], "LAST_ADMIN", "{}", r.text);
+}
+
+/// After authentication, routing decides: a path that does not exist is
+/// `404`, a known path with another method `405`, and only a real
+/// operation the caller's roles do not allow is `403`. Without valid
+/// credentials everything but the open paths is `401`.
+#[test]
+fn unknown_paths_are_404_after_authentication() {
+    let node = Node::start();
+    let admin = node.api().clone();
+    create_user(&admin, "plain", "plain-password", &[]);
+    create_user(&admin, "reader", "reader-password", &["ReadOnly"]);
+    let callers = [
+        ("admin", admin.clone()),
+        (
+            "a user with no roles",
+            admin.as_user("plain", "plain-password"),
+        ),
+        ("a reader", admin.as_user("reader", "reader-password")),
+    ];
+    let unknown = [
+        ("GET", "/api/v1/nope"),
+        ("GET", "/nope"),
+        ("POST", "/api/v1/virtualnode/0123456789ab/nope"),
+        ("DELETE", "/api/v1/user/admin/role/Admin/extra"),
+        ("GET", "/api/v1/us%65r"),
+        ("GET", "/"),
+    ];
+    for (who, api) in &callers {
+        for (method, path) in unknown {
+            let m: reqwest::Method = method.parse().unwrap();
+            let r = api.send(|c| c.request(m, api.url(path))).unwrap();
+            r.expect_problem(&[404], &format!("{who}: {method} {path}"));
+            assert_eq!(r.json["code"], "NO_SUCH_ENDPOINT", "{who}: {}", r.text);
+        }
+        for (method, path) in [
+            ("PATCH", "/api/v1/virtualnode"),
+            ("DELETE", "/api/v1/virtualnode"),
+            ("POST", "/api/v1/user/admin"),
+            ("PUT", "/api/v1/role"),
+        ] {
+            let m: reqwest::Method = method.parse().unwrap();
+            let r = api.send(|c| c.request(m, api.url(path))).unwrap();
+            r.expect_problem(&[405], &format!("{who}: {method} {path}"));
+        }
+    }
+    // A real operation the roles do not allow: 403.
+    let plain = &callers[1].1;
+    let r = plain.get("/api/v1/virtualnode").unwrap();
+    expect_forbidden(&r, "GET /api/v1/virtualnode", "no roles: list vnodes");
+    let reader = &callers[2].1;
+    let r = reader.post_json("/api/v1/user", &json!({})).unwrap();
+    expect_forbidden(&r, "POST /api/v1/user", "reader: create a user");
+
+    // No or wrong credentials: 401 for real and unknown paths alike.
+    let wrong = admin.as_user("admin", "not-the-admin-password");
+    for path in ["/api/v1/nope", "/nope", "/api/v1/virtualnode", "/"] {
+        let r = admin.client().get(admin.url(path)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 401, "no credentials: GET {path}");
+        wrong
+            .get(path)
+            .unwrap()
+            .expect_problem(&[401], &format!("wrong password: GET {path}"));
+    }
+    let r = admin
+        .client()
+        .patch(admin.url("/api/v1/virtualnode"))
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "no credentials: PATCH a known path"
+    );
+    // Open paths stay open.
+    for path in ["/api/v1/health", "/metrics", "/api/v1/openapi.json"] {
+        let r = admin.client().get(admin.url(path)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "no credentials: GET {path}");
+    }
+}
+
+/// Reads every page of `path` (`?limit=`), checking each page's size.
+fn all_pages(api: &Api, path: &str, field: &str, key: &str, limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let url = match &cursor {
+            None => format!("{path}?limit={limit}"),
+            Some(c) => format!("{path}?limit={limit}&cursor={c}"),
+        };
+        let r = api.get(&url).unwrap();
+        r.expect_status(&[200], &format!("GET {url}"));
+        let items = r.json[field].as_array().cloned().unwrap_or_default();
+        assert!(items.len() <= limit, "{url}: {} items", items.len());
+        out.extend(
+            items
+                .iter()
+                .map(|i| i[key].as_str().expect("name").to_string()),
+        );
+        match &r.json["nextCursor"] {
+            Value::Null => return out,
+            Value::String(c) => {
+                assert!(!items.is_empty(), "{url}: an empty page with a next cursor");
+                cursor = Some(c.clone());
+            }
+            other => panic!("{url}: nextCursor is {other}"),
+        }
+    }
+    panic!("{path}: more than 1000 pages");
+}
+
+/// `GET /api/v1/user` and `GET /api/v1/role` are paginated: the pages
+/// cover every item exactly once, in order; bad limits and cursors are
+/// `400`.
+#[test]
+fn users_and_roles_are_paginated() {
+    let node = Node::start();
+    let api = node.api().clone();
+    let mut users: Vec<String> = vec!["admin".into()];
+    for i in 0..23 {
+        let login = format!("user-{i:02}");
+        api.post_json(
+            "/api/v1/user",
+            &json!({"loginName": login, "password": "paged-password"}),
+        )
+        .unwrap()
+        .expect_status(&[201], "create user");
+        users.push(login);
+    }
+    let mut roles: Vec<String> = ["Admin", "ReadOnly", "UserAdmin", "VNodeCreator"]
+        .map(String::from)
+        .to_vec();
+    for i in 0..11 {
+        let name = format!("role-{i:02}");
+        create_role(&api, &name, &[]);
+        roles.push(name);
+    }
+    users.sort();
+    roles.sort();
+    for limit in [1, 5, 7, 24, 1000] {
+        assert_eq!(
+            all_pages(&api, "/api/v1/user", "users", "loginName", limit),
+            users,
+            "users, limit {limit}"
+        );
+        assert_eq!(
+            all_pages(&api, "/api/v1/role", "roles", "roleName", limit),
+            roles,
+            "roles, limit {limit}"
+        );
+    }
+    // Without a limit: the first page of up to 100 covers them all.
+    let r = api.get("/api/v1/user").unwrap();
+    assert_eq!(r.json["users"].as_array().map(Vec::len), Some(users.len()));
+    assert_eq!(r.json["nextCursor"], Value::Null);
+    for path in ["/api/v1/user", "/api/v1/role"] {
+        for (query, code) in [
+            ("limit=0", "INVALID_LIMIT"),
+            ("limit=1001", "INVALID_LIMIT"),
+            ("limit=-1", "INVALID_LIMIT"),
+            ("limit=ten", "INVALID_LIMIT"),
+            ("cursor=!!!", "INVALID_CURSOR"),
+            ("cursor=", "INVALID_CURSOR"),
+            ("cursor=_w", "INVALID_CURSOR"),
+        ] {
+            let r = api.get(&format!("{path}?{query}")).unwrap();
+            r.expect_problem(&[400], &format!("GET {path}?{query}"));
+            assert_eq!(r.json["code"], code, "{path}?{query}: {}", r.text);
+        }
+    }
 }
