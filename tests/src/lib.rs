@@ -1084,7 +1084,9 @@ pub fn raw_request(
     })
 }
 
-fn tls_client_config(base: &str) -> Arc<rustls::ClientConfig> {
+/// A rustls client configuration trusting only the CA registered for
+/// `base` with [`trust_ca`].
+pub fn tls_client_config(base: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = ca_for(base) {
         use rustls::pki_types::pem::PemObject as _;
@@ -1163,7 +1165,7 @@ where
 
 /// Parses `raw` if it holds a complete response (content-length or
 /// chunked); `None` if more bytes are needed.
-fn parse_complete_response(raw: &[u8]) -> Option<Resp> {
+pub fn parse_complete_response(raw: &[u8]) -> Option<Resp> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..end]).to_string();
     let body = &raw[end + 4..];

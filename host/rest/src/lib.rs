@@ -14,7 +14,6 @@ use braid_flow::{FlowWorker, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
 use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
 use serde_json::{Value, json};
-use std::future::Future;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -24,8 +23,10 @@ mod network;
 pub mod openapi;
 pub mod page;
 mod rbac;
+mod server;
 pub mod tls;
 pub use auth::{Auth, AuthStore, Principal};
+pub use server::{NAMES, ServerLimits, run, run_tls};
 
 /// Largest package upload.
 pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
@@ -166,32 +167,6 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
         ))
         .layer(axum::middleware::from_fn(observe_latency))
         .with_state(ctx)
-}
-
-/// Serves the API on `listener` until `shutdown` completes.
-pub async fn run(
-    listener: tokio::net::TcpListener,
-    worker: FlowWorker,
-    auth: Arc<Auth>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(worker, auth))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Serves the API over HTTPS on `listener` until `shutdown` completes;
-/// `tls` comes from [`tls::server_config`].
-pub async fn run_tls(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    worker: FlowWorker,
-    auth: Arc<Auth>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(tls::TlsListener::new(listener, tls)?, router(worker, auth))
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {

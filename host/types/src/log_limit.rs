@@ -143,8 +143,16 @@ mod tests {
         assert!(first.iter().all(Option::is_some));
         assert_eq!(first[0].unwrap().suppressed, 0);
         assert!(!first[1].unwrap().last);
-        assert!(first[2].unwrap().last, "the third line says more are dropped");
-        assert!(first[2].unwrap().to_string().contains("suppressed for up to 60 s"));
+        assert!(
+            first[2].unwrap().last,
+            "the third line says more are dropped"
+        );
+        assert!(
+            first[2]
+                .unwrap()
+                .to_string()
+                .contains("suppressed for up to 60 s")
+        );
         // Over the limit: dropped and counted, whatever the number.
         for _ in 0..1000 {
             assert_eq!(limit.allow_at("a", t0 + Duration::from_secs(59)), None);
