@@ -221,7 +221,12 @@ async fn shutdown_stops_accepting_finishes_requests_under_way_and_bounds_the_res
         "the endless answer started"
     );
     let drain = tokio::spawn(async move {
-        while matches!(endless.read(&mut sink).await, Ok(n) if n > 0) {}
+        loop {
+            match endless.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     });
 
     let t = Instant::now();
