@@ -699,6 +699,9 @@ impl Api {
         let mut builder = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(4)
+            // Below the node's idle timeout (60 s by default), so a pooled
+            // connection is not reused just as the node closes it.
+            .pool_idle_timeout(Duration::from_secs(30))
             .tls_built_in_root_certs(false);
         if let Some(pem) = ca_for(&base) {
             builder = builder.add_root_certificate(

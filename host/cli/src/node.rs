@@ -494,3 +494,53 @@ fn tls_config(args: &NodeArgs) -> anyhow::Result<Arc<braid_rest::tls::ServerConf
         )
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+    }
+
+    #[test]
+    fn connection_defaults_match_the_flags_and_zero_timeouts_are_refused() {
+        // `NodeArgs::local` uses `ConnectionArgs::default()`: it must be
+        // what the flags default to.
+        let parsed = Cli::try_parse_from(["braid"]).expect("no flags");
+        assert_eq!(parsed.connections, ConnectionArgs::default());
+        let e = Cli::try_parse_from(["braid", "--rest-idle-timeout-secs", "0"])
+            .err()
+            .expect("a zero timeout is refused");
+        assert!(e.to_string().contains("rest-idle-timeout-secs"), "{e}");
+        let set = Cli::try_parse_from(["braid", "--gateway-body-timeout-secs=7"]).unwrap();
+        assert_eq!(
+            set.connections.gateway(1024).body_timeout,
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn the_default_connection_limit_follows_the_file_limit_within_bounds() {
+        assert_eq!(ConnectionArgs::default_max_connections(1024), 192);
+        assert_eq!(ConnectionArgs::default_max_connections(100), 64);
+        assert_eq!(ConnectionArgs::default_max_connections(1 << 20), 4096);
+        let args = ConnectionArgs {
+            rest_max_connections: Some(10),
+            ..ConnectionArgs::default()
+        };
+        assert_eq!(args.rest(1 << 20).max_connections, 10);
+        assert_eq!(args.gateway(1 << 20).max_connections, 4096);
+    }
+
+    #[test]
+    fn raising_the_file_limit_reports_a_usable_limit_and_is_idempotent() {
+        let soft = raise_fd_limit();
+        assert!(soft >= 64, "{soft}");
+        // Raising again changes nothing.
+        assert_eq!(raise_fd_limit(), soft);
+    }
+}
