@@ -824,6 +824,9 @@ impl Api {
         let mut builder = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(4)
+            // Below the node's idle timeout (60 s by default), so a pooled
+            // connection is not reused just as the node closes it.
+            .pool_idle_timeout(Duration::from_secs(30))
             .tls_built_in_root_certs(false)
             .local_address(local);
         if let Some(pem) = ca_for(base) {
@@ -1258,7 +1261,9 @@ pub fn raw_request(
     })
 }
 
-fn tls_client_config(base: &str) -> Arc<rustls::ClientConfig> {
+/// A rustls client configuration trusting only the CA registered for
+/// `base` with [`trust_ca`].
+pub fn tls_client_config(base: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(pem) = ca_for(base) {
         use rustls::pki_types::pem::PemObject as _;
@@ -1337,7 +1342,7 @@ where
 
 /// Parses `raw` if it holds a complete response (content-length or
 /// chunked); `None` if more bytes are needed.
-fn parse_complete_response(raw: &[u8]) -> Option<Resp> {
+pub fn parse_complete_response(raw: &[u8]) -> Option<Resp> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..end]).to_string();
     let body = &raw[end + 4..];

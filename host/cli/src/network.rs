@@ -91,6 +91,7 @@ impl Joining {
         self,
         cfg: &NodeNetworkConfig,
         worker: FlowWorker,
+        gateway_limits: braid_http::Limits,
         p2p: P2pConfig,
     ) -> anyhow::Result<Running> {
         let Joining {
@@ -213,7 +214,10 @@ impl Joining {
             .await
             .with_context(|| format!("binding the gateway to {}", cfg.gateway_addr))?;
         let server = GatewayServer::new(
-            ServerConfig::new(tls.clone(), cfg.mutual_tls),
+            ServerConfig {
+                limits: gateway_limits,
+                ..ServerConfig::new(tls.clone(), cfg.mutual_tls)
+            },
             gw_tx,
             Arc::new(check),
             extra,

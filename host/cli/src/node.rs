@@ -4,6 +4,7 @@
 use anyhow::Context as _;
 use braid_bus::InProcessBus;
 use braid_flow::{FlowWorker, WorkerConfig};
+use braid_http::Limits as ServerLimits;
 use braid_rest::Auth;
 use braid_runtime::{Limits, Runtime, RuntimeConfig};
 use braid_storage::Store as _;
@@ -115,6 +116,181 @@ pub struct NodeArgs {
     /// when --rest-addr is a loopback address.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     pub insecure_http: bool,
+    /// Connection limits and timeouts of the REST API and the gateway
+    /// (boxed: they would make every command's enum variant large).
+    #[command(flatten)]
+    pub connections: Box<ConnectionArgs>,
+}
+
+/// How many connections the REST API and the gateway keep open, and how
+/// long a client may stall before it is disconnected. Timeouts are in
+/// seconds and at least 1.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConnectionArgs {
+    /// The most connections the REST API keeps open at once; further ones
+    /// are closed at once. Default: from the file-descriptor limit (which
+    /// the node raises to its hard limit at start): a quarter of it for
+    /// each server, between 64 and 4096.
+    #[arg(long, env = "BRAID_REST_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_max_connections: Option<u64>,
+    /// Seconds a REST client has to complete its TLS handshake.
+    #[arg(long, env = "BRAID_REST_TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_tls_handshake_timeout_secs: u64,
+    /// Seconds a REST client has to send a request header (from the
+    /// connection's start, or from the first byte of a later request).
+    #[arg(long, env = "BRAID_REST_HEADER_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_HEADER_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_header_timeout_secs: u64,
+    /// Seconds an idle keep-alive REST connection stays open.
+    #[arg(long, env = "BRAID_REST_IDLE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_IDLE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_idle_timeout_secs: u64,
+    /// Seconds a REST client has to send a whole request body (a package
+    /// upload included); a slower one is answered 408 and disconnected.
+    #[arg(long, env = "BRAID_REST_BODY_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_BODY_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_body_timeout_secs: u64,
+    /// Seconds a REST client may read nothing of what it is sent before it
+    /// is disconnected.
+    #[arg(long, env = "BRAID_REST_WRITE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_WRITE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub rest_write_timeout_secs: u64,
+    /// On shutdown, seconds the REST API lets requests under way finish
+    /// (event streams are then closed).
+    #[arg(long, env = "BRAID_REST_SHUTDOWN_GRACE_SECS", default_value_t = secs(ServerLimits::DEFAULT_SHUTDOWN_GRACE))]
+    pub rest_shutdown_grace_secs: u64,
+    /// The most connections the gateway keeps open at once; further ones
+    /// are closed at once. Default: as for --rest-max-connections.
+    #[arg(long, env = "BRAID_GATEWAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_max_connections: Option<u64>,
+    /// Seconds a peer gateway has to complete its TLS handshake.
+    #[arg(long, env = "BRAID_GATEWAY_TLS_HANDSHAKE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_tls_handshake_timeout_secs: u64,
+    /// Seconds a peer gateway has to send a request header.
+    #[arg(long, env = "BRAID_GATEWAY_HEADER_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_HEADER_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_header_timeout_secs: u64,
+    /// Seconds an idle keep-alive gateway connection stays open.
+    #[arg(long, env = "BRAID_GATEWAY_IDLE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_IDLE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_idle_timeout_secs: u64,
+    /// Seconds a peer gateway has to send a whole batch; a slower one is
+    /// answered 408 and disconnected.
+    #[arg(long, env = "BRAID_GATEWAY_BODY_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_BODY_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_body_timeout_secs: u64,
+    /// Seconds a peer gateway may read nothing of its answer before it is
+    /// disconnected.
+    #[arg(long, env = "BRAID_GATEWAY_WRITE_TIMEOUT_SECS", default_value_t = secs(ServerLimits::DEFAULT_WRITE_TIMEOUT), value_parser = clap::value_parser!(u64).range(1..))]
+    pub gateway_write_timeout_secs: u64,
+}
+
+const fn secs(d: std::time::Duration) -> u64 {
+    d.as_secs()
+}
+
+impl Default for ConnectionArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        let s = |d| secs(d);
+        ConnectionArgs {
+            rest_max_connections: None,
+            rest_tls_handshake_timeout_secs: s(ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT),
+            rest_header_timeout_secs: s(ServerLimits::DEFAULT_HEADER_TIMEOUT),
+            rest_idle_timeout_secs: s(ServerLimits::DEFAULT_IDLE_TIMEOUT),
+            rest_body_timeout_secs: s(ServerLimits::DEFAULT_BODY_TIMEOUT),
+            rest_write_timeout_secs: s(ServerLimits::DEFAULT_WRITE_TIMEOUT),
+            rest_shutdown_grace_secs: s(ServerLimits::DEFAULT_SHUTDOWN_GRACE),
+            gateway_max_connections: None,
+            gateway_tls_handshake_timeout_secs: s(ServerLimits::DEFAULT_HANDSHAKE_TIMEOUT),
+            gateway_header_timeout_secs: s(ServerLimits::DEFAULT_HEADER_TIMEOUT),
+            gateway_idle_timeout_secs: s(ServerLimits::DEFAULT_IDLE_TIMEOUT),
+            gateway_body_timeout_secs: s(ServerLimits::DEFAULT_BODY_TIMEOUT),
+            gateway_write_timeout_secs: s(ServerLimits::DEFAULT_WRITE_TIMEOUT),
+        }
+    }
+}
+
+/// File descriptors kept back for everything but client connections (the
+/// store, compiled packages, outgoing connections, logs).
+const RESERVED_FDS: u64 = 256;
+
+impl ConnectionArgs {
+    /// The default connection limit of each server for a process allowed
+    /// `fd_limit` open files: a quarter of what is left after
+    /// [`RESERVED_FDS`], between 64 and 4096 (a few KiB of buffers per
+    /// connection; past that, memory rather than descriptors is the bound).
+    pub fn default_max_connections(fd_limit: u64) -> u64 {
+        (fd_limit.saturating_sub(RESERVED_FDS) / 4).clamp(64, 4096)
+    }
+
+    /// The REST API's limits, for a process allowed `fd_limit` open files.
+    pub fn rest(&self, fd_limit: u64) -> ServerLimits {
+        ServerLimits {
+            max_connections: to_usize(
+                self.rest_max_connections
+                    .unwrap_or_else(|| Self::default_max_connections(fd_limit)),
+            ),
+            handshake_timeout: Duration::from_secs(self.rest_tls_handshake_timeout_secs),
+            header_timeout: Duration::from_secs(self.rest_header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.rest_idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.rest_body_timeout_secs),
+            write_timeout: Duration::from_secs(self.rest_write_timeout_secs),
+            shutdown_grace: Duration::from_secs(self.rest_shutdown_grace_secs),
+        }
+    }
+
+    /// The gateway's limits, for a process allowed `fd_limit` open files.
+    pub fn gateway(&self, fd_limit: u64) -> ServerLimits {
+        ServerLimits {
+            max_connections: to_usize(
+                self.gateway_max_connections
+                    .unwrap_or_else(|| Self::default_max_connections(fd_limit)),
+            ),
+            handshake_timeout: Duration::from_secs(self.gateway_tls_handshake_timeout_secs),
+            header_timeout: Duration::from_secs(self.gateway_header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.gateway_idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.gateway_body_timeout_secs),
+            write_timeout: Duration::from_secs(self.gateway_write_timeout_secs),
+            ..ServerLimits::default()
+        }
+    }
+}
+
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Raises the soft limit on open files to the hard limit (every connection
+/// is a file descriptor, and the usual soft default of 1024 is small for a
+/// server) and returns the soft limit now in force.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(cause = %e, "cannot read the open-file limit; assuming 1024");
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        } else {
+            let e = std::io::Error::last_os_error();
+            tracing::info!(cause = %e, soft = lim.rlim_cur, hard = lim.rlim_max,
+                "cannot raise the open-file limit to its hard limit; keeping the soft one");
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Where there is no RLIMIT_NOFILE: a conservative guess.
+#[cfg(not(unix))]
+pub fn raise_fd_limit() -> u64 {
+    1024
 }
 
 impl NodeArgs {
@@ -143,6 +319,7 @@ impl NodeArgs {
             tls_key: None,
             public_host: Vec::new(),
             insecure_http: false,
+            connections: Box::default(),
         }
     }
 }
@@ -223,6 +400,30 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    let fd_limit = raise_fd_limit();
+    let rest_limits = args.connections.rest(fd_limit);
+    let gateway_limits = args.connections.gateway(fd_limit);
+    let wanted = (rest_limits.max_connections as u64).saturating_add(if net.is_some() {
+        gateway_limits.max_connections as u64
+    } else {
+        0
+    });
+    if wanted.saturating_add(RESERVED_FDS) > fd_limit {
+        tracing::warn!(
+            fd_limit,
+            rest = rest_limits.max_connections,
+            gateway = gateway_limits.max_connections,
+            "the connection limits add up to more than the open-file limit allows: \
+             past it, connections fail with \"too many open files\"; lower \
+             --rest-max-connections / --gateway-max-connections or raise the limit"
+        );
+    }
+    tracing::info!(
+        fd_limit,
+        rest_max_connections = rest_limits.max_connections,
+        gateway_max_connections = gateway_limits.max_connections,
+        "connection limits"
+    );
     let store = Arc::new(
         EmbeddedStore::open(&dir.join("braid.redb"))
             .with_context(|| format!("opening the store in {}", dir.display()))?,
@@ -267,6 +468,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             j.start(
                 n,
                 worker.clone(),
+                gateway_limits,
                 braid_p2p::P2pConfig {
                     ttl: Duration::from_secs(args.message_ttl_secs),
                     link: braid_link::LinkConfig {
@@ -306,12 +508,19 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     };
     let server = if args.insecure_http {
         tracing::warn!("serving the REST API over plain HTTP (--insecure-http)");
-        tokio::spawn(braid_rest::run(listener, worker.clone(), auth, stopped))
+        tokio::spawn(braid_rest::run(
+            listener,
+            rest_limits,
+            worker.clone(),
+            auth,
+            stopped,
+        ))
     } else {
         let tls = tls_config(args)?;
         tokio::spawn(braid_rest::run_tls(
             listener,
             tls,
+            rest_limits,
             worker.clone(),
             auth,
             stopped,
@@ -361,4 +570,54 @@ fn tls_config(args: &NodeArgs) -> anyhow::Result<Arc<braid_rest::tls::ServerConf
             key.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        connections: ConnectionArgs,
+    }
+
+    #[test]
+    fn connection_defaults_match_the_flags_and_zero_timeouts_are_refused() {
+        // `NodeArgs::local` uses `ConnectionArgs::default()`: it must be
+        // what the flags default to.
+        let parsed = Cli::try_parse_from(["braid"]).expect("no flags");
+        assert_eq!(parsed.connections, ConnectionArgs::default());
+        let e = Cli::try_parse_from(["braid", "--rest-idle-timeout-secs", "0"])
+            .err()
+            .expect("a zero timeout is refused");
+        assert!(e.to_string().contains("rest-idle-timeout-secs"), "{e}");
+        let set = Cli::try_parse_from(["braid", "--gateway-body-timeout-secs=7"]).unwrap();
+        assert_eq!(
+            set.connections.gateway(1024).body_timeout,
+            Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn the_default_connection_limit_follows_the_file_limit_within_bounds() {
+        assert_eq!(ConnectionArgs::default_max_connections(1024), 192);
+        assert_eq!(ConnectionArgs::default_max_connections(100), 64);
+        assert_eq!(ConnectionArgs::default_max_connections(1 << 20), 4096);
+        let args = ConnectionArgs {
+            rest_max_connections: Some(10),
+            ..ConnectionArgs::default()
+        };
+        assert_eq!(args.rest(1 << 20).max_connections, 10);
+        assert_eq!(args.gateway(1 << 20).max_connections, 4096);
+    }
+
+    #[test]
+    fn raising_the_file_limit_reports_a_usable_limit_and_is_idempotent() {
+        let soft = raise_fd_limit();
+        assert!(soft >= 64, "{soft}");
+        // Raising again changes nothing.
+        assert_eq!(raise_fd_limit(), soft);
+    }
 }

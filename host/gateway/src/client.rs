@@ -31,9 +31,9 @@ use crate::server::PACKETS_PATH;
 use crate::tls::{Reloading, TlsError, TlsMaterial, describe_certificate};
 use crate::wire::{Envelope, try_encode_batch};
 
-/// How long an idle pooled connection is kept: below the server's 30 s
-/// (hyper's header read timeout, which closes idle keep-alive connections),
-/// so we rarely pick a connection the server is closing.
+/// How long an idle pooled connection is kept: below the server's default
+/// idle timeout (60 s, `--gateway-idle-timeout-secs`), so we rarely pick a
+/// connection the server is closing (a stale one is retried anyway).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The most response-body bytes read (error texts are short).

@@ -19,34 +19,30 @@
 //!
 //! TLS is 1.3 only; under mutual TLS the client must present a certificate
 //! from the network CA that is not revoked (see [`crate::tls`] for CRLs and
-//! their reloading). A failed handshake logs a warning with the peer address
-//! and rustls' error and closes the connection. Connections are HTTP/1.1
-//! with keep-alive; a connection that sends no request headers for 30 s
-//! (including an idle keep-alive one) is closed. At most
-//! [`ServerConfig::max_connections`] are served at once (further ones wait
-//! in the listen backlog).
+//! their reloading). Connections are HTTP/1.1 with keep-alive, served by
+//! [`braid_http`]: at most [`braid_http::Limits::max_connections`] at once
+//! (further ones are closed at once), with timeouts on the TLS handshake,
+//! request headers, idle keep-alive, request bodies (a stalled batch is
+//! answered `408` and the connection closed) and writes. Failed handshakes,
+//! timeouts and every refusal above are logged with the peer address and
+//! the reason, rate-limited per kind of line ([`braid_http::LOG_LINES`] per
+//! [`braid_http::LOG_INTERVAL`]): anyone can cause them, so a flood must
+//! not become a flood of log lines.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
+use braid_http::{BodyError, Handler, Limits, Names, Peer, RequestBody, Stats};
+use braid_types::log_limit::LogLimiter;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tower_service::Service;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use crate::tls::{Reloading, TlsError, TlsMaterial, describe_certificate};
 use crate::wire::{Envelope, decode_batch};
@@ -54,11 +50,11 @@ use crate::wire::{Envelope, decode_batch};
 /// The path packets are POSTed to.
 pub const PACKETS_PATH: &str = "/gateway/v1/packets";
 
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the gateway's log lines call it and the prefix of its flags.
+pub const NAMES: Names = Names {
+    server: "gateway",
+    flag_prefix: "--gateway-",
+};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -70,16 +66,13 @@ pub struct ServerConfig {
     /// The largest accepted request body in bytes
     /// ([`ServerConfig::DEFAULT_MAX_BODY`] by default); larger ones get `413`.
     pub max_body: usize,
-    /// The most connections served at once
-    /// ([`ServerConfig::DEFAULT_MAX_CONNECTIONS`] by default; 0 counts as 1).
-    pub max_connections: usize,
+    /// Connection limit and timeouts ([`Limits::default`] by default).
+    pub limits: Limits,
 }
 
 impl ServerConfig {
     /// Default [`ServerConfig::max_body`]: 4 MiB.
     pub const DEFAULT_MAX_BODY: usize = 4 << 20;
-    /// Default [`ServerConfig::max_connections`].
-    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
     /// Settings with the default limits.
     pub fn new(tls: TlsMaterial, mutual_tls: bool) -> Self {
@@ -87,7 +80,7 @@ impl ServerConfig {
             tls,
             mutual_tls,
             max_body: Self::DEFAULT_MAX_BODY,
-            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            limits: Limits::default(),
         }
     }
 }
@@ -145,11 +138,14 @@ pub struct GatewayServer {
 struct Shared {
     tls: Reloading<rustls::ServerConfig>,
     max_body: usize,
-    max_connections: usize,
+    limits: Limits,
     inbound: mpsc::Sender<Inbound>,
     peers: Arc<dyn PeerCheck>,
     extra: Router,
-    accepted: AtomicU64,
+    stats: Arc<Stats>,
+    /// For the refusals below the connection level (those of braid-http
+    /// are limited there).
+    logs: LogLimiter,
 }
 
 impl GatewayServer {
@@ -169,19 +165,27 @@ impl GatewayServer {
             shared: Arc::new(Shared {
                 tls,
                 max_body: config.max_body,
-                max_connections: config.max_connections.max(1),
+                limits: config.limits,
                 inbound,
                 peers,
                 extra,
-                accepted: AtomicU64::new(0),
+                stats: Arc::default(),
+                logs: LogLimiter::new(braid_http::LOG_LINES, braid_http::LOG_INTERVAL),
             }),
         })
     }
 
     /// How many TCP connections this server has accepted so far (including
-    /// those whose TLS handshake then failed).
+    /// those whose TLS handshake then failed, and those refused at the
+    /// connection limit).
     pub fn accepted_connections(&self) -> u64 {
-        self.shared.accepted.load(Ordering::Relaxed)
+        self.shared.stats.accepted()
+    }
+
+    /// How many connections were closed at once because the connection
+    /// limit was reached.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.stats.refused()
     }
 
     /// Builds the server and serves `listener` until the future is dropped
@@ -206,84 +210,41 @@ impl GatewayServer {
     /// Serves `listener` until the future is dropped (or aborted); dropping
     /// it also closes every connection it opened.
     pub async fn run(self, listener: TcpListener) -> std::io::Result<()> {
-        let limit = Arc::new(Semaphore::new(self.shared.max_connections));
-        // Owned here, so dropping the future aborts the connection tasks.
-        let mut connections = JoinSet::new();
-        loop {
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the connection semaphore is never closed");
-            while connections.try_join_next().is_some() {}
-            let (tcp, addr) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // EMFILE and friends: wait a little rather than spin.
-                    tracing::warn!(cause = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            self.shared.accepted.fetch_add(1, Ordering::Relaxed);
-            let tls = self.shared.tls.current();
-            let shared = self.shared.clone();
-            connections.spawn(async move {
-                let _permit = permit;
-                shared.connection(tcp, addr, tls).await;
-            });
-        }
+        self.run_until(listener, std::future::pending()).await
+    }
+
+    /// Serves `listener` until `shutdown` completes, then stops accepting,
+    /// lets requests under way finish (for at most the limits'
+    /// `shutdown_grace`) and returns.
+    pub async fn run_until(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        let shared = self.shared;
+        let for_tls = shared.clone();
+        let source: braid_http::TlsSource = Arc::new(move || for_tls.tls.current());
+        braid_http::Server::with_stats(
+            NAMES,
+            shared.limits.clone(),
+            Some(source),
+            Gateway(shared.clone()),
+            shared.stats.clone(),
+        )
+        .serve(listener, shutdown)
+        .await
     }
 }
 
-impl Shared {
-    async fn connection(
-        self: Arc<Self>,
-        tcp: TcpStream,
-        addr: SocketAddr,
-        tls: Arc<rustls::ServerConfig>,
-    ) {
-        let _ = tcp.set_nodelay(true);
-        let stream =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp)).await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::warn!(peer = %addr, cause = %e,
-                        "rejecting connection from {addr}: TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(peer = %addr,
-                        "rejecting connection from {addr}: TLS handshake timed out");
-                    return;
-                }
-            };
-        let leaf = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .map(|c| Arc::<[u8]>::from(c.as_ref()));
-        let info = PeerInfo { addr, leaf };
-        let shared = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            let info = info.clone();
-            async move { Ok::<_, Infallible>(shared.handle(req, info).await) }
-        });
-        let result = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service)
-            .await;
-        if let Err(e) = result {
-            tracing::debug!(peer = %addr, cause = %e, "gateway connection ended with an error");
-        }
-    }
+/// The gateway's [`Handler`].
+struct Gateway(Arc<Shared>);
 
-    async fn handle(&self, mut req: Request<Incoming>, info: PeerInfo) -> Response<Body> {
+impl Handler for Gateway {
+    async fn call(&self, mut req: Request<RequestBody>, peer: &Peer) -> Response<Body> {
+        let info = PeerInfo {
+            addr: peer.addr,
+            leaf: peer.leaf.clone(),
+        };
         if req.uri().path() == PACKETS_PATH {
             if req.method() != Method::POST {
                 let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "use POST");
@@ -291,24 +252,19 @@ impl Shared {
                     .insert(ALLOW, HeaderValue::from_static("POST"));
                 return res;
             }
-            return self.packets(req, info).await;
+            return self.0.packets(req, info).await;
         }
-        req.extensions_mut().insert(ConnectInfo(info.addr));
         req.extensions_mut().insert(info);
-        let mut router = self.extra.clone();
-        // Router is always ready; poll anyway, as tower's contract asks.
-        let ready =
-            std::future::poll_fn(|cx| Service::<Request<Incoming>>::poll_ready(&mut router, cx));
-        match ready.await {
-            Ok(()) => match router.call(req).await {
-                Ok(res) => res,
-                Err(never) => match never {},
-            },
-            Err(never) => match never {},
-        }
+        braid_http::call_router(&self.0.extra, req, peer).await
     }
 
-    async fn packets(&self, req: Request<Incoming>, info: PeerInfo) -> Response<Body> {
+    fn body_timed_out(&self, message: String) -> Response<Body> {
+        text(StatusCode::REQUEST_TIMEOUT, &message)
+    }
+}
+
+impl Shared {
+    async fn packets(&self, req: Request<RequestBody>, info: PeerInfo) -> Response<Body> {
         let addr = info.addr;
         let who = || {
             info.leaf
@@ -316,7 +272,10 @@ impl Shared {
                 .map_or_else(|| "no client certificate".to_owned(), describe_certificate)
         };
         if let Err(reason) = self.peers.check(info.leaf.as_deref()) {
-            tracing::warn!(peer = %addr, cert = %who(), "rejecting packets from {addr}: {reason}");
+            if let Some(note) = self.logs.allow("peer_refused") {
+                tracing::warn!(peer = %addr, cert = %who(),
+                    "rejecting packets from {addr}: {reason}{note}");
+            }
             return text(StatusCode::FORBIDDEN, &reason);
         }
         let declared = req
@@ -331,16 +290,24 @@ impl Shared {
             Ok(collected) => collected.to_bytes(),
             Err(e) if e.is::<LengthLimitError>() => return self.too_large(addr),
             Err(e) => {
-                tracing::warn!(peer = %addr, cause = %e,
-                    "rejecting packets from {addr}: reading the body failed");
+                // A timeout is answered and logged by braid-http.
+                let timed_out = e
+                    .downcast_ref::<BodyError>()
+                    .is_some_and(BodyError::is_timeout);
+                if !timed_out && let Some(note) = self.logs.allow("body_failed") {
+                    tracing::warn!(peer = %addr, cause = %e,
+                        "rejecting packets from {addr}: reading the body failed{note}");
+                }
                 return text(StatusCode::BAD_REQUEST, &format!("reading the body: {e}"));
             }
         };
         let envelopes = match decode_batch(&body) {
             Ok(envelopes) => envelopes,
             Err(e) => {
-                tracing::warn!(peer = %addr, cert = %who(),
-                    "rejecting packets from {addr}: malformed batch: {e}");
+                if let Some(note) = self.logs.allow("malformed_batch") {
+                    tracing::warn!(peer = %addr, cert = %who(),
+                        "rejecting packets from {addr}: malformed batch: {e}{note}");
+                }
                 return text(StatusCode::BAD_REQUEST, &e.to_string());
             }
         };
@@ -363,7 +330,10 @@ impl Shared {
                     mpsc::error::TrySendError::Full(_) => "overloaded (inbound queue full)",
                     mpsc::error::TrySendError::Closed(_) => "shutting down (inbound queue closed)",
                 };
-                tracing::warn!(peer = %addr, count, "rejecting packets from {addr}: {reason}");
+                if let Some(note) = self.logs.allow("overloaded") {
+                    tracing::warn!(peer = %addr, count,
+                        "rejecting packets from {addr}: {reason}{note}");
+                }
                 let mut res = text(StatusCode::SERVICE_UNAVAILABLE, reason);
                 res.headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -374,7 +344,9 @@ impl Shared {
 
     fn too_large(&self, addr: SocketAddr) -> Response<Body> {
         let reason = format!("batch larger than {} bytes", self.max_body);
-        tracing::warn!(peer = %addr, "rejecting packets from {addr}: {reason}");
+        if let Some(note) = self.logs.allow("too_large") {
+            tracing::warn!(peer = %addr, "rejecting packets from {addr}: {reason}{note}");
+        }
         text(StatusCode::PAYLOAD_TOO_LARGE, &reason)
     }
 }

@@ -493,6 +493,12 @@ impl Queues {
     }
 }
 
+/// For the lines about refused inbound packets: whoever can reach the
+/// gateway can cause them (anyone, under one-way TLS), so a flood must not
+/// become a flood of log lines. Ten a minute per kind.
+static INBOUND_LOGS: braid_types::log_limit::LogLimiter =
+    braid_types::log_limit::LogLimiter::new(10, std::time::Duration::from_secs(60));
+
 struct Driver {
     worker: FlowWorker,
     keys: KeyStore,
@@ -676,20 +682,26 @@ impl Driver {
         for p in b.packets {
             if !self.local.contains_key(&p.to) {
                 reject();
-                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet for a vnode this node does not host");
+                if let Some(note) = INBOUND_LOGS.allow("not_hosted") {
+                    tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet for a vnode this node does not host{note}");
+                }
                 continue;
             }
             let peers = self.shared.get();
             if !peers.is_member(&p.from) {
                 reject();
-                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet from a sender that is not in the network map");
+                if let Some(note) = INBOUND_LOGS.allow("not_member") {
+                    tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet from a sender that is not in the network map{note}");
+                }
                 continue;
             }
             if let Some(leaf) = &b.peer_leaf
                 && !peers.tls_matches(&p.from, leaf)
             {
                 reject();
-                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet: the sending gateway's TLS certificate is not the one the network map lists for the sender");
+                if let Some(note) = INBOUND_LOGS.allow("wrong_certificate") {
+                    tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, "dropping packet: the sending gateway's TLS certificate is not the one the network map lists for the sender{note}");
+                }
                 continue;
             }
             let pair: Pair = (p.to.clone(), p.from.clone());
@@ -702,7 +714,9 @@ impl Driver {
                     // The peer holds a session we lost (we restarted).
                     link.resync(now);
                 }
-                tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, cause = %e, "rejected packet");
+                if let Some(note) = INBOUND_LOGS.allow("rejected_packet") {
+                    tracing::warn!(peer = %b.peer, from = %p.from, to = %p.to, cause = %e, "rejected packet{note}");
+                }
             }
         }
     }
@@ -776,12 +790,16 @@ impl Driver {
                         self.counters
                             .handshakes_failed
                             .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "link handshake failed");
+                        if let Some(note) = INBOUND_LOGS.allow("handshake_failed") {
+                            tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "link handshake failed{note}");
+                        }
                     }
                     Event::Delivered { id, payload } => match decode_inbound(pair, &payload) {
                         Ok(m) => delivered.push((pair.clone(), id, m)),
                         Err(e) => {
-                            tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "dropping a message that does not belong to this link");
+                            if let Some(note) = INBOUND_LOGS.allow("foreign_message") {
+                                tracing::warn!(local = %pair.0, remote = %pair.1, cause = %e, "dropping a message that does not belong to this link{note}");
+                            }
                         }
                     },
                     Event::Acked(id) => acked.push((pair.clone(), id)),
@@ -803,8 +821,8 @@ impl Driver {
         delivered.retain(|(pair, _, m)| {
             let ok = self.local.get(&pair.0) == Some(&m.to.holding)
                 && m.from.holding == HoldingId::derive(&m.from.name, &group);
-            if !ok {
-                tracing::warn!(local = %pair.0, remote = %pair.1, "dropping a message with holding ids that do not match its names");
+            if !ok && let Some(note) = INBOUND_LOGS.allow("wrong_holding_ids") {
+                tracing::warn!(local = %pair.0, remote = %pair.1, "dropping a message with holding ids that do not match its names{note}");
             }
             ok
         });

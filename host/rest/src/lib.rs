@@ -17,7 +17,6 @@ use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
 use page::Page;
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -27,9 +26,11 @@ mod network;
 pub mod openapi;
 pub mod page;
 mod rbac;
+mod server;
 mod stream;
 pub mod tls;
 pub use auth::{Auth, AuthStore, Principal};
+pub use server::{NAMES, ServerLimits, run, run_tls};
 
 /// Largest package upload.
 pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
@@ -193,38 +194,6 @@ pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
         ))
         .layer(axum::middleware::from_fn(observe_latency))
         .with_state(ctx)
-}
-
-/// Serves the API on `listener` until `shutdown` completes.
-pub async fn run(
-    listener: tokio::net::TcpListener,
-    worker: FlowWorker,
-    auth: Arc<Auth>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = router(worker, auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Serves the API over HTTPS on `listener` until `shutdown` completes;
-/// `tls` comes from [`tls::server_config`].
-pub async fn run_tls(
-    listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    worker: FlowWorker,
-    auth: Arc<Auth>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    // tap_io: axum provides the peer address as connect info for a tapped
-    // listener of any kind.
-    let listener = tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
-    let app = router(worker, auth).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {

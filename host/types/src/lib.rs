@@ -2,6 +2,10 @@
 //!
 //! Everything here is plain data. Newtypes are built only through `FromStr`
 //! or `TryFrom`, so holding one means it is valid ("parse, don't validate").
+//! [`log_limit`] is the one piece of behaviour: rate-limited log lines for
+//! the servers that face the network.
+
+pub mod log_limit;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

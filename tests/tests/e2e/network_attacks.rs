@@ -394,6 +394,16 @@ fn delivered(api: &Api) -> u64 {
         .unwrap_or_else(|| panic!("no delivered counter in /metrics:\n{}", resp.text))
 }
 
+/// How many packets `api`'s node has refused (`braid_link_packets_rejected_total`).
+fn rejected(api: &Api) -> u64 {
+    let resp = api.get("/metrics").expect("GET /metrics");
+    resp.text
+        .lines()
+        .find_map(|l| l.strip_prefix("braid_link_packets_rejected_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rejected counter in /metrics:\n{}", resp.text))
+}
+
 /// Waits until `node`'s log has a line holding every one of `needles`;
 /// returns it (the node may log just after the test's request returned).
 fn wait_log(node: &Node, what: &str, needles: &[&str]) -> String {
@@ -463,7 +473,7 @@ fn replayed_tampered_and_wrongly_keyed_packets_are_refused() {
     let before = delivered(api);
 
     // 2. Replayed: the exact bytes again.
-    m.post(vec![replay]);
+    m.post(vec![replay.clone()]);
     wait_log(
         &beta,
         "the replayed packet",
@@ -595,6 +605,42 @@ fn replayed_tampered_and_wrongly_keyed_packets_are_refused() {
         expected,
         "Bob's responders (the impostor's would be {})",
         responder_of(&session2)
+    );
+
+    // 5. A flood of 500 replays: each is refused, but beta's log does not
+    //    grow by a line per packet.
+    let lines = |needle: &str| {
+        std::fs::read_to_string(beta.log_path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let logged_before = lines("rejected packet").len();
+    let rejected_before = rejected(api);
+    for _ in 0..5 {
+        m.post(vec![replay.clone(); 100]);
+    }
+    wait_until(
+        "beta to refuse the flood",
+        Duration::from_secs(60),
+        || match rejected(api) - rejected_before {
+            n if n >= 500 => Ok(()),
+            n => Err(format!("{n} refused so far")),
+        },
+    );
+    let logged = lines("rejected packet");
+    assert!(
+        logged.len() - logged_before <= 10,
+        "500 refused packets logged {} lines:\n{}",
+        logged.len() - logged_before,
+        logged.join("\n")
+    );
+    assert!(
+        logged.iter().any(|l| l.contains("suppressed")),
+        "no line says that others were suppressed:\n{}",
+        logged.join("\n")
     );
 
     let log = std::fs::read_to_string(beta.log_path()).unwrap_or_default();

@@ -9,15 +9,15 @@ use crate::pki::{Ca, Cert};
 use crate::util::{allow_all, batch, client, raw, start, status};
 
 /// A network: CA, a server node, a client node, a CRL file revoking nothing.
-struct Net {
-    ca: Ca,
-    server: Cert,
-    alice: Cert,
+pub(crate) struct Net {
+    pub(crate) ca: Ca,
+    pub(crate) server: Cert,
+    pub(crate) alice: Cert,
     dir: tempfile::TempDir,
 }
 
 impl Net {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let ca = Ca::new("braid test network CA");
         let server = ca.node("Bob", 2);
         let alice = ca.node("Alice", 3);
@@ -31,18 +31,18 @@ impl Net {
         }
     }
 
-    fn crl(&self) -> std::path::PathBuf {
+    pub(crate) fn crl(&self) -> std::path::PathBuf {
         self.dir.path().join("crl.pem")
     }
 
-    fn server_config(&self, mutual_tls: bool, mode: RevocationMode) -> ServerConfig {
+    pub(crate) fn server_config(&self, mutual_tls: bool, mode: RevocationMode) -> ServerConfig {
         ServerConfig::new(
             self.server.material(&self.ca, Some(&self.crl()), mode),
             mutual_tls,
         )
     }
 
-    fn client_tls(&self, cert: &Cert) -> TlsMaterial {
+    pub(crate) fn client_tls(&self, cert: &Cert) -> TlsMaterial {
         cert.material(&self.ca, Some(&self.crl()), RevocationMode::Hard)
     }
 }
@@ -522,7 +522,7 @@ async fn material_loads_from_pem_files() {
 /// subscriber records every line with its thread name (the test's name), and a test (on a
 /// current-thread runtime, where the server's tasks run too) reads its own.
 #[derive(Clone, Default)]
-struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+pub(crate) struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -535,7 +535,7 @@ impl std::io::Write for Logs {
 }
 
 impl Logs {
-    fn global() -> &'static Logs {
+    pub(crate) fn global() -> &'static Logs {
         static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
         LOGS.get_or_init(|| {
             let logs = Logs::default();
@@ -551,7 +551,7 @@ impl Logs {
     }
 
     /// This thread's warning lines logged since the last call.
-    fn take_warnings(&self) -> Vec<String> {
+    pub(crate) fn take_warnings(&self) -> Vec<String> {
         let me = std::thread::current().name().unwrap_or_default().to_owned();
         let mut buf = self.0.lock().unwrap();
         let text = String::from_utf8_lossy(&buf).into_owned();

@@ -83,9 +83,13 @@ pub fn batch(n: usize) -> Vec<Envelope> {
         .collect()
 }
 
-/// Sends raw HTTP/1.1 bytes over TLS and returns the whole response text
-/// (the request should say `Connection: close`).
-pub async fn raw(addr: SocketAddr, tls: &TlsMaterial, present: bool, request: &[u8]) -> String {
+/// A TLS connection to `addr` with the handshake done; presents the
+/// material's certificate when `present`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    tls: &TlsMaterial,
+    present: bool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     for r in &tls.roots {
         roots.add(r.clone()).unwrap();
@@ -103,11 +107,16 @@ pub async fn raw(addr: SocketAddr, tls: &TlsMaterial, present: bool, request: &[
     } else {
         builder.with_no_client_auth()
     };
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
         .await
-        .unwrap();
+}
+
+/// Sends raw HTTP/1.1 bytes over TLS and returns the whole response text
+/// (the request should say `Connection: close`).
+pub async fn raw(addr: SocketAddr, tls: &TlsMaterial, present: bool, request: &[u8]) -> String {
+    let mut stream = tls_connect(addr, tls, present).await.unwrap();
     stream.write_all(request).await.unwrap();
     stream.flush().await.unwrap();
     let mut out = Vec::new();
