@@ -107,6 +107,7 @@ impl World {
         let permission = json!({"permissionType": "ALLOW", "pattern": "GET /api/v1/nothing"});
         Some(match operation_id {
             "health" => Call::get("/api/v1/health"),
+            "ready" => Call::get("/api/v1/health/ready"),
             "metrics" => Call::get("/metrics"),
             "openapi_json" => Call::get("/api/v1/openapi.json"),
             // Packages
