@@ -7,6 +7,7 @@ mod connections;
 mod crash;
 mod eviction;
 mod flows;
+mod kills;
 mod management;
 mod network;
 mod network_attacks;
@@ -16,6 +17,7 @@ mod rbac;
 mod rbac_logins;
 mod rest_input;
 mod sandbox;
+mod sandbox_cpu;
 mod sandbox_limits;
 mod sandbox_waits;
 
