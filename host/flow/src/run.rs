@@ -21,7 +21,7 @@ pub(crate) struct Env {
 impl FlowEnv for Env {
     async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()> {
         let inner = &self.worker.inner;
-        let rec = {
+        let (rec, changed) = {
             let st = inner.lock();
             if st.stopping {
                 anyhow::bail!("the node is shutting down");
@@ -31,13 +31,16 @@ impl FlowEnv for Env {
                 .get(&flow)
                 .cloned()
                 .ok_or_else(|| anyhow::anyhow!("flow {flow} vanished"))?;
-            if r.status != FlowStatus::Running {
+            // The store may still say START_REQUESTED (the status in
+            // memory moves to RUNNING when the flow gets an instance).
+            let changed = r.journal_len == 0 || r.status != FlowStatus::Running;
+            if changed {
                 r.updated_ms = now_millis();
             }
             r.status = FlowStatus::Running;
             r.wake_at_ms = cp.wake_at_ms;
             r.journal_len = cp.first_index + cp.entries.len() as u32;
-            r
+            (r, changed)
         };
         self.worker.commit_checkpoint(&rec, cp, Vec::new()).await?;
         {
@@ -47,7 +50,10 @@ impl FlowEnv for Env {
                 st.mark_suspended(flow);
             }
         }
-        inner.events.publish(&rec);
+        // Status changes only: a flow that suspends again is still RUNNING.
+        if changed {
+            inner.events.publish(&rec);
+        }
         // A flow just suspended: if others wait for room, evict now.
         if !inner.lock().queue.is_empty() {
             self.worker.pump();

@@ -162,6 +162,19 @@ impl Follow {
     }
 }
 
+impl Follow {
+    fn new(worker: &FlowWorker, target: Target) -> Follow {
+        Follow {
+            target,
+            cursor: 0,
+            pending: VecDeque::new(),
+            done: false,
+            watch: worker.events().watch(),
+            worker: worker.clone(),
+        }
+    }
+}
+
 fn into_sse(f: Follow) -> Sse<KeepAliveStream<SseStream>> {
     let s = futures_util::stream::unfold(f, |mut f| async move {
         let e = f.next().await?;
@@ -179,15 +192,7 @@ pub(crate) fn follow_flow(
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {
     let events = worker.events();
-    let watch = events.watch();
-    let mut f = Follow {
-        target: Target::Flow(current.id),
-        cursor: 0,
-        pending: VecDeque::new(),
-        done: false,
-        watch,
-        worker: worker.clone(),
-    };
+    let mut f = Follow::new(&worker, Target::Flow(current.id));
     match resume {
         Resume::Now(seq) => {
             f.cursor = seq;
@@ -221,15 +226,7 @@ pub(crate) fn follow_vnode(
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {
     let events = worker.events();
-    let watch = events.watch();
-    let mut f = Follow {
-        target: Target::Vnode(holding),
-        cursor: 0,
-        pending: VecDeque::new(),
-        done: false,
-        watch,
-        worker: worker.clone(),
-    };
+    let mut f = Follow::new(&worker, Target::Vnode(holding));
     match resume {
         Resume::Now(seq) | Resume::After(seq) => f.cursor = seq,
         Resume::Lost => {
