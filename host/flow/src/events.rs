@@ -12,10 +12,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-/// Events the ring keeps at most.
-const MAX_EVENTS: usize = 65_536;
-/// Bytes (results and error texts) the ring keeps at most.
-const MAX_BYTES: usize = 64 << 20;
+/// Events the ring keeps at most (a ping between two vnodes makes six;
+/// at ~1,500 pings/s this is a few seconds of history for a reader to
+/// fall behind before it is told to re-sync). The ring's memory is the
+/// one thing about finished flows a node keeps, so it stays small.
+const MAX_EVENTS: usize = 32_768;
+/// Bytes the ring keeps at most (each event counted with its result and
+/// error text).
+const MAX_BYTES: usize = 16 << 20;
 
 /// One status change.
 #[derive(Debug, Clone)]
