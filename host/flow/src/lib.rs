@@ -141,6 +141,8 @@ struct Inner {
     network: std::sync::OnceLock<Arc<dyn Network>>,
     /// Bumped whenever a vnode is created or changed.
     vnode_generation: tokio::sync::watch::Sender<u64>,
+    /// Wakes the timer task when an earlier timer is set.
+    timers_changed: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -185,6 +187,7 @@ impl FlowWorker {
             remote,
             network: std::sync::OnceLock::new(),
             vnode_generation: tokio::sync::watch::channel(0).0,
+            timers_changed: tokio::sync::Notify::new(),
         });
         for p in &snap.packages {
             let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
@@ -266,6 +269,7 @@ impl FlowWorker {
             w.wake_at(id, at);
         }
         tokio::spawn(delivery::route(w.clone(), bus_rx));
+        tokio::spawn(run::timer_loop(w.clone()));
         tokio::spawn(retention::sweeper(w.clone()));
         if !snap.outbox.is_empty() {
             let _ = w.inner.bus.publish(snap.outbox);

@@ -269,12 +269,17 @@ impl FlowWorker {
         }
     }
 
+    /// Schedules `id` at `at_ms` (one timer per flow: a later call
+    /// replaces an earlier one; a flow that ends loses its timer).
     pub(crate) fn wake_at(&self, id: FlowId, at_ms: u64) {
-        let w = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_millis()))).await;
-            w.schedule(id);
-        });
+        let first = {
+            let mut st = self.inner.lock();
+            st.set_timer(id, at_ms);
+            st.timers.first().map(|(at, _)| *at)
+        };
+        if first == Some(at_ms) {
+            self.inner.timers_changed.notify_one();
+        }
     }
 
     /// Makes sure a flow will run: queued unless it is live or finished.
@@ -399,5 +404,33 @@ impl FlowWorker {
             self.publish(remote);
         }
         Ok(())
+    }
+}
+
+/// Schedules flows whose timers are due: one task for all of them.
+pub(crate) async fn timer_loop(w: FlowWorker) {
+    loop {
+        let (due, next) = {
+            let mut st = w.inner.lock();
+            if st.stopping {
+                return;
+            }
+            let due = st.due_timers(now_millis());
+            (due, st.timers.first().map(|(at, _)| *at))
+        };
+        for id in due {
+            w.schedule(id);
+        }
+        let notified = w.inner.timers_changed.notified();
+        match next {
+            Some(at) => {
+                let wait = Duration::from_millis(at.saturating_sub(now_millis()));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = notified => {}
+                }
+            }
+            None => notified.await,
+        }
     }
 }
