@@ -457,6 +457,7 @@ impl Writer {
             "group commit"
         );
         let fault = match &outcome {
+            Err(StoreError::Unavailable(e)) => Some(e.clone()),
             Err(e) if needs_reopen(e) => Some(e.to_string()),
             _ => None,
         };
