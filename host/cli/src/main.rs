@@ -155,6 +155,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // When stderr cannot be written (its file is on a full disk), the
+        // line is lost; by default tracing would report that with
+        // `eprintln!`, which panics on the same error in whatever thread
+        // logged (the store's writer, a flow), taking it down.
+        .log_internal_errors(false)
         .init();
     match run(cli) {
         Ok(code) => code,
