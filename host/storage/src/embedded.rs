@@ -294,6 +294,7 @@ impl EmbeddedStore {
             db: db.clone(),
             health: health.clone(),
             path: path.to_path_buf(),
+            last_recovery: std::cell::Cell::new(None),
         };
         let writer = std::thread::Builder::new()
             .name("braid-store-writer".into())
@@ -379,7 +380,19 @@ struct Writer {
     db: Shared,
     health: Arc<Mutex<StoreHealth>>,
     path: PathBuf,
+    /// When the last recovery ended, and the backoff it had reached: a
+    /// fault soon after carries on from there (a disk that fails every
+    /// write again is retried ever more slowly, not every 50 ms).
+    last_recovery: std::cell::Cell<Option<(Instant, Duration)>>,
 }
+
+/// A fault this soon after a recovery continues its backoff.
+const FLAPPING: Duration = Duration::from_secs(30);
+
+/// The store's failure and recovery lines, for a disk that keeps failing
+/// and recovering.
+static FAULT_LOG: braid_types::log_limit::LogLimiter =
+    braid_types::log_limit::LogLimiter::new(5, Duration::from_secs(300));
 
 /// How often a store that keeps failing says so again.
 const FAILING_REMINDER: Duration = Duration::from_secs(300);
@@ -465,9 +478,11 @@ impl Writer {
             // Say so before answering, so that whoever sees a refusal can
             // also see it in health.
             self.set_health(false, Some(e.clone()));
-            tracing::error!(cause = %e,
-                "store write failed; refusing writes until the store is reopened and the disk \
-                 takes data again (retrying by itself)");
+            if let Some(note) = FAULT_LOG.allow("store_failed") {
+                tracing::error!(cause = %e,
+                    "store write failed; refusing writes until the store is reopened and the \
+                     disk takes data again (retrying by itself){note}");
+            }
         }
         for (_, reply) in group {
             let r = match &outcome {
@@ -498,7 +513,10 @@ impl Writer {
             other => other.to_string(),
         };
         self.close();
-        let mut backoff = RECOVERY_BACKOFF.0;
+        let mut backoff = match self.last_recovery.get() {
+            Some((at, backoff)) if at.elapsed() < FLAPPING => backoff,
+            _ => RECOVERY_BACKOFF.0,
+        };
         let mut reminded = Instant::now();
         loop {
             if self.current().is_none() {
@@ -515,10 +533,16 @@ impl Writer {
                 match probe_space(&self.path) {
                     Ok(()) => {
                         self.set_health(true, None);
-                        tracing::info!(
-                            failed_for_ms = failed_at.elapsed().as_millis() as u64,
-                            "store recovered; writes go through again"
-                        );
+                        self.last_recovery.set(Some((
+                            Instant::now(),
+                            (backoff * 2).min(RECOVERY_BACKOFF.1),
+                        )));
+                        if let Some(note) = FAULT_LOG.allow("store_recovered") {
+                            tracing::info!(
+                                failed_for_ms = failed_at.elapsed().as_millis() as u64,
+                                "store recovered; writes go through again{note}"
+                            );
+                        }
                         return None;
                     }
                     Err(e) => {

@@ -428,8 +428,8 @@ fn a_damaged_database_file_stops_the_start_with_a_clear_error() {
     node.vnode(BOB, Pkg::Ping);
     let ids = start_pings(node.api(), &alice, BOB, "d", 3, 0);
     assert_all_pings_complete(node.api(), &alice, &ids);
-    let status = node.terminate(Duration::from_secs(20));
-    assert!(status.success(), "SIGTERM: {status}");
+    // (How it exits is the business of the signal tests below.)
+    node.terminate(Duration::from_secs(20));
     let good = fs::read(node.data_dir().join("braid.redb")).expect("the store file");
     let len = good.len();
     assert!(len > 64 << 10, "the store is only {len} bytes");
