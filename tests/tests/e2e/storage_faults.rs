@@ -115,7 +115,10 @@ fn health(api: &Api) -> Value {
         .expect("health answers");
     let status = r.status().as_u16();
     let body: Value = r.json().expect("health is JSON");
-    assert_eq!(status, 200, "health must answer 200 (it is liveness): {body}");
+    assert_eq!(
+        status, 200,
+        "health must answer 200 (it is liveness): {body}"
+    );
     body
 }
 
@@ -142,7 +145,10 @@ fn last_run_log(node: &Node) -> String {
 #[track_caller]
 fn assert_no_panic(log: &str, what: &str) {
     for bad in ["panicked at", "stack backtrace", "RUST_BACKTRACE"] {
-        assert!(!log.contains(bad), "{what}: the node panicked ({bad:?}):\n{log}");
+        assert!(
+            !log.contains(bad),
+            "{what}: the node panicked ({bad:?}):\n{log}"
+        );
     }
 }
 
@@ -242,7 +248,10 @@ fn disk_full(log_elsewhere: bool) {
 
     // The node says so, and keeps saying so while the disk stays full.
     let h = health(&api);
-    assert_eq!(h["status"], "DEGRADED", "health while the disk is full: {h}");
+    assert_eq!(
+        h["status"], "DEGRADED",
+        "health while the disk is full: {h}"
+    );
     assert_eq!(h["ready"], false, "{h}");
     assert_eq!(h["store"]["status"], "FAILING", "{h}");
     let error = h["store"]["error"].as_str().unwrap_or_default();
@@ -281,19 +290,18 @@ fn disk_full(log_elsewhere: bool) {
     // Space returns: the store comes back without a restart.
     fs::remove_file(&filler).unwrap();
     let t = Instant::now();
-    wait_until(
-        "health to be UP again",
-        Duration::from_secs(20),
-        || {
-            let h = health(&api);
-            if h["status"] == "UP" && h["store"]["status"] == "UP" && h["ready"] == true {
-                Ok(())
-            } else {
-                Err(h.to_string())
-            }
-        },
+    wait_until("health to be UP again", Duration::from_secs(20), || {
+        let h = health(&api);
+        if h["status"] == "UP" && h["store"]["status"] == "UP" && h["ready"] == true {
+            Ok(())
+        } else {
+            Err(h.to_string())
+        }
+    });
+    eprintln!(
+        "[e2e] the store recovered {:?} after space returned",
+        t.elapsed()
     );
-    eprintln!("[e2e] the store recovered {:?} after space returned", t.elapsed());
     let (status, body) = ready(&api);
     assert_eq!(status, 200, "readiness after recovery: {body}");
     assert!(body["store"]["error"].is_null(), "{body}");
@@ -456,7 +464,10 @@ fn a_damaged_database_file_stops_the_start_with_a_clear_error() {
     overwritten[..512].copy_from_slice(&random(512));
     cases.push(("random header".into(), overwritten));
     cases.push(("random bytes".into(), random(len)));
-    cases.push(("a text file".into(), b"this is not a database\n".repeat(1000)));
+    cases.push((
+        "a text file".into(),
+        b"this is not a database\n".repeat(1000),
+    ));
     let mut grown = good.clone();
     grown.extend_from_slice(&random(12345));
     cases.push(("random bytes appended".into(), grown));
@@ -509,7 +520,10 @@ fn request_across_the_stop(
     taken: mpsc::Sender<()>,
 ) -> std::io::Result<braid_e2e::Resp> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let authority = base.strip_prefix("https://").expect("an https node").to_string();
+    let authority = base
+        .strip_prefix("https://")
+        .expect("an https node")
+        .to_string();
     let config = braid_e2e::tls_client_config(base);
     let body = serde_json::to_vec(&body).unwrap();
     let auth = {
@@ -624,7 +638,10 @@ fn sigterm_stops_gracefully_and_the_next_start_needs_no_repair_unlike_after_sigk
         .iter()
         .filter(|f| f.status == "COMPLETED")
         .count();
-    assert!(completed < N, "every ping completed before the stop: it proves nothing");
+    assert!(
+        completed < N,
+        "every ping completed before the stop: it proves nothing"
+    );
     if taken.recv_timeout(Duration::from_secs(30)).is_err() {
         panic!("the in-flight request never started: {:?}", client.join());
     }
