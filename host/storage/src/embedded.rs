@@ -513,10 +513,19 @@ impl Writer {
             other => other.to_string(),
         };
         self.close();
-        let mut backoff = match self.last_recovery.get() {
-            Some((at, backoff)) if at.elapsed() < FLAPPING => backoff,
-            _ => RECOVERY_BACKOFF.0,
-        };
+        let mut backoff = RECOVERY_BACKOFF.0;
+        if let Some((at, reached)) = self.last_recovery.get()
+            && at.elapsed() < FLAPPING
+        {
+            // It failed again soon after recovering: wait before trying.
+            backoff = reached;
+            match refuse_writes(rx, backoff, &error) {
+                Waited::Elapsed => {}
+                Waited::Close(done) => return Some(done),
+                Waited::Disconnected => return None,
+            }
+            backoff = (backoff * 2).min(RECOVERY_BACKOFF.1);
+        }
         let mut reminded = Instant::now();
         loop {
             if self.current().is_none() {
@@ -560,18 +569,10 @@ impl Writer {
                     failing_for_secs = failed_at.elapsed().as_secs(),
                     "the store is still failing; writes are refused until it recovers");
             }
-            let until = Instant::now() + backoff;
-            while let Some(left) = until.checked_duration_since(Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(Msg::Write(_, reply)) => {
-                        let _ = reply.send(Err(StoreError::Unavailable(format!(
-                            "{error}; the store recovers by itself once that is fixed"
-                        ))));
-                    }
-                    Ok(Msg::Close(done)) => return Some(done),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
-                }
+            match refuse_writes(rx, backoff, &error) {
+                Waited::Elapsed => {}
+                Waited::Close(done) => return Some(done),
+                Waited::Disconnected => return None,
             }
             backoff = (backoff * 2).min(RECOVERY_BACKOFF.1);
         }
@@ -601,6 +602,32 @@ impl Writer {
             }
         }
     }
+}
+
+/// How [`refuse_writes`] ended.
+enum Waited {
+    Elapsed,
+    Close(Sender),
+    Disconnected,
+}
+
+/// For `wait`, answers every write with `Unavailable` (saying `error`),
+/// untried; stops early for a close request or when every sender is gone.
+fn refuse_writes(rx: &std_mpsc::Receiver<Msg>, wait: Duration, error: &str) -> Waited {
+    let until = Instant::now() + wait;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(Msg::Write(_, reply)) => {
+                let _ = reply.send(Err(StoreError::Unavailable(format!(
+                    "{error}; the store recovers by itself once that is fixed"
+                ))));
+            }
+            Ok(Msg::Close(done)) => return Waited::Close(done),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Waited::Disconnected,
+        }
+    }
+    Waited::Elapsed
 }
 
 fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreError> {
