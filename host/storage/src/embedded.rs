@@ -1208,6 +1208,7 @@ mod tests {
             noticed > 0,
             "no damaged page was noticed: the test proves nothing"
         );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1227,6 +1228,7 @@ mod tests {
             EmbeddedStore::open(&path).is_ok(),
             "the file is free once closed"
         );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -1242,5 +1244,6 @@ mod tests {
             "the temporary file is left"
         );
         assert!(EmbeddedStore::open(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
