@@ -20,6 +20,7 @@ mod sandbox;
 mod sandbox_cpu;
 mod sandbox_limits;
 mod sandbox_waits;
+mod storage_faults;
 
 use braid_e2e::{Api, FlowStatus};
 use serde_json::{Value, json};
