@@ -43,6 +43,12 @@ pub use events::{EventLog, StatusEvent};
 pub use metrics::{FlowEvent, Histogram, Metrics};
 use state::State;
 
+/// Lines about store faults the worker retries through: one per flow and
+/// retry would grow with the number of flows waiting, so they are few per
+/// minute, saying how many were left out.
+static FAULT_LOGS: braid_types::log_limit::LogLimiter =
+    braid_types::log_limit::LogLimiter::new(10, Duration::from_secs(60));
+
 /// A request the worker refuses; each maps to a 4xx.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -358,7 +364,9 @@ where
         match op().await {
             Ok(v) => return v,
             Err(e) => {
-                tracing::warn!(cause = %e, "{what} failed; retrying");
+                if let Some(note) = FAULT_LOGS.allow("retry") {
+                    tracing::warn!(cause = %e, "{what} failed; retrying{note}");
+                }
                 tokio::time::sleep(Duration::from_millis(backoff)).await;
                 backoff = (backoff * 2).min(5_000);
             }

@@ -162,7 +162,9 @@ async fn drive(
         }
         RunOutcome::Evicted { .. } => {}
         RunOutcome::Fault(f) => {
-            tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry");
+            if let Some(note) = crate::FAULT_LOGS.allow("flow_fault") {
+                tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry{note}");
+            }
             retry = true;
         }
     }
@@ -186,12 +188,20 @@ async fn drive(
         } else {
             // Evicted: resume when a message is waiting (one may have raced
             // the eviction), a kill is pending, or its timer is due.
-            let kill_pending = w.inner.lock().kills.contains_key(&id);
+            let (kill_pending, stopping) = {
+                let st = w.inner.lock();
+                (st.kills.contains_key(&id), st.stopping)
+            };
+            if stopping {
+                return;
+            }
             match w.inner.store.inbox(&id).await {
                 Ok(msgs) if !msgs.is_empty() || kill_pending => w.schedule(id),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming");
+                    if let Some(note) = crate::FAULT_LOGS.allow("inbox_read") {
+                        tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming{note}");
+                    }
                     w.schedule(id);
                 }
             }
@@ -262,7 +272,9 @@ impl FlowWorker {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun");
+                if let Some(note) = crate::FAULT_LOGS.allow("flow_end") {
+                    tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun{note}");
+                }
                 self.inner.lock().ending.remove(&id);
                 Err(e)
             }
@@ -348,7 +360,9 @@ impl FlowWorker {
     pub(crate) fn publish(&self, msgs: Vec<SessionMessage>) {
         if let Err(e) = self.inner.bus.publish(msgs) {
             // The messages stay in the outbox and are published on restart.
-            tracing::warn!(cause = %e, "could not publish messages");
+            if let Some(note) = crate::FAULT_LOGS.allow("publish") {
+                tracing::warn!(cause = %e, "could not publish messages{note}");
+            }
         }
     }
 
