@@ -51,7 +51,7 @@ pub struct BenchArgs {
     /// node's resident memory, then stop it and time a restart (a
     /// `braid node start` child on the same data directory: until it
     /// listens, and its resident memory then).
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     pub soak: Option<Vec<usize>>,
 }
 
@@ -301,7 +301,10 @@ async fn soak(
     let mut done = 0usize;
     let mut out = Vec::new();
     for (round, &n) in points.iter().enumerate() {
-        anyhow::ensure!(n >= done, "--soak values must grow: {points:?}");
+        anyhow::ensure!(
+            n > done,
+            "--soak takes growing numbers of pings, e.g. --soak 2000,20000 (got {points:?})"
+        );
         let p = next.take().expect("a node for every round");
         let cpu0 = cpu_seconds();
         let t = Instant::now();
