@@ -18,6 +18,7 @@ mod rest_input;
 mod sandbox;
 mod sandbox_limits;
 mod sandbox_waits;
+mod streams;
 
 use braid_e2e::{Api, FlowStatus};
 use serde_json::{Value, json};
