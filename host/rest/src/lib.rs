@@ -11,9 +11,11 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use braid_flow::{FlowWorker, WorkerError};
+use braid_flow::{FlowWorker, StatusChange, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
-use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
+use braid_types::{
+    Checksum, ClientRequestId, FlowFailure, FlowId, FlowStart, FlowStatus, HoldingId, X500Name,
+};
 use page::Page;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -237,25 +239,58 @@ fn flow_view(r: &FlowRecord) -> openapi::Flow {
     let client_request_id = match &r.start {
         FlowStart::Client {
             client_request_id, ..
-        } => Some(client_request_id.to_string()),
+        } => Some(client_request_id.as_str()),
         FlowStart::Responder { .. } => None,
     };
-    let result = r
-        .result
-        .as_deref()
-        .map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned())));
-    openapi::Flow {
-        holding_id: r.holding.to_string(),
+    view(
+        r.holding,
         client_request_id,
-        flow_id: r.id.to_string(),
-        flow_name: r.flow_name.clone(),
-        status: r.status,
-        result,
-        error: r.error.as_ref().map(|e| openapi::FlowError {
+        r.id,
+        &r.flow_name,
+        r.status,
+        r.result.as_deref(),
+        r.error.as_ref(),
+        r.updated_ms,
+    )
+}
+
+/// A flow as a status event shows it.
+fn change_view(c: &StatusChange) -> openapi::Flow {
+    view(
+        c.holding,
+        c.client_request_id.as_ref().map(ClientRequestId::as_str),
+        c.flow,
+        &c.flow_name,
+        c.status,
+        c.result.as_deref(),
+        c.error.as_ref(),
+        c.updated_ms,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn view(
+    holding: HoldingId,
+    client_request_id: Option<&str>,
+    flow: FlowId,
+    flow_name: &str,
+    status: FlowStatus,
+    result: Option<&str>,
+    error: Option<&FlowFailure>,
+    updated_ms: u64,
+) -> openapi::Flow {
+    openapi::Flow {
+        holding_id: holding.to_string(),
+        client_request_id: client_request_id.map(str::to_owned),
+        flow_id: flow.to_string(),
+        flow_name: flow_name.to_owned(),
+        status,
+        result: result.map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned()))),
+        error: error.map(|e| openapi::FlowError {
             kind: e.kind,
             message: e.message.clone(),
         }),
-        timestamp: timestamp(r.updated_ms),
+        timestamp: timestamp(updated_ms),
     }
 }
 

@@ -58,6 +58,12 @@ const SCHEMA: &[u8] = b"2";
 /// Largest number of batches folded into one commit.
 const MAX_GROUP: usize = 4096;
 
+/// Memory for redb's page cache. Its default (1 GiB) is memory a node
+/// grows into as its store grows (finished flows stay for the retention);
+/// the hot pages of the indexes fit in this, the rest is read through the
+/// OS page cache.
+const CACHE_BYTES: usize = 8 << 20;
+
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
 enum Msg {
@@ -154,6 +160,7 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
     // cut short); that is a damaged file, not a bug to crash on.
     let opened = std::panic::catch_unwind(move || {
         Database::builder()
+            .set_cache_size(CACHE_BYTES)
             .set_repair_callback(move |s| {
                 if existed && s.progress() == 0.0 {
                     tracing::warn!("the store was not closed cleanly; repairing it");
@@ -936,6 +943,7 @@ impl Store for EmbeddedStore {
                 inbox: n(INBOX)?,
                 outbox: n(OUTBOX)?,
                 kills: n(KILLS)?,
+                index_entries: n(BY_CLIENT)? + n(BY_VNODE)? + n(UNFINISHED)? + n(FINISHED)?,
             })
         })
     }

@@ -82,6 +82,9 @@ pub struct StoreStats {
     pub outbox: u64,
     /// Kills requested and not yet carried out.
     pub kills: u64,
+    /// Entries of the flow indexes (by client request id, by vnode,
+    /// unfinished, finished by end time).
+    pub index_entries: u64,
 }
 
 /// One page of a vnode's flows, oldest first.

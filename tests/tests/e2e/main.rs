@@ -15,6 +15,7 @@ mod openapi;
 mod rbac;
 mod rbac_logins;
 mod rest_input;
+mod retention;
 mod sandbox;
 mod sandbox_limits;
 mod sandbox_waits;

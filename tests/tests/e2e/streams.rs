@@ -594,6 +594,30 @@ fn last_event_id_resumes_exactly_after_it() {
         "resuming a flow's stream after its first event"
     );
     assert_ping_ok(&rest.last().unwrap().status(), 5, BOB);
+    // Now that it has ended: after its first event, the same rest; after
+    // its end, nothing (the client has seen it) and the stream ends.
+    let read_all = |from: &str| {
+        let rx = open_stream(&api, &flow_path("slow"), Some(from), Reading::default())
+            .expect("resume an ended flow's stream");
+        let mut got = Vec::new();
+        loop {
+            match next_item(&rx, Duration::from_secs(30), "an ended flow's stream") {
+                Item::Event(e) => got.push(e),
+                Item::End(_) => return got,
+            }
+        }
+    };
+    assert_eq!(
+        summary(&read_all(first.id.as_deref().unwrap())),
+        summary(&rest),
+        "resuming an ended flow's stream after its first event"
+    );
+    let end_id = rest.last().unwrap().id.clone().unwrap();
+    assert_eq!(
+        summary(&read_all(&end_id)),
+        vec![],
+        "resuming an ended flow's stream after its end repeats it"
+    );
 
     // Ids that are not this run's: `resync` first, whatever they look like.
     let far = format!("{run}-99999999");
