@@ -371,7 +371,7 @@ async fn list_packages(
     let page = Page::from_query(&q)?;
     let mut all = c.worker.packages();
     all.sort_by_key(|p| p.checksum.to_string());
-    let after = page.after_str()?.map(str::to_owned);
+    let after = page.after_parsed::<Checksum>()?.map(|c| c.to_string());
     let items = all
         .iter()
         .map(|p| (p.checksum.to_string(), p))
@@ -429,7 +429,7 @@ async fn list_vnodes(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<openapi::VnodeList>, ApiError> {
     let page = Page::from_query(&q)?;
-    let after = page.after_str()?.map(str::to_owned);
+    let after = page.after_parsed::<X500Name>()?.map(|n| n.to_string());
     // Sorted by name, as `vnodes()` returns them.
     let all = c.worker.vnodes();
     let items = all
@@ -607,10 +607,8 @@ async fn list_flows(
             })?,
         ),
     };
-    let p = c
-        .worker
-        .list_flows(&h, want, page.after.as_deref(), page.limit)
-        .await?;
+    let after = page.after_bytes(braid_storage::LIST_POSITION_LEN)?;
+    let p = c.worker.list_flows(&h, want, after, page.limit).await?;
     Ok(Json(openapi::FlowList {
         flows: p.flows.iter().map(flow_view).collect(),
         next_cursor: p.next.as_deref().map(page::encode_cursor),

@@ -292,6 +292,19 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self);
 }
 
+/// Length of a [`list_position`].
+pub const LIST_POSITION_LEN: usize = 24;
+
+/// Where a flow stands in its vnode's list, oldest first: its creation
+/// time (ms, big-endian), then its id. A [`FlowPage::next`] is the
+/// position of the last flow of the page.
+pub fn list_position(r: &FlowRecord) -> [u8; LIST_POSITION_LEN] {
+    let mut k = [0u8; LIST_POSITION_LEN];
+    k[..8].copy_from_slice(&r.created_ms.to_be_bytes());
+    k[8..].copy_from_slice(r.id.bytes());
+    k
+}
+
 /// The byte that stands for a status in the store's indexes.
 pub fn status_code(s: FlowStatus) -> u8 {
     match s {

@@ -12,6 +12,7 @@ mod network;
 mod network_attacks;
 mod nondeterminism;
 mod openapi;
+mod pagination;
 mod rbac;
 mod rbac_logins;
 mod rest_input;
