@@ -384,3 +384,219 @@ fn bad_limits_and_cursors_are_refused_and_documented() {
         );
     }
 }
+
+/// Runs the `braid` CLI against `node` as admin (no BRAID_* from the
+/// caller's environment, no profile file).
+fn cli(node: &Node, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(braid_e2e::braid_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BRAID_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(args)
+        .env("BRAID_URL", node.api().base())
+        .env("BRAID_CA", node.ca_path())
+        .env("BRAID_USER", braid_e2e::ADMIN_USER)
+        .env("BRAID_PASSWORD", braid_e2e::ADMIN_PASSWORD)
+        .env("BRAID_CONFIG", node.data_dir().join("no-such-profile.toml"))
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+fn run(node: &Node, args: &[&str]) -> std::process::Output {
+    cli(node, args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawn braid {args:?}: {e}"))
+}
+
+fn describe(out: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[track_caller]
+fn run_json(node: &Node, args: &[&str]) -> Value {
+    let out = run(node, args);
+    assert!(out.status.success(), "braid {args:?}: {}", describe(&out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("braid {args:?} printed no JSON ({e}): {}", describe(&out)))
+}
+
+/// `braid ... list` shows every item, page after page (whatever the page
+/// size), and `braid flow watch` follows a flow's status stream to its
+/// end.
+#[test]
+fn cli_lists_show_every_item_and_watch_follows_the_stream() {
+    // More flows than one page of the node's default size (100).
+    const PINGS: usize = 150;
+    let node = Node::start();
+    let api = node.api().clone();
+    let mut checksums: Vec<String> = Pkg::ALL
+        .iter()
+        .map(|p| api.upload_package(&package_bytes(*p)))
+        .collect();
+    checksums.sort();
+    let alice = api.create_vnode(ALICE, &checksums_of(&api, Pkg::Ping));
+    let _bob = api.create_vnode(BOB, &checksums_of(&api, Pkg::Ping));
+    let mut names = vec![ALICE.to_string(), BOB.to_string()];
+    for i in 0..3 {
+        let name = format!("O=Cli {i}, L=Oslo, C=NO");
+        api.create_vnode(&name, &checksums_of(&api, Pkg::Ping));
+        names.push(name);
+    }
+    names.sort();
+    for i in 0..3 {
+        api.post_json(
+            "/api/v1/user",
+            &json!({"loginName": format!("cli-{i}"), "password": "pagination-password-0123"}),
+        )
+        .expect("create user")
+        .expect_status(&[201], "create user");
+        api.post_json(
+            "/api/v1/role",
+            &json!({"roleName": format!("cli-role-{i}")}),
+        )
+        .expect("create role")
+        .expect_status(&[201], "create role");
+    }
+    let mut ids = Vec::new();
+    for i in 0..PINGS {
+        let id = format!("p-{i:03}");
+        let delay = if i % 50 == 7 { 600_000 } else { 0 };
+        api.start_flow(&alice, &id, "ping", &ping_body(BOB, i as i64, delay));
+        ids.push(id);
+    }
+    let running: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 50 == 7)
+        .map(|(_, id)| id.clone())
+        .collect();
+    for id in &running {
+        wait_until(&format!("{id} to run"), Duration::from_secs(60), || {
+            let st = api.status(&alice, id);
+            (st.status == "RUNNING").then_some(()).ok_or(st.describe())
+        });
+    }
+    let done: Vec<String> = ids
+        .iter()
+        .filter(|id| !running.contains(id))
+        .cloned()
+        .collect();
+    api.wait_all_terminal(&alice, &done, Duration::from_secs(120));
+
+    // The default page size, and pages of one or two items.
+    let all = run_json(&node, &["flow", "list", &alice]);
+    let mut listed = field(all["flows"].as_array().expect("flows"), "clientRequestId");
+    listed.sort();
+    assert_eq!(listed, ids, "braid flow list");
+    for size in ["1", "2"] {
+        let all = run_json(&node, &["--page-size", size, "flow", "list", &alice]);
+        let mut listed = field(all["flows"].as_array().expect("flows"), "clientRequestId");
+        listed.sort();
+        assert_eq!(listed, ids, "braid --page-size {size} flow list");
+    }
+    let r = run_json(
+        &node,
+        &[
+            "--page-size",
+            "1",
+            "flow",
+            "list",
+            &alice,
+            "--status",
+            "RUNNING",
+        ],
+    );
+    assert_eq!(
+        field(r["flows"].as_array().expect("flows"), "clientRequestId"),
+        running,
+        "braid flow list --status RUNNING"
+    );
+    let r = run_json(&node, &["--page-size", "1", "package", "list"]);
+    assert_eq!(
+        field(r["packages"].as_array().expect("packages"), "checksum"),
+        checksums
+    );
+    let r = run_json(&node, &["--page-size", "2", "vnode", "list"]);
+    assert_eq!(
+        field(r["virtualNodes"].as_array().expect("vnodes"), "x500Name"),
+        names
+    );
+    let r = run_json(&node, &["--page-size", "2", "user", "list"]);
+    assert_eq!(
+        field(r["users"].as_array().expect("users"), "loginName"),
+        ["admin", "cli-0", "cli-1", "cli-2"]
+    );
+    let r = run_json(&node, &["--page-size", "2", "role", "list"]);
+    let roles = field(r["roles"].as_array().expect("roles"), "roleName");
+    assert_eq!(roles.len(), 4 + 3, "{roles:?}");
+    // Refusals say why.
+    let out = run(&node, &["flow", "list", &alice, "--status", "DONE"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown status"),
+        "{}",
+        describe(&out)
+    );
+    let out = run(&node, &["--page-size", "0", "flow", "list", &alice]);
+    assert!(!out.status.success(), "{}", describe(&out));
+
+    // watch: every change as a JSON line, exit 0 when it completes.
+    api.start_flow(&alice, "watched", "ping", &ping_body(BOB, 41, 1500));
+    let out = run(&node, &["flow", "watch", &alice, "watched"]);
+    assert_eq!(out.status.code(), Some(0), "flow watch: {}", describe(&out));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "one line per change: {}", describe(&out));
+    assert_eq!(
+        lines.last().unwrap()["result"],
+        json!({"n": 42, "responder": BOB})
+    );
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| l["status"] != "COMPLETED")
+    );
+    // A flow killed while watched: exit 2.
+    let mut child = cli(&node, &["flow", "watch", &alice, &running[0]])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn braid flow watch");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("watch prints the status");
+    assert!(first.contains("RUNNING"), "{first}");
+    api.kill_flow(&alice, &running[0])
+        .expect_status(&[200], "kill");
+    let status = wait_until("flow watch to exit", Duration::from_secs(60), || {
+        child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(String::new)
+    });
+    assert_eq!(status.code(), Some(2), "flow watch of a killed flow");
+    // --timeout on a flow that does not end: exit 3, saying so.
+    let out = run(
+        &node,
+        &["flow", "watch", &alice, &running[1], "--timeout", "1"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still RUNNING after 1s"),
+        "{}",
+        describe(&out)
+    );
+}
+
+fn checksums_of(api: &Api, pkg: Pkg) -> String {
+    api.upload_package(&package_bytes(pkg))
+}
