@@ -237,10 +237,10 @@ impl FlowWorker {
         let more = found.len() > limit;
         if more {
             // Only the first `limit` need sorting (and copying).
-            found.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            found.select_nth_unstable_by_key(limit, |f| f.0);
             found.truncate(limit);
         }
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.sort_unstable_by_key(|f| f.0);
         FlowPage {
             next: if more {
                 found.last().map(|(k, _)| k.to_vec())

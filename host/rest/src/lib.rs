@@ -579,7 +579,7 @@ async fn start_flow(
         page::PageParams,
     ),
     responses(
-        (status = 200, description = "A page of the flows, oldest first", body = openapi::FlowList),
+        (status = 200, description = "A page of the flows, oldest first (by creation); with `status`, each flow's current status", body = openapi::FlowList),
         (status = 400, description = "Unknown status (`INVALID_STATUS`), bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
         (status = 404, description = "No such virtual node", body = openapi::Problem),
     ),
@@ -863,9 +863,10 @@ async fn kill_flow(
     summary = "Stream a flow's status changes (Server-Sent Events; ends when the flow ends)",
     description = "Each `status` event's data is a Flow; its `id` can be sent back as \
         `Last-Event-ID` to resume after a reconnect. The stream starts with the flow's current \
-        status (unless resuming). A `resync` event means events were missed (the client fell \
-        too far behind, or resumed from an id the node no longer holds): it is followed by the \
-        flow's current status.",
+        status and ends after its terminal one. Resuming gives exactly the events after the id \
+        (for a flow that has ended: its end if the client had not had it, else nothing). A \
+        `resync` event means events were missed (the client fell too far behind, or resumed \
+        from an id the node no longer holds): it is followed by the flow's current status.",
     params(
         ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
         ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),

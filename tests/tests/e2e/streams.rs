@@ -194,6 +194,15 @@ pub fn next_event(rx: &mpsc::Receiver<Item>, timeout: Duration, what: &str) -> S
     }
 }
 
+/// Every event until the stream ends.
+pub fn until_end(rx: &mpsc::Receiver<Item>, what: &str) -> Vec<SseEvent> {
+    let mut got = Vec::new();
+    while let Item::Event(e) = next_item(rx, Duration::from_secs(60), what) {
+        got.push(e);
+    }
+    got
+}
+
 /// What one client of a vnode stream ended up knowing.
 #[derive(Debug, Default)]
 struct Client {
@@ -565,20 +574,8 @@ fn last_event_id_resumes_exactly_after_it() {
         Reading::default(),
     )
     .expect("resume the flow's stream");
-    let mut rest = Vec::new();
-    loop {
-        match next_item(&rx, Duration::from_secs(60), "the flow's stream") {
-            Item::Event(e) => rest.push(e),
-            Item::End(_) => break,
-        }
-    }
-    let mut resumed_rest = Vec::new();
-    loop {
-        match next_item(&resumed, Duration::from_secs(60), "the resumed flow stream") {
-            Item::Event(e) => resumed_rest.push(e),
-            Item::End(_) => break,
-        }
-    }
+    let rest = until_end(&rx, "the flow's stream");
+    let resumed_rest = until_end(&resumed, "the resumed flow stream");
     let summary = |v: &[SseEvent]| {
         v.iter()
             .map(|e| (e.id.clone(), e.event.clone(), e.data.clone()))
@@ -599,13 +596,7 @@ fn last_event_id_resumes_exactly_after_it() {
     let read_all = |from: &str| {
         let rx = open_stream(&api, &flow_path("slow"), Some(from), Reading::default())
             .expect("resume an ended flow's stream");
-        let mut got = Vec::new();
-        loop {
-            match next_item(&rx, Duration::from_secs(30), "an ended flow's stream") {
-                Item::Event(e) => got.push(e),
-                Item::End(_) => return got,
-            }
-        }
+        until_end(&rx, "an ended flow's stream")
     };
     assert_eq!(
         summary(&read_all(first.id.as_deref().unwrap())),
