@@ -188,11 +188,11 @@ pub struct SseEvent {
 }
 
 /// The events of an event stream, read as they come.
-pub struct EventStream {
-    lines: std::io::Lines<std::io::BufReader<reqwest::blocking::Response>>,
+pub struct EventStream<R = std::io::BufReader<reqwest::blocking::Response>> {
+    lines: std::io::Lines<R>,
 }
 
-impl Iterator for EventStream {
+impl<R: std::io::BufRead> Iterator for EventStream<R> {
     type Item = std::io::Result<SseEvent>;
 
     /// The next event; `None` once the server ended the stream.
@@ -456,4 +456,47 @@ fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&
     }
     let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
     find_rustls_error(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead as _;
+
+    #[test]
+    fn event_streams_are_parsed_as_sse() {
+        let text = ": keep-alive\n\nevent: status\nid: 1f-7\ndata: {\"a\":\ndata: 1}\n\n\
+                    id:2\r\ndata:x\r\n\r\nevent: resync\nid: 1f-9\ndata: {}\n\n: bye\n";
+        let events: Vec<SseEvent> = EventStream {
+            lines: std::io::Cursor::new(text).lines(),
+        }
+        .collect::<Result<_, _>>()
+        .unwrap();
+        assert_eq!(
+            events,
+            [
+                SseEvent {
+                    id: Some("1f-7".into()),
+                    event: "status".into(),
+                    data: "{\"a\":\n1}".into(),
+                },
+                SseEvent {
+                    id: Some("2".into()),
+                    event: "message".into(),
+                    data: "x".into(),
+                },
+                SseEvent {
+                    id: Some("1f-9".into()),
+                    event: "resync".into(),
+                    data: "{}".into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn cursors_are_escaped_for_the_query() {
+        assert_eq!(query_escape("AbC-_9"), "AbC-_9");
+        assert_eq!(query_escape("a+b/c=&"), "a%2Bb%2Fc%3D%26");
+    }
 }

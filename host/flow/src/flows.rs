@@ -180,6 +180,15 @@ impl FlowWorker {
         Ok(self.inner.store.flow_by_client(holding, id).await?)
     }
 
+    /// A flow's record: the running flow's from memory (its status can be
+    /// ahead of the store's), a finished one's from the store.
+    pub async fn flow(&self, id: &FlowId) -> Result<Option<FlowRecord>, WorkerError> {
+        if let Some(r) = self.inner.lock().flows.get(id) {
+            return Ok(Some(r.clone()));
+        }
+        Ok(self.inner.store.flow(id).await?)
+    }
+
     /// A page of a vnode's flows (responders included), oldest first,
     /// optionally only those with `status`; `after` is the previous page's
     /// `next` (a [`braid_storage::list_position`]).

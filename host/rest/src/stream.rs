@@ -105,7 +105,7 @@ impl Follow {
     /// The followed flow's current status, after a gap.
     async fn current_flow(&mut self, id: FlowId) {
         let log = self.worker.events();
-        match self.worker.store().flow(&id).await {
+        match self.worker.flow(&id).await {
             Ok(Some(r)) => {
                 self.pending
                     .push_back(status_event(log, self.cursor, &StatusChange::of(&r)));

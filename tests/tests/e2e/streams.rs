@@ -238,7 +238,7 @@ fn follow_vnode(
     };
     let mut rx = rx;
     let mut last: Option<(String, u64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let done = c.from_events.contains_key(sentinel) || c.from_listings.contains_key(sentinel);
         if done {
@@ -248,7 +248,8 @@ fn follow_vnode(
             Instant::now() < deadline,
             "{name}: the sentinel's end never came ({c:?})"
         );
-        match next_item(&rx, Duration::from_secs(120), name) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_item(&rx, left.max(Duration::from_secs(1)), name) {
             Item::End(why) => {
                 // The node may cut a client that reads nothing for its
                 // write timeout: that is a sign too; resume after it.
@@ -648,4 +649,57 @@ fn last_event_id_resumes_exactly_after_it() {
         ),
         "the stream of an ended flow did not end"
     );
+}
+
+/// A node that keeps only 100 changes: a client that resumes from an id
+/// the node no longer holds gets `resync` first (then, on a flow's stream,
+/// the flow's current status), and the stream goes on from there.
+#[test]
+fn resuming_from_further_back_than_the_node_keeps_gets_resync() {
+    let node = Node::options().arg("--status-events").arg("100").start();
+    let alice = node.vnode(ALICE, Pkg::Ping);
+    let _bob = node.vnode(BOB, Pkg::Ping);
+    let api = node.api().clone();
+    let path = format!("/api/v1/flow/{alice}/events");
+    let flow_path = format!("/api/v1/flow/{alice}/first/events");
+
+    let rx = open_stream(&api, &path, None, Reading::default()).expect("open");
+    api.start_flow(&alice, "first", "ping", &ping_body(BOB, 0, 0));
+    let first = next_event(&rx, Duration::from_secs(30), "the first change");
+    let old = first.id.clone().expect("an id");
+    drop(rx);
+    api.wait_terminal(&alice, "first");
+    // Far more than 100 changes (about six per ping).
+    let ids = crate::start_pings(&api, &alice, BOB, "later", 40, 0);
+    api.wait_all_terminal(&alice, &ids, Duration::from_secs(60));
+
+    let rx = open_stream(&api, &path, Some(&old), Reading::default()).expect("resume");
+    let ev = next_event(&rx, Duration::from_secs(30), "resuming from long ago");
+    assert_eq!(ev.event, "resync", "{ev:?}");
+    let (run, seq) = ev.run_seq();
+    assert_eq!(run, first.run_seq().0, "same run: {ev:?}");
+    assert!(
+        seq > first.run_seq().1 + 100,
+        "the resync names the newest change: {ev:?}"
+    );
+    // Everything the resync says to re-read is there; then the stream
+    // carries on with the next change.
+    let listed = api.list_flows(&alice);
+    assert_eq!(listed.len(), 41);
+    assert!(listed.iter().all(|f| f.status == "COMPLETED"));
+    api.start_flow(&alice, "next", "ping", &ping_body(BOB, 1, 0));
+    let ev = next_event(&rx, Duration::from_secs(30), "after the resync");
+    assert_eq!(ev.event, "status", "{ev:?}");
+    assert_eq!(ev.data["clientRequestId"], "next", "{ev:?}");
+    assert!(ev.run_seq().1 > seq, "{ev:?}");
+
+    // A flow's stream: resync, its current status, the end.
+    let rx = open_stream(&api, &flow_path, Some(&old), Reading::default()).expect("resume");
+    let got = until_end(&rx, "a flow's stream resumed from long ago");
+    assert_eq!(
+        got.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(),
+        ["resync", "status"],
+        "{got:?}"
+    );
+    assert_ping_ok(&got[1].status(), 0, BOB);
 }
