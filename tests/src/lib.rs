@@ -533,18 +533,25 @@ impl Node {
     /// Sends SIGTERM and waits (up to `timeout`) for the process to exit;
     /// returns its exit status. Panics if it does not exit in time.
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.stop_with(libc::SIGTERM, timeout)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGINT`) and waits (up to `timeout`) for
+    /// the process to exit; returns its exit status. Panics if it does not
+    /// exit in time.
+    pub fn stop_with(&mut self, signal: i32, timeout: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("node running");
         // SAFETY: plain kill(2) on our own child's pid.
         #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill(signal {signal}) failed");
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait().expect("wait for node") {
                 if let Ok(mut log) = OpenOptions::new().append(true).open(self.log_path()) {
                     let _ = writeln!(
                         log,
-                        "\n===== [e2e] node exited after SIGTERM: {status} ====="
+                        "\n===== [e2e] node exited after signal {signal}: {status} ====="
                     );
                 }
                 return status;
@@ -553,7 +560,7 @@ impl Node {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "the node did not exit within {timeout:?} of SIGTERM; log tail:\n{}",
+                    "the node did not exit within {timeout:?} of signal {signal}; log tail:\n{}",
                     self.log_tail(40)
                 );
             }

@@ -46,6 +46,13 @@ pub struct BenchArgs {
     /// pings, at most `--in-flight` unfinished.
     #[arg(long)]
     pub network: bool,
+    /// Soak mode instead: run pings on one node until N1, then N2 of them
+    /// have finished (e.g. `--soak 2000,20000`), and after each print the
+    /// node's resident memory, then stop it and time a restart (a
+    /// `braid node start` child on the same data directory: until it
+    /// listens, and its resident memory then).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    pub soak: Option<Vec<usize>>,
 }
 
 const ALICE: &str = "O=Alice, L=London, C=GB";
@@ -223,6 +230,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
+    if let Some(points) = &args.soak {
+        let out = soak(&dir.join("soak"), &wasm, points, args.in_flight).await?;
+        println!("{out}");
+        return Ok(());
+    }
 
     // Throughput and latency.
     let p = pair(&dir.join("throughput"), &wasm, 2000).await?;
@@ -263,6 +275,134 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// Resident memory of process `pid`, bytes (`VmRSS`).
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Soak figures: memory after N finished flows for each N, and a restart
+/// after them.
+async fn soak(
+    dir: &Path,
+    wasm: &Path,
+    points: &[usize],
+    in_flight: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let mut next = Some(pair(dir, wasm, 2000).await?);
+    let args = NodeArgs::local(dir.to_path_buf());
+    let mut done = 0usize;
+    let mut out = Vec::new();
+    for (round, &n) in points.iter().enumerate() {
+        anyhow::ensure!(n >= done, "--soak values must grow: {points:?}");
+        let p = next.take().expect("a node for every round");
+        let cpu0 = cpu_seconds();
+        let t = Instant::now();
+        run_pings(
+            &p,
+            &format!("soak{round}"),
+            n - done,
+            in_flight.min(n - done).max(1),
+        )
+        .await?;
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = cpu_seconds() - cpu0;
+        let pings = n - done;
+        done = n;
+        let rss = rss_bytes();
+        let unfinished = p.node.worker.counts().1;
+        eprintln!("soak: {n} pings finished, {} MiB resident", rss >> 20);
+        // Stop the node and time a fresh process starting on its data.
+        p.node.shutdown().await;
+        let (startup_ms, child_rss) = restart_child(dir).await?;
+        eprintln!(
+            "soak: restart after {n} pings: listening in {startup_ms} ms, {} MiB",
+            child_rss >> 20
+        );
+        out.push(serde_json::json!({
+            "finishedPings": n,
+            "finishedFlows": 2 * n,
+            "unfinishedFlowsInMemory": unfinished,
+            "rssBytes": rss,
+            "pingsPerSec": (pings as f64 / wall).round(),
+            "processCpuSecondsPerPing": (cpu / pings.max(1) as f64 * 1e6).round() / 1e6,
+            "restart": {"startupMs": startup_ms, "rssBytes": child_rss},
+        }));
+        if round + 1 < points.len() {
+            next = Some(Pair {
+                node: node::start(&args).await?,
+                alice: p.alice,
+            });
+        }
+    }
+    Ok(serde_json::json!({
+        "mode": "soak",
+        "inFlight": in_flight,
+        "points": out,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }))
+}
+
+/// Starts `braid node start` on `dir`; returns the time until it listens
+/// (its REST URL written and health answering) and its resident memory
+/// then; stops it with SIGTERM.
+async fn restart_child(dir: &Path) -> anyhow::Result<(u128, u64)> {
+    let exe = std::env::current_exe()?;
+    let _ = std::fs::remove_file(dir.join("rest.url"));
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("restart.log"))?;
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(&exe)
+        .args(["node", "start", "--data-dir"])
+        .arg(dir)
+        .args(["--rest-addr", "127.0.0.1:0"])
+        .env("BRAID_ADMIN_PASSWORD", "bench-password")
+        .stderr(log)
+        .spawn()?;
+    let url = loop {
+        if let Ok(u) = std::fs::read_to_string(dir.join("rest.url")) {
+            break u;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the node did not start; see {}/restart.log",
+            dir.display()
+        );
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the node exited ({status}); see {}/restart.log",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let http = crate::client::async_client(&dir.join("tls/ca.pem"))?;
+    loop {
+        if let Ok(r) = http.get(format!("{url}/api/v1/health")).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let startup = t0.elapsed().as_millis();
+    let rss = rss_of(child.id());
+    // SAFETY: kill(2) on our own child.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    child.wait()?;
+    Ok((startup, rss))
 }
 
 /// The sum over `nodes` of the counters named `names`, from their

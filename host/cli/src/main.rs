@@ -155,6 +155,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // When stderr cannot be written (its file is on a full disk), the
+        // line is lost; by default tracing would report that with
+        // `eprintln!`, which panics on the same error in whatever thread
+        // logged (the store's writer, a flow), taking it down.
+        .log_internal_errors(false)
         .init();
     match run(cli) {
         Ok(code) => code,
@@ -194,25 +199,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: NodeCommand::Start(args),
         } => {
             let rt = runtime()?;
-            let code = rt.block_on(async {
-                let mut node = node::start(&args).await?;
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .context("installing the SIGTERM handler")?;
-                let why = tokio::select! {
-                    r = &mut node.server => {
-                        r??;
-                        anyhow::bail!("the REST server stopped");
-                    }
-                    _ = tokio::signal::ctrl_c() => "Ctrl-C",
-                    _ = term.recv() => "SIGTERM",
-                };
-                tracing::info!("{why}: stopping gracefully");
-                node.shutdown().await;
-                anyhow::Ok(ExitCode::SUCCESS)
-            });
+            let code = rt.block_on(run_node(args));
             // Tasks still running (flows, connections) are abandoned: their
-            // state is in the store.
+            // state is in the store, which is closed by now.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             code
         }
@@ -224,6 +213,52 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .block_on(bench::run(args))
             .map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// Runs a node until SIGTERM or SIGINT (Ctrl-C), then stops it gracefully
+/// (see [`node::Node::shutdown`]); a second signal exits at once.
+async fn run_node(args: node::NodeArgs) -> anyhow::Result<ExitCode> {
+    // Listen before starting: a stop requested while the node starts (a
+    // repair of a large store can take a while) is a stop, not a crash.
+    let mut stop = Box::pin(stop_signal()?);
+    let node = tokio::select! {
+        node = node::start(&args) => node?,
+        why = &mut stop => {
+            // Dropping the half-started node closes the store cleanly.
+            tracing::info!("{why} while starting: stopped");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let mut node = node;
+    let why = tokio::select! {
+        r = &mut node.server => {
+            r??;
+            anyhow::bail!("the REST server stopped");
+        }
+        why = &mut stop => why,
+    };
+    tracing::info!("{why}: stopping gracefully (send it again to stop at once)");
+    let again = stop_signal()?;
+    tokio::spawn(async move {
+        let why = again.await;
+        tracing::warn!("{why} again: exiting without finishing the graceful stop");
+        std::process::exit(i32::from(ERROR_EXIT));
+    });
+    node.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes with the signal's name at the next SIGTERM or SIGINT.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -330,6 +330,9 @@ impl NodeArgs {
     }
 }
 
+/// How long a graceful stop waits for live flows to reach a suspension.
+const FLOW_DRAIN: Duration = Duration::from_secs(3);
+
 /// A started node.
 pub struct Node {
     /// Base URL of the REST API.
@@ -343,10 +346,10 @@ pub struct Node {
     pub _network: Option<crate::network::Running>,
     store: Arc<EmbeddedStore>,
     stop_rest: Option<tokio::sync::oneshot::Sender<()>>,
+    /// How long a graceful stop waits for the REST server: its own grace
+    /// for requests under way, and a little to close what is left.
+    rest_drain: Duration,
 }
-
-/// How long a graceful stop waits for REST requests in flight.
-const REST_DRAIN: Duration = Duration::from_secs(5);
 
 impl Node {
     /// Stops the node gracefully: the REST API stops accepting and lets
@@ -358,16 +361,32 @@ impl Node {
         if let Some(stop) = self.stop_rest.take() {
             let _ = stop.send(());
         }
-        match tokio::time::timeout(REST_DRAIN, &mut self.server).await {
+        let drain = self.rest_drain;
+        match tokio::time::timeout(drain, &mut self.server).await {
             Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "REST server ended with an error"),
             Ok(_) => {}
             Err(_) => {
-                tracing::info!("REST connections still open after {REST_DRAIN:?}; closing them");
+                tracing::info!("REST connections still open after {drain:?}; closing them");
                 self.server.abort();
             }
         }
         drop(self._network.take());
         self.worker.stop();
+        // Live flows are told to stop at their next suspension; let them
+        // (they read the store as they go) before the store closes.
+        let stopped = tokio::time::timeout(FLOW_DRAIN, async {
+            while self.worker.counts().0 > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::info!(
+                live = self.worker.counts().0,
+                "flows still running after {FLOW_DRAIN:?}; they resume from their last \
+                 checkpoint at the next start"
+            );
+        }
         self.store.close().await;
         tracing::info!("node stopped cleanly");
     }
@@ -408,6 +427,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
     let fd_limit = raise_fd_limit();
     let rest_limits = args.connections.rest(fd_limit);
+    let rest_drain = rest_limits.shutdown_grace + Duration::from_secs(2);
     let gateway_limits = args.connections.gateway(fd_limit);
     let wanted = (rest_limits.max_connections as u64).saturating_add(if net.is_some() {
         gateway_limits.max_connections as u64
@@ -546,6 +566,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         _network: network,
         store,
         stop_rest: Some(stop_rest),
+        rest_drain,
     })
 }
 

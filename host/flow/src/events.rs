@@ -13,7 +13,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-/// Events the log keeps by default (see [`EventLog::new`]).
+/// Events the log keeps by default (see [`EventLog::new`]): a ping
+/// between two vnodes makes six, so this is a few seconds of history at
+/// full load for a reader to fall behind before it is told to re-sync.
+/// The log is the one thing about finished flows a node keeps in memory,
+/// so it stays small.
 pub const DEFAULT_CAPACITY: usize = 16_384;
 /// Bytes the log keeps at most (results and error texts included), so
 /// that large results cannot make it big whatever its capacity.

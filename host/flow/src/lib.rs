@@ -43,6 +43,12 @@ pub use events::{EventLog, StatusChange, StatusEvent};
 pub use metrics::{FlowEvent, Histogram, Metrics};
 use state::State;
 
+/// Lines about store faults the worker retries through: one per flow and
+/// retry would grow with the number of flows waiting, so they are few per
+/// minute, saying how many were left out.
+static FAULT_LOGS: braid_types::log_limit::LogLimiter =
+    braid_types::log_limit::LogLimiter::new(10, Duration::from_secs(60));
+
 /// A request the worker refuses; each maps to a 4xx.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -143,6 +149,8 @@ struct Inner {
     network: std::sync::OnceLock<Arc<dyn Network>>,
     /// Bumped whenever a vnode is created or changed.
     vnode_generation: tokio::sync::watch::Sender<u64>,
+    /// Wakes the timer task when an earlier timer is set.
+    timers_changed: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -188,6 +196,7 @@ impl FlowWorker {
             remote,
             network: std::sync::OnceLock::new(),
             vnode_generation: tokio::sync::watch::channel(0).0,
+            timers_changed: tokio::sync::Notify::new(),
         });
         for p in &snap.packages {
             let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
@@ -269,6 +278,7 @@ impl FlowWorker {
             w.wake_at(id, at);
         }
         tokio::spawn(delivery::route(w.clone(), bus_rx));
+        tokio::spawn(run::timer_loop(w.clone()));
         tokio::spawn(retention::sweeper(w.clone()));
         if !snap.outbox.is_empty() {
             let _ = w.inner.bus.publish(snap.outbox);
@@ -357,7 +367,9 @@ where
         match op().await {
             Ok(v) => return v,
             Err(e) => {
-                tracing::warn!(cause = %e, "{what} failed; retrying");
+                if let Some(note) = FAULT_LOGS.allow("retry") {
+                    tracing::warn!(cause = %e, "{what} failed; retrying{note}");
+                }
                 tokio::time::sleep(Duration::from_millis(backoff)).await;
                 backoff = (backoff * 2).min(5_000);
             }

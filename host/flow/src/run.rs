@@ -21,7 +21,7 @@ pub(crate) struct Env {
 impl FlowEnv for Env {
     async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()> {
         let inner = &self.worker.inner;
-        let rec = {
+        let (rec, changed) = {
             let st = inner.lock();
             if st.stopping {
                 anyhow::bail!("the node is shutting down");
@@ -31,13 +31,16 @@ impl FlowEnv for Env {
                 .get(&flow)
                 .cloned()
                 .ok_or_else(|| anyhow::anyhow!("flow {flow} vanished"))?;
-            if r.status != FlowStatus::Running {
+            // The store may still say START_REQUESTED (the status in
+            // memory moves to RUNNING when the flow gets an instance).
+            let changed = r.journal_len == 0 || r.status != FlowStatus::Running;
+            if changed {
                 r.updated_ms = now_millis();
             }
             r.status = FlowStatus::Running;
             r.wake_at_ms = cp.wake_at_ms;
             r.journal_len = cp.first_index + cp.entries.len() as u32;
-            r
+            (r, changed)
         };
         self.worker.commit_checkpoint(&rec, cp, Vec::new()).await?;
         {
@@ -47,7 +50,10 @@ impl FlowEnv for Env {
                 st.mark_suspended(flow);
             }
         }
-        inner.events.publish(&rec);
+        // Status changes only: a flow that suspends again is still RUNNING.
+        if changed {
+            inner.events.publish(&rec);
+        }
         // A flow just suspended: if others wait for room, evict now.
         if !inner.lock().queue.is_empty() {
             self.worker.pump();
@@ -156,7 +162,9 @@ async fn drive(
         }
         RunOutcome::Evicted { .. } => {}
         RunOutcome::Fault(f) => {
-            tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry");
+            if let Some(note) = crate::FAULT_LOGS.allow("flow_fault") {
+                tracing::warn!(flow_id = %id, cause = %f, "host fault while running flow; will retry{note}");
+            }
             retry = true;
         }
     }
@@ -180,12 +188,20 @@ async fn drive(
         } else {
             // Evicted: resume when a message is waiting (one may have raced
             // the eviction), a kill is pending, or its timer is due.
-            let kill_pending = w.inner.lock().kills.contains_key(&id);
+            let (kill_pending, stopping) = {
+                let st = w.inner.lock();
+                (st.kills.contains_key(&id), st.stopping)
+            };
+            if stopping {
+                return;
+            }
             match w.inner.store.inbox(&id).await {
                 Ok(msgs) if !msgs.is_empty() || kill_pending => w.schedule(id),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming");
+                    if let Some(note) = crate::FAULT_LOGS.allow("inbox_read") {
+                        tracing::warn!(flow_id = %id, cause = %e, "could not read inbox; resuming{note}");
+                    }
                     w.schedule(id);
                 }
             }
@@ -258,19 +274,26 @@ impl FlowWorker {
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun");
+                if let Some(note) = crate::FAULT_LOGS.allow("flow_end") {
+                    tracing::warn!(flow_id = %id, cause = %e, "could not commit flow end; will rerun{note}");
+                }
                 self.inner.lock().ending.remove(&id);
                 Err(e)
             }
         }
     }
 
+    /// Schedules `id` at `at_ms` (one timer per flow: a later call
+    /// replaces an earlier one; a flow that ends loses its timer).
     pub(crate) fn wake_at(&self, id: FlowId, at_ms: u64) {
-        let w = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now_millis()))).await;
-            w.schedule(id);
-        });
+        let first = {
+            let mut st = self.inner.lock();
+            st.set_timer(id, at_ms);
+            st.timers.first().map(|(at, _)| *at)
+        };
+        if first == Some(at_ms) {
+            self.inner.timers_changed.notify_one();
+        }
     }
 
     /// Makes sure a flow will run: queued unless it is live or finished.
@@ -339,7 +362,9 @@ impl FlowWorker {
     pub(crate) fn publish(&self, msgs: Vec<SessionMessage>) {
         if let Err(e) = self.inner.bus.publish(msgs) {
             // The messages stay in the outbox and are published on restart.
-            tracing::warn!(cause = %e, "could not publish messages");
+            if let Some(note) = crate::FAULT_LOGS.allow("publish") {
+                tracing::warn!(cause = %e, "could not publish messages{note}");
+            }
         }
     }
 
@@ -395,5 +420,33 @@ impl FlowWorker {
             self.publish(remote);
         }
         Ok(())
+    }
+}
+
+/// Schedules flows whose timers are due: one task for all of them.
+pub(crate) async fn timer_loop(w: FlowWorker) {
+    loop {
+        let (due, next) = {
+            let mut st = w.inner.lock();
+            if st.stopping {
+                return;
+            }
+            let due = st.due_timers(now_millis());
+            (due, st.timers.first().map(|(at, _)| *at))
+        };
+        for id in due {
+            w.schedule(id);
+        }
+        let notified = w.inner.timers_changed.notified();
+        match next {
+            Some(at) => {
+                let wait = Duration::from_millis(at.saturating_sub(now_millis()));
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = notified => {}
+                }
+            }
+            None => notified.await,
+        }
     }
 }

@@ -4,7 +4,7 @@
 use braid_runtime::Event;
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
 use braid_types::{Checksum, ClientRequestId, FlowId, FlowStart, HoldingId, X500Name};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::mpsc;
 
@@ -71,6 +71,10 @@ pub(crate) struct State {
     /// Responder flows planned by a delivery that has not committed yet.
     pub creating: HashSet<FlowId>,
     pub finished: RecentSet,
+    /// When to schedule flows that are not live (timer, retry), one entry
+    /// per flow, earliest first.
+    pub timers: BTreeSet<(u64, FlowId)>,
+    pub timer_of: HashMap<FlowId, u64>,
     /// Set at shutdown: no flow starts running any more.
     pub stopping: bool,
 }
@@ -114,8 +118,33 @@ impl State {
         self.flows.insert(r.id, r);
     }
 
+    /// Sets the time to schedule `id` (replacing an earlier one).
+    pub fn set_timer(&mut self, id: FlowId, at_ms: u64) {
+        if let Some(old) = self.timer_of.insert(id, at_ms) {
+            self.timers.remove(&(old, id));
+        }
+        self.timers.insert((at_ms, id));
+    }
+
+    /// Removes and returns the flows whose time has come.
+    pub fn due_timers(&mut self, now_ms: u64) -> Vec<FlowId> {
+        let mut due = Vec::new();
+        while let Some(&(at, id)) = self.timers.first() {
+            if at > now_ms {
+                break;
+            }
+            self.timers.pop_first();
+            self.timer_of.remove(&id);
+            due.push(id);
+        }
+        due
+    }
+
     /// Forgets a flow that ended (its record is in the store).
     pub fn forget_flow(&mut self, id: &FlowId) {
+        if let Some(at) = self.timer_of.remove(id) {
+            self.timers.remove(&(at, *id));
+        }
         if let Some(r) = self.flows.remove(id)
             && let FlowStart::Client {
                 client_request_id, ..
@@ -134,6 +163,23 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_timer_per_flow_earliest_first() {
+        let mut st = State::default();
+        let a = FlowId::from_bytes([1; 16]);
+        let b = FlowId::from_bytes([2; 16]);
+        st.set_timer(a, 50);
+        st.set_timer(b, 20);
+        st.set_timer(a, 10); // replaces 50
+        assert_eq!(st.timers.len(), 2);
+        assert_eq!(st.due_timers(5), Vec::<FlowId>::new());
+        assert_eq!(st.due_timers(30), vec![a, b]);
+        assert!(st.timers.is_empty() && st.timer_of.is_empty());
+        st.set_timer(a, 100);
+        st.forget_flow(&a);
+        assert!(st.timers.is_empty());
+    }
 
     #[test]
     fn recent_set_is_bounded_and_forgets_the_oldest() {

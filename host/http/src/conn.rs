@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, HeaderValue};
@@ -290,30 +291,33 @@ async fn serve_http<H, IO>(
         let (shared, watch, peer) = (shared.clone(), watch.clone(), peer.clone());
         hyper::service::service_fn(move |req| {
             let (shared, watch, peer) = (shared.clone(), watch.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(request(&shared, req, &peer, watch).await) }
+            // Boxed: polling the connection without its shutdown (below)
+            // needs an Unpin future.
+            Box::pin(async move { Ok::<_, Infallible>(request(&shared, req, &peer, watch).await) })
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
+    let mut conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         // The watchdog below times headers (hyper's timer would also
         // count idle time as header time).
         .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(io, service);
-    tokio::pin!(conn);
     let limits = &shared.limits;
     let mut stopping = *stop.borrow();
     if stopping {
-        conn.as_mut().graceful_shutdown();
+        Pin::new(&mut conn).graceful_shutdown();
     }
     loop {
         let deadline = watch.deadline(limits);
         tokio::select! {
-            result = conn.as_mut() => {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(peer = %peer.addr, cause = %e,
                         "{}: connection ended with an error", shared.names.server);
                 }
+                // The answers are flushed; close so that they arrive.
+                linger(conn.into_parts().io.into_inner().io).await;
                 return;
             }
             () = sleep_until(deadline.map(|(at, _)| at)) => {
@@ -329,10 +333,39 @@ async fn serve_http<H, IO>(
             _ = stop.changed(), if !stopping => {
                 stopping = true;
                 // Idle connections close now; busy ones after their answer.
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
             }
         }
     }
+}
+
+/// How long a closing connection keeps reading what the client still
+/// sends, and how much of it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// Closes a connection whose answers are written: shuts down the write
+/// side (TLS close_notify, then FIN), then reads and drops what the client
+/// still sends (say the rest of a body the server refused) until it
+/// closes, for a bounded time. Closing with unread data would make the
+/// kernel send a reset, which can destroy the answer before the client
+/// reads it.
+async fn linger<IO: AsyncRead + AsyncWrite + Unpin>(mut io: IO) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tokio::time::timeout(LINGER, async {
+        if io.shutdown().await.is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 16 << 10];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -97,6 +97,12 @@ impl From<WorkerError> for ApiError {
             WorkerError::NotFound(m) => ApiError::not_found(m),
             WorkerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
             WorkerError::Invalid(m) => ApiError::bad("INVALID_REQUEST", m),
+            // Damage does not go away by waiting: the operator must act.
+            WorkerError::Store(e @ braid_storage::StoreError::Damaged { .. }) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORE_DAMAGED",
+                e.to_string(),
+            ),
             WorkerError::Store(e) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "STORE_UNAVAILABLE",

@@ -172,6 +172,20 @@ impl Follow {
     }
 }
 
+impl Follow {
+    fn new(worker: &FlowWorker, target: Target) -> Follow {
+        Follow {
+            target,
+            cursor: 0,
+            pending: VecDeque::new(),
+            done: false,
+            ended: false,
+            watch: worker.events().watch(),
+            worker: worker.clone(),
+        }
+    }
+}
+
 fn into_sse(f: Follow) -> Sse<KeepAliveStream<SseStream>> {
     let s = futures_util::stream::unfold(f, |mut f| async move {
         let e = f.next().await?;
@@ -189,16 +203,7 @@ pub(crate) fn follow_flow(
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {
     let events = worker.events();
-    let watch = events.watch();
-    let mut f = Follow {
-        target: Target::Flow(current.id),
-        cursor: 0,
-        pending: VecDeque::new(),
-        done: false,
-        ended: false,
-        watch,
-        worker: worker.clone(),
-    };
+    let mut f = Follow::new(&worker, Target::Flow(current.id));
     let shown = StatusChange::of(&current);
     match resume {
         Resume::Now(seq) => {
@@ -233,16 +238,7 @@ pub(crate) fn follow_vnode(
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {
     let events = worker.events();
-    let watch = events.watch();
-    let mut f = Follow {
-        target: Target::Vnode(holding),
-        cursor: 0,
-        pending: VecDeque::new(),
-        done: false,
-        ended: false,
-        watch,
-        worker: worker.clone(),
-    };
+    let mut f = Follow::new(&worker, Target::Vnode(holding));
     match resume {
         Resume::Now(seq) | Resume::After(seq) => f.cursor = seq,
         Resume::Lost => {

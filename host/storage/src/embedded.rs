@@ -7,16 +7,26 @@
 //! one fsync; when idle, a lone batch commits at once.
 //!
 //! Faults: after an I/O error (a full disk, say) redb refuses every further
-//! transaction until the database is reopened. The writer then answers
-//! callers with [`StoreError::Unavailable`], closes the database and reopens
-//! it (redb repairs it) with backoff until that works, so the store comes
-//! back by itself once the cause is gone; [`EmbeddedStore::health`] says
-//! which state it is in.
+//! transaction until the database is reopened. The writer then closes the
+//! database and, with backoff, reopens it (redb repairs it; reads work
+//! again from then on) and checks that the disk takes new data (see
+//! `faults::probe_space`); until both work it answers every write with
+//! [`StoreError::Unavailable`] without trying it, so the store does not flap
+//! between working and failing on a disk that is still full. It comes back
+//! by itself once the cause is gone; [`EmbeddedStore::health`] says which
+//! state it is in. It logs the failure once, a reminder every few minutes,
+//! and the recovery once.
+//!
+//! A damaged file (cut short, overwritten, from an incompatible version) is
+//! [`StoreError::Damaged`] wherever redb notices it, at open or later, and
+//! never a panic: see the `faults` module.
 //!
 //! Besides the flow records, the store keeps indexes so that a node never
 //! needs every flow in memory: by client request id, by vnode (creation
 //! order, with the status), the unfinished flows (loaded at start) and the
 //! finished ones by end time (for the retention sweep).
+
+mod faults;
 
 use crate::{
     FlowPage, FlowRecord, Op, PackageRecord, Snapshot, Store, StoreError, StoreHealth, StoreStats,
@@ -29,8 +39,10 @@ use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+use faults::{Opening, db_err, guarded, open_db, probe_space};
 
 const FLOWS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("flows");
 const JOURNAL: TableDefinition<&[u8], &[u8]> = TableDefinition::new("journal");
@@ -62,14 +74,17 @@ const MAX_GROUP: usize = 4096;
 /// grows into as its store grows (finished flows stay for the retention);
 /// the hot pages of the indexes fit in this, the rest is read through the
 /// OS page cache.
-const CACHE_BYTES: usize = 8 << 20;
+pub(super) const CACHE_BYTES: usize = 8 << 20;
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Answers a close request once the file is closed.
+type Sender = std_mpsc::Sender<()>;
 
 enum Msg {
     Write(Vec<Op>, Reply),
     /// Finish, close the file, then answer.
-    Close(std_mpsc::Sender<()>),
+    Close(Sender),
 }
 
 /// The database, shared by readers and the writer; `None` while the writer
@@ -78,6 +93,7 @@ type Shared = Arc<RwLock<Option<Arc<Database>>>>;
 
 /// The embedded, file-backed store.
 pub struct EmbeddedStore {
+    path: PathBuf,
     db: Shared,
     health: Arc<Mutex<StoreHealth>>,
     tx: Mutex<Option<std_mpsc::Sender<Msg>>>,
@@ -88,10 +104,6 @@ impl Drop for EmbeddedStore {
     fn drop(&mut self) {
         self.shut_down();
     }
-}
-
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Database(e.to_string())
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -136,54 +148,6 @@ fn finished_key(r: &FlowRecord) -> [u8; 24] {
     k[..8].copy_from_slice(&r.updated_ms.to_be_bytes());
     k[8..].copy_from_slice(r.id.bytes());
     k
-}
-
-/// Whether a redb error means the database must be reopened.
-fn needs_reopen(e: &redb::StorageError) -> bool {
-    matches!(
-        e,
-        redb::StorageError::Io(_) | redb::StorageError::PreviousIo
-    )
-}
-
-/// Opens (creating if needed) the database at `path`, telling a damaged
-/// file from other failures.
-fn open_db(path: &Path) -> Result<Database, StoreError> {
-    let p = path.to_path_buf();
-    // A new file is "repaired" into shape too; only say so for old ones.
-    let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
-    // redb may panic on a file that is not a database it wrote (e.g. one
-    // cut short); that is a damaged file, not a bug to crash on.
-    let opened = std::panic::catch_unwind(move || {
-        Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .set_repair_callback(move |s| {
-                if existed && s.progress() == 0.0 {
-                    tracing::warn!("the store was not closed cleanly; repairing it");
-                }
-            })
-            .create(&p)
-    });
-    let damaged = |detail: String| StoreError::Damaged {
-        path: path.to_path_buf(),
-        detail,
-    };
-    match opened {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(d)))) => Err(damaged(d)),
-        Ok(Err(redb::DatabaseError::UpgradeRequired(v))) => Err(damaged(format!(
-            "written in file format {v}, which this version cannot read"
-        ))),
-        Ok(Err(e)) => Err(db_err(format!("opening {}: {e}", path.display()))),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the database library gave up on it".into());
-            Err(damaged(what))
-        }
-    }
 }
 
 /// Creates every table and, for files of an older layout, the indexes.
@@ -314,9 +278,13 @@ impl EmbeddedStore {
     ///
     /// A file that is not a usable database (cut short, overwritten, from
     /// an incompatible version) is [`StoreError::Damaged`].
+    ///
+    /// A file another process holds open is [`StoreError::InUse`].
     pub fn open(path: &Path) -> Result<EmbeddedStore, StoreError> {
-        let db = open_db(path)?;
-        prepare(&db)?;
+        // A probe a crash interrupted.
+        let _ = std::fs::remove_file(faults::probe_path(path));
+        let db = open_db(path, Opening::Start)?;
+        guarded(path, || prepare(&db))?;
         let db: Shared = Arc::new(RwLock::new(Some(Arc::new(db))));
         let health = Arc::new(Mutex::new(StoreHealth {
             ok: true,
@@ -328,12 +296,14 @@ impl EmbeddedStore {
             db: db.clone(),
             health: health.clone(),
             path: path.to_path_buf(),
+            last_recovery: std::cell::Cell::new(None),
         };
         let writer = std::thread::Builder::new()
             .name("braid-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(db_err)?;
         Ok(EmbeddedStore {
+            path: path.to_path_buf(),
             db,
             health,
             tx: Mutex::new(Some(tx)),
@@ -370,8 +340,10 @@ impl EmbeddedStore {
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let db = self.database()?;
-        let r = db.begin_read().map_err(db_err)?;
-        f(&r)
+        guarded(&self.path, || {
+            let r = db.begin_read().map_err(db_err)?;
+            f(&r)
+        })
     }
 
     /// Stops the writer after the batches already sent and closes the file
@@ -410,12 +382,37 @@ struct Writer {
     db: Shared,
     health: Arc<Mutex<StoreHealth>>,
     path: PathBuf,
+    /// When the last recovery ended, and the backoff it had reached: a
+    /// fault soon after carries on from there (a disk that fails every
+    /// write again is retried ever more slowly, not every 50 ms).
+    last_recovery: std::cell::Cell<Option<(Instant, Duration)>>,
+}
+
+/// A fault this soon after a recovery continues its backoff.
+const FLAPPING: Duration = Duration::from_secs(30);
+
+/// The store's failure and recovery lines, for a disk that keeps failing
+/// and recovering.
+static FAULT_LOG: braid_types::log_limit::LogLimiter =
+    braid_types::log_limit::LogLimiter::new(5, Duration::from_secs(300));
+
+/// How often a store that keeps failing says so again.
+const FAILING_REMINDER: Duration = Duration::from_secs(300);
+
+/// Backoff between recovery attempts.
+const RECOVERY_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+
+/// Whether a failed write means the database must be reopened: after an
+/// I/O error redb refuses every further transaction, and after a panic
+/// (damage) its state is not to be trusted.
+fn needs_reopen(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_) | StoreError::Damaged { .. })
 }
 
 impl Writer {
     fn set_health(&self, ok: bool, error: Option<String>) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        if h.ok != ok || h.error != error {
+        if h.ok != ok {
             h.since_ms = now_millis();
         }
         h.ok = ok;
@@ -441,8 +438,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !group.is_empty() {
-                self.commit(group, &rx);
+            if !group.is_empty()
+                && let Err(fault) = self.commit(group)
+                && close.is_none()
+            {
+                close = self.recover(&rx, fault);
             }
             if let Some(done) = close {
                 self.close();
@@ -453,15 +453,17 @@ impl Writer {
         self.close();
     }
 
-    fn commit(&self, group: Vec<(Vec<Op>, Reply)>, rx: &std_mpsc::Receiver<Msg>) {
+    /// Commits one group and answers its callers; `Err` (the failure) when
+    /// the database must be reopened.
+    fn commit(&self, group: Vec<(Vec<Op>, Reply)>) -> Result<(), StoreError> {
         let Some(db) = self.current() else {
             for (_, reply) in group {
                 let _ = reply.send(Err(StoreError::Closed));
             }
-            return;
+            return Ok(());
         };
-        let t = std::time::Instant::now();
-        let outcome = apply_group(&db, &group);
+        let t = Instant::now();
+        let outcome = guarded(&self.path, || apply_group(&db, &group));
         drop(db);
         tracing::trace!(
             batches = group.len(),
@@ -469,81 +471,112 @@ impl Writer {
             micros = t.elapsed().as_micros() as u64,
             "group commit"
         );
-        let reopen = matches!(&outcome, Err(Fault::Io(_)));
+        let fault = match &outcome {
+            Err(StoreError::Unavailable(e)) => Some(e.clone()),
+            Err(e) if needs_reopen(e) => Some(e.to_string()),
+            _ => None,
+        };
+        if let Some(e) = &fault {
+            // Say so before answering, so that whoever sees a refusal can
+            // also see it in health.
+            self.set_health(false, Some(e.clone()));
+            if let Some(note) = FAULT_LOG.allow("store_failed") {
+                tracing::error!(cause = %e,
+                    "store write failed; refusing writes until the store is reopened and the \
+                     disk takes data again (retrying by itself){note}");
+            }
+        }
         for (_, reply) in group {
             let r = match &outcome {
                 Ok(()) => Ok(()),
-                Err(Fault::Io(e)) => Err(StoreError::Unavailable(e.clone())),
-                Err(Fault::Other(e)) => Err(StoreError::Database(e.to_string())),
+                Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e.clone())),
+                Err(StoreError::Damaged { path, detail }) => Err(StoreError::Damaged {
+                    path: path.clone(),
+                    detail: detail.clone(),
+                }),
+                Err(e) => Err(StoreError::Database(e.to_string())),
             };
             let _ = reply.send(r);
         }
-        if let Err(Fault::Io(e)) = &outcome {
-            tracing::error!(cause = %e, "store write failed; reopening the store until it works");
-            self.set_health(false, Some(e.clone()));
-        }
-        if reopen {
-            self.recover(rx);
+        match fault {
+            Some(e) => Err(StoreError::Unavailable(e)),
+            None => Ok(()),
         }
     }
 
-    /// Closes and reopens the database until that works, answering writes
-    /// that arrive meanwhile with `Unavailable`.
-    fn recover(&self, rx: &std_mpsc::Receiver<Msg>) {
-        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(old) = old {
-            // Readers hold clones only for the length of one read.
-            let mut old = old;
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => {
-                        drop(db);
-                        break;
-                    }
-                    Err(back) => {
-                        old = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                }
+    /// After a failed write: closes the database, then with backoff reopens
+    /// it (reads work again from then on) and probes that the disk takes
+    /// new data, until both work. Meanwhile every write is refused with
+    /// `Unavailable`, untried. Returns a close request that came meanwhile.
+    fn recover(&self, rx: &std_mpsc::Receiver<Msg>, fault: StoreError) -> Option<Sender> {
+        let failed_at = Instant::now();
+        let mut error = match fault {
+            StoreError::Unavailable(e) => e,
+            other => other.to_string(),
+        };
+        self.close();
+        let mut backoff = RECOVERY_BACKOFF.0;
+        if let Some((at, reached)) = self.last_recovery.get()
+            && at.elapsed() < FLAPPING
+        {
+            // It failed again soon after recovering: wait before trying.
+            backoff = reached;
+            match refuse_writes(rx, backoff, &error) {
+                Waited::Elapsed => {}
+                Waited::Close(done) => return Some(done),
+                Waited::Disconnected => return None,
             }
+            backoff = (backoff * 2).min(RECOVERY_BACKOFF.1);
         }
-        let mut backoff = Duration::from_millis(50);
+        let mut reminded = Instant::now();
         loop {
-            let error = match open_db(&self.path).and_then(|db| prepare(&db).map(|()| db)) {
-                Ok(db) => {
-                    *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
-                    self.set_health(true, None);
-                    tracing::info!("store recovered; writes go through again");
-                    return;
-                }
-                Err(e) => e.to_string(),
-            };
-            self.set_health(false, Some(error));
-            // Meanwhile, refuse writes (their callers retry) without
-            // giving up the retry schedule.
-            let until = std::time::Instant::now() + backoff;
-            while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
-                match rx.recv_timeout(left) {
-                    Ok(Msg::Write(_, reply)) => {
-                        let h = self
-                            .health
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .clone();
-                        let _ = reply.send(Err(StoreError::Unavailable(format!(
-                            "{}; recovering",
-                            h.error.unwrap_or_default()
-                        ))));
+            if self.current().is_none() {
+                let opened = open_db(&self.path, Opening::Recovery)
+                    .and_then(|db| guarded(&self.path, || prepare(&db)).map(|()| db));
+                match opened {
+                    Ok(db) => {
+                        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db))
                     }
-                    Ok(Msg::Close(done)) => {
-                        let _ = done.send(());
-                        return;
-                    }
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                    Err(e) => error = e.to_string(),
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            if self.current().is_some() {
+                match probe_space(&self.path) {
+                    Ok(()) => {
+                        self.set_health(true, None);
+                        self.last_recovery.set(Some((
+                            Instant::now(),
+                            (backoff * 2).min(RECOVERY_BACKOFF.1),
+                        )));
+                        if let Some(note) = FAULT_LOG.allow("store_recovered") {
+                            tracing::info!(
+                                failed_for_ms = failed_at.elapsed().as_millis() as u64,
+                                "store recovered; writes go through again{note}"
+                            );
+                        }
+                        return None;
+                    }
+                    Err(e) => {
+                        error = format!(
+                            "the disk holding {} does not take new data: {e}",
+                            self.path.display()
+                        )
+                    }
+                }
+            }
+            self.set_health(false, Some(error.clone()));
+            if reminded.elapsed() >= FAILING_REMINDER {
+                reminded = Instant::now();
+                tracing::warn!(cause = %error,
+                    failing_for_secs = failed_at.elapsed().as_secs(),
+                    "the store is still failing; writes are refused until it recovers");
+            }
+            match refuse_writes(rx, backoff, &error) {
+                Waited::Elapsed => {}
+                Waited::Close(done) => return Some(done),
+                Waited::Disconnected => return None,
+            }
+            backoff = (backoff * 2).min(RECOVERY_BACKOFF.1);
         }
     }
 
@@ -552,10 +585,15 @@ impl Writer {
     fn close(&self) {
         let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut old) = old {
+            // Readers hold clones only for the length of one read.
             loop {
                 match Arc::try_unwrap(old) {
                     Ok(db) => {
-                        drop(db);
+                        // A database redb gave up on may panic as it closes.
+                        let _ = guarded(&self.path, || {
+                            drop(db);
+                            Ok(())
+                        });
                         return;
                     }
                     Err(back) => {
@@ -568,33 +606,34 @@ impl Writer {
     }
 }
 
-/// Why a group commit failed.
-enum Fault {
-    /// An I/O error: the database must be reopened.
-    Io(String),
-    /// Anything else (the batch itself is bad).
-    Other(StoreError),
+/// How [`refuse_writes`] ended.
+enum Waited {
+    Elapsed,
+    Close(Sender),
+    Disconnected,
 }
 
-impl From<StoreError> for Fault {
-    fn from(e: StoreError) -> Fault {
-        Fault::Other(e)
+/// For `wait`, answers every write with `Unavailable` (saying `error`),
+/// untried; stops early for a close request or when every sender is gone.
+fn refuse_writes(rx: &std_mpsc::Receiver<Msg>, wait: Duration, error: &str) -> Waited {
+    let until = Instant::now() + wait;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(Msg::Write(_, reply)) => {
+                let _ = reply.send(Err(StoreError::Unavailable(format!(
+                    "{error}; the store recovers by itself once that is fixed"
+                ))));
+            }
+            Ok(Msg::Close(done)) => return Waited::Close(done),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Waited::Disconnected,
+        }
     }
+    Waited::Elapsed
 }
 
-fn storage_fault(e: redb::StorageError) -> Fault {
-    if needs_reopen(&e) {
-        Fault::Io(e.to_string())
-    } else {
-        Fault::Other(db_err(e))
-    }
-}
-
-fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), Fault> {
-    let w = db.begin_write().map_err(|e| match e {
-        redb::TransactionError::Storage(s) => storage_fault(s),
-        other => Fault::Other(db_err(other)),
-    })?;
+fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreError> {
+    let w = db.begin_write().map_err(db_err)?;
     {
         let mut flows = w.open_table(FLOWS).map_err(db_err)?;
         let mut journal = w.open_table(JOURNAL).map_err(db_err)?;
@@ -606,14 +645,13 @@ fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), Fault> {
         let mut meta = w.open_table(META).map_err(db_err)?;
         let mut kills = w.open_table(KILLS).map_err(db_err)?;
         let mut idx = Indexes::open(&w)?;
-        let io = |e: redb::StorageError| storage_fault(e);
         for (ops, _) in group {
             for op in ops {
                 match op {
                     Op::PutFlow(f) => {
                         flows
                             .insert(f.id.bytes().as_slice(), enc(f.as_ref()).as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                         idx.put(f)?;
                     }
                     Op::AppendJournal {
@@ -623,80 +661,77 @@ fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), Fault> {
                     } => {
                         for (i, e) in entries.iter().enumerate() {
                             let k = journal_key(flow, start + i as u32);
-                            journal.insert(k.as_slice(), e.as_slice()).map_err(io)?;
+                            journal.insert(k.as_slice(), e.as_slice()).map_err(db_err)?;
                         }
                     }
                     Op::PutOutbox(m) => {
                         outbox
                             .insert(m.key().as_slice(), enc(m.as_ref()).as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::DeleteOutbox(k) => {
-                        outbox.remove(k.as_slice()).map_err(io)?;
+                        outbox.remove(k.as_slice()).map_err(db_err)?;
                     }
                     Op::PutInbox(m) => {
                         inbox
                             .insert(m.key().as_slice(), enc(m.as_ref()).as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::DeleteInbox(k) => {
-                        inbox.remove(k.as_slice()).map_err(io)?;
+                        inbox.remove(k.as_slice()).map_err(db_err)?;
                     }
                     Op::PutVnode(v) => {
                         vnodes
                             .insert(v.holding.bytes().as_slice(), enc(v).as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::PutPackage(p, bytes) => {
                         packages
                             .insert(p.checksum.bytes().as_slice(), enc(p).as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                         package_bytes
                             .insert(p.checksum.bytes().as_slice(), bytes.as_slice())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::DeletePackage(c) => {
-                        packages.remove(c.bytes().as_slice()).map_err(io)?;
-                        package_bytes.remove(c.bytes().as_slice()).map_err(io)?;
+                        packages.remove(c.bytes().as_slice()).map_err(db_err)?;
+                        package_bytes.remove(c.bytes().as_slice()).map_err(db_err)?;
                     }
                     Op::PutMeta(k, v) => {
-                        meta.insert(k.as_bytes(), v.as_slice()).map_err(io)?;
+                        meta.insert(k.as_bytes(), v.as_slice()).map_err(db_err)?;
                     }
                     Op::PutKill(f, why) => {
                         kills
                             .insert(f.bytes().as_slice(), why.as_bytes())
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::DeleteKill(f) => {
-                        kills.remove(f.bytes().as_slice()).map_err(io)?;
+                        kills.remove(f.bytes().as_slice()).map_err(db_err)?;
                     }
                     Op::DeleteFlowInbox(f) => {
                         let (a, b) = prefix_range(f.bytes());
                         inbox
                             .retain_in(a.as_slice()..b.as_slice(), |_, _| false)
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                     }
                     Op::DeleteFlow(r) => {
-                        flows.remove(r.id.bytes().as_slice()).map_err(io)?;
+                        flows.remove(r.id.bytes().as_slice()).map_err(db_err)?;
                         idx.delete(r)?;
                         let (a, b) = (journal_key(&r.id, 0), journal_key(&r.id, u32::MAX));
                         journal
                             .retain_in(a.as_slice()..=b.as_slice(), |_, _| false)
-                            .map_err(io)?;
+                            .map_err(db_err)?;
                         let (a, b) = prefix_range(r.id.bytes());
                         inbox
                             .retain_in(a.as_slice()..b.as_slice(), |_, _| false)
-                            .map_err(io)?;
-                        kills.remove(r.id.bytes().as_slice()).map_err(io)?;
+                            .map_err(db_err)?;
+                        kills.remove(r.id.bytes().as_slice()).map_err(db_err)?;
                     }
                 }
             }
         }
     }
-    w.commit().map_err(|e| match e {
-        redb::CommitError::Storage(s) => storage_fault(s),
-        other => Fault::Other(db_err(other)),
-    })
+    w.commit().map_err(db_err)
 }
 
 fn scan<T: DeserializeOwned>(
@@ -1147,5 +1182,183 @@ mod tests {
         assert!(s.inbox(&FlowId::random()).await.unwrap().is_empty());
         let snap = s.load().await.unwrap();
         assert_eq!(snap.inbox_flows, vec![flow]);
+    }
+
+    /// A store with flows, journals and an inbox, closed cleanly.
+    async fn populated(path: &Path) {
+        let s = EmbeddedStore::open(path).unwrap();
+        let name: X500Name = "O=A, L=L, C=GB".parse().unwrap();
+        let holding = HoldingId::derive(&name, "g");
+        for i in 0..300u32 {
+            let id = FlowId::random();
+            let rec = FlowRecord::new(
+                id,
+                holding,
+                "ping".into(),
+                Checksum::of(b"pkg"),
+                FlowStart::Client {
+                    client_request_id: format!("r{i}").parse().unwrap(),
+                    request_body: "{}".into(),
+                },
+                1000 + u64::from(i),
+                7,
+            );
+            s.write(vec![
+                Op::PutFlow(Box::new(rec)),
+                Op::AppendJournal {
+                    flow: id,
+                    start: 0,
+                    entries: vec![vec![i as u8; 200]; 5],
+                },
+                Op::PutInbox(Box::new(msg(id, 1))),
+            ])
+            .await
+            .unwrap();
+        }
+        s.close().await;
+    }
+
+    /// Opens the store at `path` and reads everything a start and a run
+    /// read; the first error, or how much it read.
+    async fn read_all(path: &Path) -> Result<usize, StoreError> {
+        let s = EmbeddedStore::open(path)?;
+        let snap = s.load().await?;
+        let mut n = 0;
+        for f in &snap.flows {
+            n += s.journal(&f.id).await?.len();
+            n += s.inbox(&f.id).await?.len();
+            s.flow(&f.id).await?;
+        }
+        s.write(vec![Op::PutMeta("k".into(), vec![1; 5000])])
+            .await?;
+        s.close().await;
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_damage_is_a_damaged_error_naming_the_file_never_a_panic() {
+        let dir = tmpdir("damage");
+        let good = dir.join("good.redb");
+        populated(&good).await;
+        let bytes = std::fs::read(&good).unwrap();
+        let len = bytes.len();
+        assert_eq!(read_all(&good).await.unwrap(), 300 * 6);
+
+        let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+        for cut in [
+            0,
+            1,
+            100,
+            511,
+            4095,
+            4096,
+            4097,
+            20_000,
+            len / 3,
+            len / 2,
+            len - 1,
+        ] {
+            cases.push((format!("cut at {cut}"), bytes[..cut].to_vec()));
+        }
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        cases.push(("random bytes".into(), (0..len).map(|_| rnd()).collect()));
+        for (what, from, to) in [("zeroed header", 0, 4096), ("zeroed magic", 0, 9)] {
+            let mut b = bytes.clone();
+            b[from..to].fill(0);
+            cases.push((what.into(), b));
+        }
+        let mut b = bytes.clone();
+        b[9..200].fill(0xAB);
+        cases.push(("overwritten header fields".into(), b));
+        let mut b = bytes.clone();
+        b.extend_from_slice(&[0; 10_000]);
+        cases.push(("grown by zeros".into(), b));
+        // Pages within the data: damage in pages in use must be noticed;
+        // in free pages it may go unnoticed (and harms nothing).
+        let mut noticed = 0;
+        let pages = (4096..len).step_by(len / 16).collect::<Vec<_>>();
+        for &at in &pages {
+            let mut b = bytes.clone();
+            for v in &mut b[at..(at + 4096).min(len)] {
+                *v = rnd();
+            }
+            cases.push((format!("random page at {at}"), b));
+        }
+        for (what, data) in cases {
+            let path = dir.join("case.redb");
+            std::fs::write(&path, &data).unwrap();
+            match read_all(&path).await {
+                Err(StoreError::Damaged { path: p, detail }) => {
+                    assert_eq!(p, path, "{what}: names another file");
+                    assert!(!detail.is_empty(), "{what}: says nothing about the damage");
+                    let shown = StoreError::Damaged {
+                        path: p,
+                        detail: detail.clone(),
+                    }
+                    .to_string();
+                    assert!(
+                        shown.contains("case.redb")
+                            && shown.contains("damaged")
+                            && shown.contains("restore it from a backup")
+                            && shown.contains("move it away"),
+                        "{what}: {shown}"
+                    );
+                    if what.starts_with("random page") {
+                        noticed += 1;
+                    }
+                }
+                Ok(n) if what.starts_with("random page") => {
+                    assert_eq!(n, 300 * 6, "{what}: read wrong data without an error")
+                }
+                other => panic!("{what}: expected Damaged, got {other:?}"),
+            }
+        }
+        assert!(
+            noticed > 0,
+            "no damaged page was noticed: the test proves nothing"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_file_in_use_by_another_store_is_named_as_such() {
+        let dir = tmpdir("in-use");
+        let path = dir.join("db.redb");
+        let first = EmbeddedStore::open(&path).unwrap();
+        match EmbeddedStore::open(&path) {
+            Err(e @ StoreError::InUse { .. }) => {
+                assert!(e.to_string().contains("db.redb"), "{e}")
+            }
+            Err(other) => panic!("expected InUse, got {other}"),
+            Ok(_) => panic!("opened a database another store holds"),
+        }
+        first.close().await;
+        assert!(
+            EmbeddedStore::open(&path).is_ok(),
+            "the file is free once closed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_new_store_appears_only_once_complete() {
+        let dir = tmpdir("create");
+        let path = dir.join("db.redb");
+        // A crash during an earlier first start left half a file behind.
+        std::fs::write(dir.join("db.redb.new"), b"half").unwrap();
+        let s = EmbeddedStore::open(&path).unwrap();
+        s.close().await;
+        assert!(
+            !dir.join("db.redb.new").exists(),
+            "the temporary file is left"
+        );
+        assert!(EmbeddedStore::open(&path).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

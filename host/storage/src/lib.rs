@@ -50,6 +50,18 @@ pub enum StoreError {
         /// What is wrong with it.
         detail: String,
     },
+    /// Another process has the database file open (another node on the
+    /// same data directory?). Stop it, or give this node its own data
+    /// directory.
+    #[error(
+        "the store's database file {} is in use by another process (another braid node on \
+         this data directory?); stop that process or use another data directory",
+        path.display()
+    )]
+    InUse {
+        /// The file.
+        path: std::path::PathBuf,
+    },
     /// The store failed and is recovering (e.g. the disk was full); it
     /// retries by itself. Retry the request later.
     #[error("store unavailable: {0}")]

@@ -7,6 +7,7 @@ mod connections;
 mod crash;
 mod eviction;
 mod flows;
+mod kills;
 mod management;
 mod network;
 mod network_attacks;
@@ -18,8 +19,10 @@ mod rbac_logins;
 mod rest_input;
 mod retention;
 mod sandbox;
+mod sandbox_cpu;
 mod sandbox_limits;
 mod sandbox_waits;
+mod storage_faults;
 mod streams;
 
 use braid_e2e::{Api, FlowStatus};
