@@ -111,7 +111,7 @@ async fn run_pings(
     let events = p.node.worker.events();
     let mut watch = events.watch();
     let mut cursor = events.latest();
-    let mut ready: std::collections::VecDeque<std::sync::Arc<braid_storage::FlowRecord>> =
+    let mut ready: std::collections::VecDeque<std::sync::Arc<braid_flow::StatusChange>> =
         Default::default();
     let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let started: Arc<
@@ -154,7 +154,7 @@ async fn run_pings(
             if r.events.is_empty() {
                 watch.changed().await?;
             }
-            ready.extend(r.events.into_iter().map(|e| e.record));
+            ready.extend(r.events.into_iter().map(|e| e.change));
             continue;
         };
         if rec.holding != p.alice || !rec.status.is_terminal() {
@@ -166,7 +166,7 @@ async fn run_pings(
             rec.error
         );
         let now = Instant::now();
-        early.insert(rec.id, now);
+        early.insert(rec.flow, now);
         let mut s = started.lock().expect("lock");
         let done: Vec<FlowId> = early
             .keys()

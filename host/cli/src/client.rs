@@ -25,6 +25,10 @@ pub struct ConnArgs {
     /// ~/.config/braid/config.toml].
     #[arg(long, global = true, env = "BRAID_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Items asked for per request by the list commands (1 to 1000); they
+    /// show every item whatever it is, following the pages.
+    #[arg(long, global = true, env = "BRAID_PAGE_SIZE", default_value_t = 1000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    pub page_size: usize,
 }
 
 /// The profile file's contents.
@@ -137,7 +141,9 @@ impl ConnArgs {
             .ok()
             .or_else(|| std::env::var(&password_var).ok())
             .with_context(|| format!("no password for {user}: set {password_var}"))?;
-        Client::new(url, ca.as_deref(), user, password)
+        let mut c = Client::new(url, ca.as_deref(), user, password)?;
+        c.page_size = self.page_size;
+        Ok(c)
     }
 }
 
@@ -167,6 +173,62 @@ pub struct Client {
     user: String,
     password: String,
     http: reqwest::blocking::Client,
+    page_size: usize,
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    /// Its `id` (to resume after it with `Last-Event-ID`).
+    pub id: Option<String>,
+    /// Its `event` name.
+    pub event: String,
+    /// Its `data`.
+    pub data: String,
+}
+
+/// The events of an event stream, read as they come.
+pub struct EventStream<R = std::io::BufReader<reqwest::blocking::Response>> {
+    lines: std::io::Lines<R>,
+}
+
+impl<R: std::io::BufRead> Iterator for EventStream<R> {
+    type Item = std::io::Result<SseEvent>;
+
+    /// The next event; `None` once the server ended the stream.
+    fn next(&mut self) -> Option<Self::Item> {
+        let (mut id, mut event, mut data) = (None, String::new(), Vec::<String>::new());
+        loop {
+            let line = match self.lines.next()? {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e)),
+            };
+            let line = line.trim_end_matches('\r');
+            if line.is_empty() {
+                if event.is_empty() && data.is_empty() {
+                    continue;
+                }
+                return Some(Ok(SseEvent {
+                    id,
+                    event: if event.is_empty() {
+                        "message".into()
+                    } else {
+                        event
+                    },
+                    data: data.join("\n"),
+                }));
+            }
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match name {
+                "id" => id = Some(value.to_string()),
+                "event" => event = value.to_string(),
+                "data" => data.push(value.to_string()),
+                // Comments (keep-alives) and fields we do not use.
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Client {
@@ -190,6 +252,70 @@ impl Client {
             user,
             password,
             http: builder.build()?,
+            page_size: 1000,
+        })
+    }
+
+    /// Every item of a paginated list: `GET path` page after page,
+    /// following `nextCursor`, as `{items: [...]}`.
+    pub fn get_all(&self, path: &str, items: &str) -> anyhow::Result<Value> {
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            let mut page_path = format!("{path}{sep}limit={}", self.page_size);
+            if let Some(c) = &cursor {
+                page_path.push_str("&cursor=");
+                page_path.push_str(&query_escape(c));
+            }
+            let mut page = self.get(&page_path)?;
+            let Some(list) = page.get_mut(items).and_then(Value::as_array_mut) else {
+                bail!("GET {page_path}: the node's answer has no {items:?} list: {page}");
+            };
+            all.append(list);
+            match page.get("nextCursor") {
+                Some(Value::String(next)) => {
+                    if cursor.as_deref() == Some(next.as_str()) {
+                        bail!("GET {page_path}: the node handed out the same page twice");
+                    }
+                    cursor = Some(next.clone());
+                }
+                _ => break,
+            }
+        }
+        let mut out = serde_json::Map::new();
+        out.insert(items.to_string(), Value::Array(all));
+        Ok(Value::Object(out))
+    }
+
+    /// Opens the event stream at `path`, resuming after `last_event_id`
+    /// when given; gives up on it (a read fails) after `timeout`.
+    pub fn events(
+        &self,
+        path: &str,
+        last_event_id: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<EventStream> {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .basic_auth(&self.user, Some(&self.password))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .timeout(timeout);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req
+            .send()
+            .map_err(|e| anyhow::anyhow!(self.transport_error(&e)))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().unwrap_or_default();
+            return Err(self.refused(&format!("GET {path}"), status, &text));
+        }
+        use std::io::BufRead as _;
+        Ok(EventStream {
+            lines: std::io::BufReader::new(resp).lines(),
         })
     }
 
@@ -246,10 +372,16 @@ impl Client {
         let text = resp
             .text()
             .map_err(|e| anyhow::anyhow!(self.transport_error(&e)))?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
         if status.is_success() {
-            return Ok(body);
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)));
         }
+        Err(self.refused(&what, status, &text))
+    }
+
+    /// The error for a request the node refused, saying what to do.
+    fn refused(&self, what: &str, status: reqwest::StatusCode, text: &str) -> anyhow::Error {
+        let body: Value =
+            serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
         let message = body
             .get("message")
             .and_then(Value::as_str)
@@ -258,19 +390,19 @@ impl Client {
         let code = body.get("code").and_then(Value::as_str).unwrap_or("");
         let (user, url) = (&self.user, &self.url);
         match status.as_u16() {
-            401 => bail!(
+            401 => anyhow::anyhow!(
                 "wrong user or password for {user} at {url}; check BRAID_USER/BRAID_PASSWORD \
                  or braid init"
             ),
-            403 => bail!(
+            403 => anyhow::anyhow!(
                 "{user} is not permitted to {what} at {url}: {message}; ask a user admin for a \
                  role that allows it"
             ),
-            429 => bail!(
+            429 => anyhow::anyhow!(
                 "too many failed logins for {user} at {url}: {message}; wait and retry with \
                  the right password"
             ),
-            s => bail!("{what} failed (HTTP {s} {code}): {message}"),
+            s => anyhow::anyhow!("{what} failed (HTTP {s} {code}): {message}"),
         }
     }
 
@@ -303,6 +435,19 @@ impl Client {
     }
 }
 
+/// `s` escaped for a query string value.
+fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The rustls error in `err`, looking inside `io::Error`s (whose `source()`
 /// skips the error they wrap, and which the connector nests).
 fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
@@ -311,4 +456,47 @@ fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&
     }
     let inner = err.downcast_ref::<std::io::Error>()?.get_ref()?;
     find_rustls_error(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead as _;
+
+    #[test]
+    fn event_streams_are_parsed_as_sse() {
+        let text = ": keep-alive\n\nevent: status\nid: 1f-7\ndata: {\"a\":\ndata: 1}\n\n\
+                    id:2\r\ndata:x\r\n\r\nevent: resync\nid: 1f-9\ndata: {}\n\n: bye\n";
+        let events: Vec<SseEvent> = EventStream {
+            lines: std::io::Cursor::new(text).lines(),
+        }
+        .collect::<Result<_, _>>()
+        .unwrap();
+        assert_eq!(
+            events,
+            [
+                SseEvent {
+                    id: Some("1f-7".into()),
+                    event: "status".into(),
+                    data: "{\"a\":\n1}".into(),
+                },
+                SseEvent {
+                    id: Some("2".into()),
+                    event: "message".into(),
+                    data: "x".into(),
+                },
+                SseEvent {
+                    id: Some("1f-9".into()),
+                    event: "resync".into(),
+                    data: "{}".into(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn cursors_are_escaped_for_the_query() {
+        assert_eq!(query_escape("AbC-_9"), "AbC-_9");
+        assert_eq!(query_escape("a+b/c=&"), "a%2Bb%2Fc%3D%26");
+    }
 }

@@ -225,7 +225,7 @@ pub fn package_upload(c: &Client, file: &PathBuf) -> anyhow::Result<ExitCode> {
 
 /// `braid package list`
 pub fn package_list(c: &Client) -> anyhow::Result<ExitCode> {
-    print(&c.get("/api/v1/package")?)
+    print(&c.get_all("/api/v1/package", "packages")?)
 }
 
 /// `braid vnode ...`
@@ -235,7 +235,7 @@ pub fn vnode(c: &Client, cmd: VnodeCommand) -> anyhow::Result<ExitCode> {
             "/api/v1/virtualnode",
             &json!({"x500Name": name, "packageChecksum": package}),
         )?),
-        VnodeCommand::List => print(&c.get("/api/v1/virtualnode")?),
+        VnodeCommand::List => print(&c.get_all("/api/v1/virtualnode", "virtualNodes")?),
         VnodeCommand::Upgrade {
             holding_id,
             package,
@@ -281,13 +281,11 @@ pub fn flow(c: &Client, cmd: FlowCommand) -> anyhow::Result<ExitCode> {
             client_request_id,
         } => print(&c.get(&flow_path(&holding_id, &client_request_id))?),
         FlowCommand::List { holding_id, status } => {
-            let mut v = c.get(&format!("/api/v1/flow/{}", seg(&holding_id)))?;
-            if let Some(want) = status
-                && let Some(list) = v.get_mut("flows").and_then(Value::as_array_mut)
-            {
-                list.retain(|f| f["status"].as_str() == Some(want.as_str()));
+            let mut path = format!("/api/v1/flow/{}", seg(&holding_id));
+            if let Some(status) = status {
+                path.push_str(&format!("?status={}", seg(&status)));
             }
-            print(&v)
+            print(&c.get_all(&path, "flows")?)
         }
         FlowCommand::Kill {
             holding_id,
@@ -308,10 +306,13 @@ fn flow_path(holding: &str, id: &str) -> String {
     format!("/api/v1/flow/{}/{}", seg(holding), seg(id))
 }
 
-/// Polls a flow until it is terminal. Progress goes to stderr; with
-/// `lines`, every status change is also a JSON line on stdout, else only
-/// the final status is printed. Exit code: 0 COMPLETED, 1 FAILED,
-/// 2 KILLED.
+/// How long a stream is followed when no timeout is given.
+const FOREVER: Duration = Duration::from_secs(365 * 86_400);
+
+/// Follows a flow until it is terminal, on its status stream. Progress
+/// goes to stderr; with `lines`, every status change is also a JSON line
+/// on stdout, else only the final status is printed. Exit code:
+/// 0 COMPLETED, 1 FAILED, 2 KILLED.
 fn follow(
     c: &Client,
     holding: &str,
@@ -321,27 +322,69 @@ fn follow(
 ) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let deadline = timeout.map(|s| t0 + Duration::from_secs(s));
-    let path = flow_path(holding, id);
-    let mut last = String::new();
-    let mut delay = Duration::from_millis(20);
+    let path = format!("{}/events", flow_path(holding, id));
+    let still = |status: &str| {
+        anyhow::anyhow!(
+            "flow {id} is still {status} after {}s; follow it with braid flow watch {holding} {id}",
+            timeout.unwrap_or(0)
+        )
+    };
+    let mut last_id: Option<String> = None;
+    let mut last = String::from("?");
+    let mut failures = 0u32;
     loop {
-        let st = c.get(&path)?;
-        let status = st["status"].as_str().unwrap_or("?").to_string();
-        if status != last {
-            eprintln!("[{:>6.1}s] {id}: {status}", t0.elapsed().as_secs_f64());
-            if lines {
-                println!("{st}");
-                let _ = std::io::stdout().flush();
-            }
-            last.clone_from(&status);
-        }
-        let code = match status.as_str() {
-            "COMPLETED" => Some(0),
-            "FAILED" => Some(1),
-            "KILLED" => Some(2),
-            _ => None,
+        let left = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => FOREVER,
         };
-        if let Some(code) = code {
+        if left.is_zero() {
+            return Err(still(&last));
+        }
+        let stream = match c.events(&path, last_id.as_deref(), left) {
+            Ok(s) => s,
+            // The node may be restarting: retry a few times, then say why.
+            Err(e) if last_id.is_some() && failures < 10 => {
+                failures += 1;
+                eprintln!("[{:>6.1}s] reconnecting: {e:#}", t0.elapsed().as_secs_f64());
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for ev in stream {
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Err(still(&last));
+                }
+                // Cut off: resume after the last event.
+                Err(_) => break,
+            };
+            failures = 0;
+            if ev.id.is_some() {
+                last_id.clone_from(&ev.id);
+            }
+            // `resync`: events were missed; the current status follows.
+            if ev.event != "status" {
+                continue;
+            }
+            let st: Value = serde_json::from_str(&ev.data)
+                .with_context(|| format!("GET {path}: a status event is not JSON: {}", ev.data))?;
+            let status = st["status"].as_str().unwrap_or("?").to_string();
+            if status != last {
+                eprintln!("[{:>6.1}s] {id}: {status}", t0.elapsed().as_secs_f64());
+                if lines {
+                    println!("{st}");
+                    let _ = std::io::stdout().flush();
+                }
+                last.clone_from(&status);
+            }
+            let code = match status.as_str() {
+                "COMPLETED" => 0,
+                "FAILED" => 1,
+                "KILLED" => 2,
+                _ => continue,
+            };
             if !lines {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             }
@@ -350,14 +393,15 @@ fn follow(
             }
             return Ok(ExitCode::from(code));
         }
+        // The stream ended before the flow did (the node was restarted or
+        // cut the connection): resume after the last event.
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            anyhow::bail!(
-                "flow {id} is still {status} after {}s; follow it with braid flow watch {holding} {id}",
-                timeout.unwrap_or(0)
-            );
+            return Err(still(&last));
         }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(500));
+        failures += 1;
+        if failures > 10 {
+            anyhow::bail!("GET {path}: the status stream keeps ending before the flow does");
+        }
     }
 }
 
@@ -378,7 +422,7 @@ pub fn user(c: &Client, cmd: UserCommand) -> anyhow::Result<ExitCode> {
                 &json!({"loginName": login, "password": password}),
             )?)
         }
-        UserCommand::List => print(&c.get("/api/v1/user")?),
+        UserCommand::List => print(&c.get_all("/api/v1/user", "users")?),
         UserCommand::Delete { login } => {
             print(&c.delete(&format!("/api/v1/user/{}", seg(&login)))?)
         }
@@ -412,7 +456,7 @@ pub fn role(c: &Client, cmd: RoleCommand) -> anyhow::Result<ExitCode> {
             };
             print(&c.post("/api/v1/role", &body)?)
         }
-        RoleCommand::List => print(&c.get("/api/v1/role")?),
+        RoleCommand::List => print(&c.get_all("/api/v1/role", "roles")?),
         RoleCommand::AddPermission {
             role,
             permission_type,

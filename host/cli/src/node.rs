@@ -96,6 +96,11 @@ pub struct NodeArgs {
     /// they are deleted, seconds (default: 7 days).
     #[arg(long, env = "BRAID_FLOW_RETENTION_SECS", default_value_t = 7 * 86_400)]
     pub flow_retention_secs: u64,
+    /// Status changes kept for event streams: how far a stream's client may
+    /// fall behind (or how old a Last-Event-ID it may resume from) before
+    /// it gets a `resync` event. About 300 bytes each, 16 MiB at most.
+    #[arg(long, env = "BRAID_STATUS_EVENTS", default_value_t = braid_flow::events::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub status_events: usize,
     /// Name of the application network (part of every holding id).
     #[arg(long, env = "BRAID_GROUP", default_value = "default")]
     pub group: String,
@@ -314,6 +319,7 @@ impl NodeArgs {
             max_error_bytes: 4096,
             flow_log_bytes_per_sec: 16 << 10,
             flow_retention_secs: 7 * 86_400,
+            status_events: braid_flow::events::DEFAULT_CAPACITY,
             group: "default".into(),
             tls_cert: None,
             tls_key: None,
@@ -479,6 +485,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             max_live_flows: args.max_live_flows,
             group: args.group.clone(),
             retention: Duration::from_secs(args.flow_retention_secs),
+            status_events: args.status_events,
         },
         joining.as_ref().map(|j| j.remote()),
     )

@@ -8,26 +8,91 @@
 //! reconnect (`Last-Event-ID`) is the same read.
 
 use braid_storage::FlowRecord;
+use braid_types::{ClientRequestId, FlowFailure, FlowId, FlowStart, FlowStatus, HoldingId};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
-/// Events the ring keeps at most (a ping between two vnodes makes six;
-/// at ~1,500 pings/s this is a few seconds of history for a reader to
-/// fall behind before it is told to re-sync). The ring's memory is the
-/// one thing about finished flows a node keeps, so it stays small.
-const MAX_EVENTS: usize = 32_768;
-/// Bytes the ring keeps at most (each event counted with its result and
-/// error text).
+/// Events the log keeps by default (see [`EventLog::new`]): a ping
+/// between two vnodes makes six, so this is a few seconds of history at
+/// full load for a reader to fall behind before it is told to re-sync.
+/// The log is the one thing about finished flows a node keeps in memory,
+/// so it stays small.
+pub const DEFAULT_CAPACITY: usize = 16_384;
+/// Bytes the log keeps at most (results and error texts included), so
+/// that large results cannot make it big whatever its capacity.
 const MAX_BYTES: usize = 16 << 20;
 
-/// One status change.
+/// What a status stream shows of a flow after one change: the client's
+/// view, not the flow's checkpoint (so the log stays small).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The flow.
+    pub flow: FlowId,
+    /// The vnode it runs for.
+    pub holding: HoldingId,
+    /// The client's request id (`None` for responder flows).
+    pub client_request_id: Option<ClientRequestId>,
+    /// The flow's name in its package.
+    pub flow_name: String,
+    /// Its status after the change.
+    pub status: FlowStatus,
+    /// The JSON result once completed.
+    pub result: Option<String>,
+    /// The failure once failed or killed.
+    pub error: Option<FlowFailure>,
+    /// When the change was made, ms since the epoch.
+    pub updated_ms: u64,
+}
+
+impl StatusChange {
+    /// The change a committed record shows.
+    pub fn of(r: &FlowRecord) -> StatusChange {
+        StatusChange {
+            flow: r.id,
+            holding: r.holding,
+            client_request_id: match &r.start {
+                FlowStart::Client {
+                    client_request_id, ..
+                } => Some(client_request_id.clone()),
+                FlowStart::Responder { .. } => None,
+            },
+            flow_name: r.flow_name.clone(),
+            status: r.status,
+            result: r.result.clone(),
+            error: r.error.clone(),
+            updated_ms: r.updated_ms,
+        }
+    }
+
+    /// About what it costs to keep: the value, its allocations and their
+    /// allocator overhead.
+    fn bytes(&self) -> usize {
+        const PER_ALLOCATION: usize = 16;
+        let texts = [
+            self.client_request_id.as_ref().map(|c| c.as_str().len()),
+            Some(self.flow_name.len()),
+            self.result.as_ref().map(String::len),
+            self.error.as_ref().map(|e| e.message.len()),
+        ];
+        std::mem::size_of::<StatusChange>()
+            + std::mem::size_of::<StatusEvent>()
+            + PER_ALLOCATION
+            + texts
+                .iter()
+                .flatten()
+                .map(|n| n + PER_ALLOCATION)
+                .sum::<usize>()
+    }
+}
+
+/// One status change, numbered.
 #[derive(Debug, Clone)]
 pub struct StatusEvent {
     /// Its number: increasing by one per change, node-wide.
     pub seq: u64,
-    /// The flow as it was committed (without its request body).
-    pub record: Arc<FlowRecord>,
+    /// The flow as the change left it.
+    pub change: Arc<StatusChange>,
 }
 
 /// What a read returned.
@@ -51,53 +116,54 @@ struct Ring {
     last: u64,
 }
 
-fn record_bytes(r: &FlowRecord) -> usize {
-    256 + r.result.as_ref().map_or(0, String::len) + r.error.as_ref().map_or(0, |e| e.message.len())
-}
-
 /// The node's status-change log.
 pub struct EventLog {
     ring: Mutex<Ring>,
+    capacity: usize,
     latest: watch::Sender<u64>,
     run: u64,
 }
 
 impl Default for EventLog {
     fn default() -> Self {
-        EventLog {
-            ring: Mutex::new(Ring::default()),
-            latest: watch::channel(0).0,
-            run: rand::random::<u64>() >> 16,
-        }
+        EventLog::new(DEFAULT_CAPACITY)
     }
 }
 
 impl EventLog {
+    /// A log that keeps the last `capacity` changes (at least one), and
+    /// never more than 16 MiB of them: how far a status stream's client
+    /// may fall behind, or how old a `Last-Event-ID` it may resume from,
+    /// before it is told to re-sync. A ping's change costs about 300
+    /// bytes.
+    pub fn new(capacity: usize) -> EventLog {
+        EventLog {
+            ring: Mutex::new(Ring::default()),
+            capacity: capacity.max(1),
+            latest: watch::channel(0).0,
+            run: rand::random::<u64>() >> 16,
+        }
+    }
+
     /// A number that differs between runs of the node: event numbers start
     /// again at each start, so a stream id names the run too.
     pub fn run(&self) -> u64 {
         self.run
     }
 
-    /// Appends a change; returns its number.
+    /// Appends the change `rec` shows; returns its number.
     pub fn publish(&self, rec: &FlowRecord) -> u64 {
-        let mut record = rec.clone();
-        if let braid_types::FlowStart::Client { request_body, .. } = &mut record.start {
-            // Streams never show it; do not keep it.
-            *request_body = String::new();
-        }
+        let change = Arc::new(StatusChange::of(rec));
+        let size = change.bytes();
         let seq = {
             let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
             r.last += 1;
             let seq = r.last;
-            r.bytes += record_bytes(&record);
-            r.events.push_back(StatusEvent {
-                seq,
-                record: Arc::new(record),
-            });
-            while r.events.len() > MAX_EVENTS || (r.bytes > MAX_BYTES && r.events.len() > 1) {
+            r.bytes += size;
+            r.events.push_back(StatusEvent { seq, change });
+            while r.events.len() > self.capacity || (r.bytes > MAX_BYTES && r.events.len() > 1) {
                 let old = r.events.pop_front().expect("non-empty");
-                r.bytes -= record_bytes(&old.record);
+                r.bytes -= old.change.bytes();
             }
             seq
         };
@@ -116,7 +182,7 @@ impl EventLog {
     }
 
     /// Up to `max` events after `cursor` that `keep` accepts.
-    pub fn read(&self, cursor: u64, max: usize, keep: impl Fn(&FlowRecord) -> bool) -> Read {
+    pub fn read(&self, cursor: u64, max: usize, keep: impl Fn(&StatusChange) -> bool) -> Read {
         let r = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if cursor > r.last {
             // A cursor from before a restart (numbers start again at 1):
@@ -143,7 +209,7 @@ impl EventLog {
         };
         for e in r.events.iter().skip(skip) {
             out.cursor = e.seq;
-            if keep(&e.record) {
+            if keep(&e.change) {
                 out.events.push(e.clone());
                 if out.events.len() == max {
                     break;
@@ -177,7 +243,7 @@ mod tests {
 
     #[test]
     fn readers_get_every_event_in_order_or_an_explicit_gap() {
-        let log = EventLog::default();
+        let log = EventLog::new(100);
         for i in 0..10u8 {
             assert_eq!(log.publish(&rec(i)), i as u64 + 1);
         }
@@ -188,13 +254,17 @@ mod tests {
         );
         assert_eq!(r.cursor, 4);
         assert!(!r.gap);
-        // Request bodies are not kept.
-        assert!(matches!(
-            &r.events[0].record.start,
-            FlowStart::Client { request_body, .. } if request_body.is_empty()
-        ));
+        assert_eq!(
+            r.events[0]
+                .change
+                .client_request_id
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "r0"
+        );
         // A filter advances the cursor past what it skips.
-        let r = log.read(4, 100, |f| f.id.bytes()[0] == 8);
+        let r = log.read(4, 100, |f| f.flow.bytes()[0] == 8);
         assert_eq!(r.events.len(), 1);
         assert_eq!(r.cursor, 10);
         let r = log.read(10, 100, |_| true);
@@ -205,16 +275,43 @@ mod tests {
 
     #[test]
     fn a_reader_that_falls_behind_the_ring_is_told() {
-        let log = EventLog::default();
-        for i in 0..(MAX_EVENTS + 10) {
+        const CAP: usize = 1000;
+        let log = EventLog::new(CAP);
+        for i in 0..(CAP + 10) {
             log.publish(&rec((i % 250) as u8));
         }
         let r = log.read(3, 10, |_| true);
         assert!(r.gap);
-        assert_eq!(r.cursor, (MAX_EVENTS + 10) as u64);
+        assert_eq!(r.cursor, (CAP + 10) as u64);
         // Just inside the ring: no gap.
         let r = log.read(10, 10, |_| true);
         assert!(!r.gap);
         assert_eq!(r.events[0].seq, 11);
+    }
+
+    #[test]
+    fn large_results_are_bounded_by_bytes_and_pings_are_small() {
+        let small = StatusChange::of(&rec(1));
+        assert!(
+            small.bytes() < 400,
+            "a ping's change costs {} bytes",
+            small.bytes()
+        );
+        let log = EventLog::new(1_000_000);
+        let mut big = rec(1);
+        big.status = FlowStatus::Completed;
+        big.result = Some("x".repeat(1 << 20));
+        for _ in 0..40 {
+            log.publish(&big);
+        }
+        // 16 MiB hold 15 such changes: numbers 26 to 40.
+        assert!(log.read(24, 100, |_| true).gap);
+        let r = log.read(25, 100, |_| true);
+        assert!(!r.gap);
+        assert_eq!(r.events.len(), 15);
+        assert_eq!(
+            r.events[0].change.result.as_ref().map(String::len),
+            Some(1 << 20)
+        );
     }
 }

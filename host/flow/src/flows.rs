@@ -1,7 +1,7 @@
 //! What clients do with flows: start, kill, look up, list.
 
 use crate::{FlowEvent, FlowWorker, WorkerError};
-use braid_storage::{FlowPage, FlowRecord, Op};
+use braid_storage::{FlowPage, FlowRecord, LIST_POSITION_LEN, Op, list_position};
 use braid_types::{ClientRequestId, FlowId, FlowStart, FlowStatus, HoldingId, now_millis};
 
 /// Flows a listing looks at per request at most (a status filter that
@@ -180,9 +180,18 @@ impl FlowWorker {
         Ok(self.inner.store.flow_by_client(holding, id).await?)
     }
 
+    /// A flow's record: the running flow's from memory (its status can be
+    /// ahead of the store's), a finished one's from the store.
+    pub async fn flow(&self, id: &FlowId) -> Result<Option<FlowRecord>, WorkerError> {
+        if let Some(r) = self.inner.lock().flows.get(id) {
+            return Ok(Some(r.clone()));
+        }
+        Ok(self.inner.store.flow(id).await?)
+    }
+
     /// A page of a vnode's flows (responders included), oldest first,
     /// optionally only those with `status`; `after` is the previous page's
-    /// `next`.
+    /// `next` (a [`braid_storage::list_position`]).
     pub async fn list_flows(
         &self,
         holding: &HoldingId,
@@ -190,6 +199,14 @@ impl FlowWorker {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<FlowPage, WorkerError> {
+        if let Some(s) = status
+            && !s.is_terminal()
+        {
+            // Unfinished flows are all in memory, with their current
+            // status (the store's can lag: a flow runs before its first
+            // checkpoint). No need to scan the finished ones.
+            return Ok(self.unfinished_page(holding, s, after, limit));
+        }
         let mut page = self
             .inner
             .store
@@ -207,6 +224,40 @@ impl FlowWorker {
             }
         }
         Ok(page)
+    }
+
+    /// A page of a vnode's unfinished flows with `status`, from memory.
+    fn unfinished_page(
+        &self,
+        holding: &HoldingId,
+        status: FlowStatus,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> FlowPage {
+        let limit = limit.max(1);
+        let st = self.inner.lock();
+        let mut found: Vec<([u8; LIST_POSITION_LEN], &FlowRecord)> = st
+            .flows
+            .values()
+            .filter(|r| r.holding == *holding && r.status == status)
+            .map(|r| (list_position(r), r))
+            .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
+            .collect();
+        let more = found.len() > limit;
+        if more {
+            // Only the first `limit` need sorting (and copying).
+            found.select_nth_unstable_by_key(limit, |f| f.0);
+            found.truncate(limit);
+        }
+        found.sort_unstable_by_key(|f| f.0);
+        FlowPage {
+            next: if more {
+                found.last().map(|(k, _)| k.to_vec())
+            } else {
+                None
+            },
+            flows: found.into_iter().map(|(_, r)| r.clone()).collect(),
+        }
     }
 
     /// The unfinished flows of a vnode (from memory).

@@ -39,7 +39,7 @@ mod run;
 mod state;
 mod vnodes;
 
-pub use events::{EventLog, StatusEvent};
+pub use events::{EventLog, StatusChange, StatusEvent};
 pub use metrics::{FlowEvent, Histogram, Metrics};
 use state::State;
 
@@ -127,6 +127,8 @@ pub struct WorkerConfig {
     /// How long finished flows are kept (record, journal, result) before
     /// they are deleted.
     pub retention: Duration,
+    /// Status changes kept for status streams (see [`EventLog::new`]).
+    pub status_events: usize,
 }
 
 /// The flow worker of one node.
@@ -182,13 +184,14 @@ impl FlowWorker {
         remote: Option<Arc<dyn Remote>>,
     ) -> anyhow::Result<FlowWorker> {
         let snap = store.load().await?;
+        let events = EventLog::new(config.status_events);
         let inner = Arc::new(Inner {
             store: store.clone(),
             bus,
             runtime: runtime.clone(),
             config,
             state: Mutex::new(State::default()),
-            events: EventLog::default(),
+            events,
             metrics: Metrics::default(),
             remote,
             network: std::sync::OnceLock::new(),

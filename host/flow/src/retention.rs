@@ -57,10 +57,10 @@ pub(crate) async fn sweeper(w: FlowWorker) {
         if w.inner.lock().stopping {
             return;
         }
-        if let Err(e) = w.sweep_finished().await {
-            if let Some(note) = crate::FAULT_LOGS.allow("retention") {
-                tracing::warn!(cause = %e, "could not delete finished flows; will retry{note}");
-            }
+        if let Err(e) = w.sweep_finished().await
+            && let Some(note) = crate::FAULT_LOGS.allow("retention")
+        {
+            tracing::warn!(cause = %e, "could not delete finished flows; will retry{note}");
         }
         tokio::time::sleep(every).await;
     }

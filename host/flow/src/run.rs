@@ -267,8 +267,10 @@ impl FlowWorker {
                     _ => FlowEvent::Failed,
                 };
                 self.inner.metrics.count(rec.holding, ev);
-                self.inner.lock().forget_flow(&id);
+                // Published first: whoever finds the flow ended (no longer
+                // in memory) finds its last change in the event log too.
                 self.inner.events.publish(&rec);
+                self.inner.lock().forget_flow(&id);
                 Ok(())
             }
             Err(e) => {

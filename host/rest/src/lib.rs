@@ -11,9 +11,11 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use braid_flow::{FlowWorker, WorkerError};
+use braid_flow::{FlowWorker, StatusChange, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
-use braid_types::{Checksum, ClientRequestId, FlowStart, HoldingId, X500Name};
+use braid_types::{
+    Checksum, ClientRequestId, FlowFailure, FlowId, FlowStart, FlowStatus, HoldingId, X500Name,
+};
 use page::Page;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -243,25 +245,58 @@ fn flow_view(r: &FlowRecord) -> openapi::Flow {
     let client_request_id = match &r.start {
         FlowStart::Client {
             client_request_id, ..
-        } => Some(client_request_id.to_string()),
+        } => Some(client_request_id.as_str()),
         FlowStart::Responder { .. } => None,
     };
-    let result = r
-        .result
-        .as_deref()
-        .map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned())));
-    openapi::Flow {
-        holding_id: r.holding.to_string(),
+    view(
+        r.holding,
         client_request_id,
-        flow_id: r.id.to_string(),
-        flow_name: r.flow_name.clone(),
-        status: r.status,
-        result,
-        error: r.error.as_ref().map(|e| openapi::FlowError {
+        r.id,
+        &r.flow_name,
+        r.status,
+        r.result.as_deref(),
+        r.error.as_ref(),
+        r.updated_ms,
+    )
+}
+
+/// A flow as a status event shows it.
+fn change_view(c: &StatusChange) -> openapi::Flow {
+    view(
+        c.holding,
+        c.client_request_id.as_ref().map(ClientRequestId::as_str),
+        c.flow,
+        &c.flow_name,
+        c.status,
+        c.result.as_deref(),
+        c.error.as_ref(),
+        c.updated_ms,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn view(
+    holding: HoldingId,
+    client_request_id: Option<&str>,
+    flow: FlowId,
+    flow_name: &str,
+    status: FlowStatus,
+    result: Option<&str>,
+    error: Option<&FlowFailure>,
+    updated_ms: u64,
+) -> openapi::Flow {
+    openapi::Flow {
+        holding_id: holding.to_string(),
+        client_request_id: client_request_id.map(str::to_owned),
+        flow_id: flow.to_string(),
+        flow_name: flow_name.to_owned(),
+        status,
+        result: result.map(|s| serde_json::from_str(s).unwrap_or(Value::String(s.to_owned()))),
+        error: error.map(|e| openapi::FlowError {
             kind: e.kind,
             message: e.message.clone(),
         }),
-        timestamp: timestamp(r.updated_ms),
+        timestamp: timestamp(updated_ms),
     }
 }
 
@@ -342,7 +377,7 @@ async fn list_packages(
     let page = Page::from_query(&q)?;
     let mut all = c.worker.packages();
     all.sort_by_key(|p| p.checksum.to_string());
-    let after = page.after_str()?.map(str::to_owned);
+    let after = page.after_parsed::<Checksum>()?.map(|c| c.to_string());
     let items = all
         .iter()
         .map(|p| (p.checksum.to_string(), p))
@@ -400,7 +435,7 @@ async fn list_vnodes(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<openapi::VnodeList>, ApiError> {
     let page = Page::from_query(&q)?;
-    let after = page.after_str()?.map(str::to_owned);
+    let after = page.after_parsed::<X500Name>()?.map(|n| n.to_string());
     // Sorted by name, as `vnodes()` returns them.
     let all = c.worker.vnodes();
     let items = all
@@ -550,7 +585,7 @@ async fn start_flow(
         page::PageParams,
     ),
     responses(
-        (status = 200, description = "A page of the flows, oldest first", body = openapi::FlowList),
+        (status = 200, description = "A page of the flows, oldest first (by creation); with `status`, each flow's current status", body = openapi::FlowList),
         (status = 400, description = "Unknown status (`INVALID_STATUS`), bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
         (status = 404, description = "No such virtual node", body = openapi::Problem),
     ),
@@ -578,10 +613,8 @@ async fn list_flows(
             })?,
         ),
     };
-    let p = c
-        .worker
-        .list_flows(&h, want, page.after.as_deref(), page.limit)
-        .await?;
+    let after = page.after_bytes(braid_storage::LIST_POSITION_LEN)?;
+    let p = c.worker.list_flows(&h, want, after, page.limit).await?;
     Ok(Json(openapi::FlowList {
         flows: p.flows.iter().map(flow_view).collect(),
         next_cursor: p.next.as_deref().map(page::encode_cursor),
@@ -836,9 +869,10 @@ async fn kill_flow(
     summary = "Stream a flow's status changes (Server-Sent Events; ends when the flow ends)",
     description = "Each `status` event's data is a Flow; its `id` can be sent back as \
         `Last-Event-ID` to resume after a reconnect. The stream starts with the flow's current \
-        status (unless resuming). A `resync` event means events were missed (the client fell \
-        too far behind, or resumed from an id the node no longer holds): it is followed by the \
-        flow's current status.",
+        status and ends after its terminal one. Resuming gives exactly the events after the id \
+        (for a flow that has ended: its end if the client had not had it, else nothing). A \
+        `resync` event means events were missed (the client fell too far behind, or resumed \
+        from an id the node no longer holds): it is followed by the flow's current status.",
     params(
         ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
         ("client_request_id" = String, Path, description = "The clientRequestId the flow was started with"),

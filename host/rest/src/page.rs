@@ -61,6 +61,26 @@ impl Page {
         Ok(Page { limit, after })
     }
 
+    /// The `after` key, which must be `len` bytes long (for lists sorted
+    /// by a fixed-size key).
+    pub fn after_bytes(&self, len: usize) -> Result<Option<&[u8]>, ApiError> {
+        match &self.after {
+            None => Ok(None),
+            Some(b) if b.len() == len => Ok(Some(b)),
+            Some(_) => Err(invalid_cursor()),
+        }
+    }
+
+    /// The `after` key parsed as a `T` (for lists sorted by a name or
+    /// checksum: a cursor that is not one is not one this list handed
+    /// out).
+    pub fn after_parsed<T: std::str::FromStr>(&self) -> Result<Option<T>, ApiError> {
+        match self.after_str()? {
+            None => Ok(None),
+            Some(s) => s.parse().map(Some).map_err(|_| invalid_cursor()),
+        }
+    }
+
     /// The `after` key as UTF-8 text (for lists sorted by a name).
     pub fn after_str(&self) -> Result<Option<&str>, ApiError> {
         match &self.after {
@@ -151,6 +171,14 @@ mod tests {
         let c = encode_cursor(b"bob");
         let p = Page::from_query(&q(&[("cursor", &c)])).unwrap();
         assert_eq!(p.after_str().unwrap(), Some("bob"));
+        // A cursor must have the shape of the list's keys.
+        assert!(p.after_bytes(24).is_err());
+        assert_eq!(p.after_bytes(3).unwrap(), Some(&b"bob"[..]));
+        assert!(p.after_parsed::<u32>().is_err());
+        let p = Page::from_query(&q(&[("cursor", &encode_cursor(b"42"))])).unwrap();
+        assert_eq!(p.after_parsed::<u32>().unwrap(), Some(42));
+        let p = Page::from_query(&q(&[("cursor", &encode_cursor(&[0xff, 0xfe]))])).unwrap();
+        assert!(p.after_str().is_err(), "not UTF-8");
     }
 
     #[test]

@@ -6,11 +6,11 @@
 //! further behind than the log reaches back, or resumes from an id of
 //! another run, gets a `resync` event, never a silent gap.
 
-use crate::flow_view;
+use crate::change_view;
 use axum::http::HeaderMap;
 use axum::response::Sse;
 use axum::response::sse::{Event, KeepAlive, KeepAliveStream};
-use braid_flow::{EventLog, FlowWorker};
+use braid_flow::{EventLog, FlowWorker, StatusChange};
 use braid_storage::FlowRecord;
 use braid_types::{FlowId, HoldingId};
 use std::collections::VecDeque;
@@ -58,11 +58,11 @@ pub(crate) fn resume_point(headers: &HeaderMap, log: &EventLog) -> Resume {
     }
 }
 
-fn status_event(log: &EventLog, seq: u64, r: &FlowRecord) -> Event {
+fn status_event(log: &EventLog, seq: u64, c: &StatusChange) -> Event {
     Event::default()
         .event("status")
         .id(event_id(log, seq))
-        .json_data(flow_view(r))
+        .json_data(change_view(c))
         .unwrap_or_else(|_| Event::default().event("status").id(event_id(log, seq)))
 }
 
@@ -88,23 +88,27 @@ struct Follow {
     cursor: u64,
     pending: VecDeque<Event>,
     done: bool,
+    /// The followed flow had ended when the stream resumed: the stream
+    /// ends once it has sent what came after the client's id.
+    ended: bool,
     watch: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Follow {
-    fn keep(&self, r: &FlowRecord) -> bool {
+    fn keep(&self, c: &StatusChange) -> bool {
         match self.target {
-            Target::Flow(id) => r.id == id,
-            Target::Vnode(h) => r.holding == h,
+            Target::Flow(id) => c.flow == id,
+            Target::Vnode(h) => c.holding == h,
         }
     }
 
     /// The followed flow's current status, after a gap.
     async fn current_flow(&mut self, id: FlowId) {
         let log = self.worker.events();
-        match self.worker.store().flow(&id).await {
+        match self.worker.flow(&id).await {
             Ok(Some(r)) => {
-                self.pending.push_back(status_event(log, self.cursor, &r));
+                self.pending
+                    .push_back(status_event(log, self.cursor, &StatusChange::of(&r)));
                 if r.status.is_terminal() {
                     self.done = true;
                 }
@@ -149,13 +153,19 @@ impl Follow {
                 continue;
             }
             for e in &read.events {
-                self.pending.push_back(status_event(log, e.seq, &e.record));
-                if matches!(self.target, Target::Flow(_)) && e.record.status.is_terminal() {
+                self.pending.push_back(status_event(log, e.seq, &e.change));
+                if matches!(self.target, Target::Flow(_)) && e.change.status.is_terminal() {
                     self.done = true;
                     break;
                 }
             }
-            if self.pending.is_empty() && self.watch.changed().await.is_err() {
+            if self.ended && read.events.len() < BATCH {
+                // Read to the newest change of a flow that had ended: its
+                // end came at or before the client's id (sent already), or
+                // is queued now.
+                self.done = true;
+            }
+            if self.pending.is_empty() && !self.done && self.watch.changed().await.is_err() {
                 return None;
             }
         }
@@ -169,6 +179,7 @@ impl Follow {
             cursor: 0,
             pending: VecDeque::new(),
             done: false,
+            ended: false,
             watch: worker.events().watch(),
             worker: worker.clone(),
         }
@@ -193,26 +204,27 @@ pub(crate) fn follow_flow(
 ) -> Sse<KeepAliveStream<SseStream>> {
     let events = worker.events();
     let mut f = Follow::new(&worker, Target::Flow(current.id));
+    let shown = StatusChange::of(&current);
     match resume {
         Resume::Now(seq) => {
             f.cursor = seq;
-            f.pending.push_back(status_event(events, seq, &current));
+            f.pending.push_back(status_event(events, seq, &shown));
             f.done = current.status.is_terminal();
         }
         Resume::After(seq) => {
+            // What came after the id; for a flow that ended, that is its
+            // end if the client had not seen it, else nothing (the log
+            // holds a change before the flow counts as ended, and a gap
+            // gives the current status).
             f.cursor = seq;
-            // Already over: say how it ended and stop.
-            if current.status.is_terminal() {
-                f.pending.push_back(status_event(events, seq, &current));
-                f.done = true;
-            }
+            f.ended = current.status.is_terminal();
         }
         Resume::Lost => {
             let now = events.latest();
             f.cursor = now;
             f.pending
                 .push_back(resync_event(events, now, "the current status follows"));
-            f.pending.push_back(status_event(events, now, &current));
+            f.pending.push_back(status_event(events, now, &shown));
             f.done = current.status.is_terminal();
         }
     }

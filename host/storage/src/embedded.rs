@@ -70,6 +70,12 @@ const SCHEMA: &[u8] = b"2";
 /// Largest number of batches folded into one commit.
 const MAX_GROUP: usize = 4096;
 
+/// Memory for redb's page cache. Its default (1 GiB) is memory a node
+/// grows into as its store grows (finished flows stay for the retention);
+/// the hot pages of the indexes fit in this, the rest is read through the
+/// OS page cache.
+pub(super) const CACHE_BYTES: usize = 8 << 20;
+
 type Reply = oneshot::Sender<Result<(), StoreError>>;
 
 /// Answers a close request once the file is closed.
@@ -134,11 +140,7 @@ fn client_key(holding: &HoldingId, id: &ClientRequestId) -> Vec<u8> {
 }
 
 fn vnode_key(r: &FlowRecord) -> Vec<u8> {
-    let mut k = Vec::with_capacity(30);
-    k.extend_from_slice(r.holding.bytes());
-    k.extend_from_slice(&r.created_ms.to_be_bytes());
-    k.extend_from_slice(r.id.bytes());
-    k
+    [r.holding.bytes().as_slice(), &crate::list_position(r)].concat()
 }
 
 fn finished_key(r: &FlowRecord) -> [u8; 24] {
@@ -972,6 +974,7 @@ impl Store for EmbeddedStore {
                 inbox: n(INBOX)?,
                 outbox: n(OUTBOX)?,
                 kills: n(KILLS)?,
+                index_entries: n(BY_CLIENT)? + n(BY_VNODE)? + n(UNFINISHED)? + n(FINISHED)?,
             })
         })
     }
@@ -1022,6 +1025,118 @@ mod tests {
             init: None,
             body: Body::Data(vec![seq as u8]),
         }
+    }
+
+    fn flow(holding: HoldingId, created_ms: u64, status: FlowStatus) -> FlowRecord {
+        let mut r = FlowRecord::new(
+            FlowId::random(),
+            holding,
+            "ping".into(),
+            Checksum::of(b"p"),
+            FlowStart::Client {
+                client_request_id: format!("c{created_ms}").parse().unwrap(),
+                request_body: String::new(),
+            },
+            created_ms,
+            0,
+        );
+        r.status = status;
+        r.updated_ms = created_ms + 1;
+        r
+    }
+
+    /// Every page of `holding`'s flows with `status`, `limit` and `scan`.
+    async fn all_pages(
+        s: &EmbeddedStore,
+        holding: &HoldingId,
+        status: Option<FlowStatus>,
+        limit: usize,
+        scan: usize,
+    ) -> (Vec<FlowId>, usize) {
+        let (mut ids, mut pages, mut after) = (Vec::new(), 0, None::<Vec<u8>>);
+        loop {
+            let p = s
+                .list_flows(holding, status, after.as_deref(), limit, scan)
+                .await
+                .unwrap();
+            assert!(p.flows.len() <= limit);
+            pages += 1;
+            ids.extend(p.flows.iter().map(|f| f.id));
+            match p.next {
+                Some(n) => {
+                    assert_eq!(n.len(), crate::LIST_POSITION_LEN);
+                    after = Some(n);
+                }
+                None => return (ids, pages),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn pages_cover_every_flow_once_in_creation_order() {
+        let dir = tmpdir("pages");
+        let s = EmbeddedStore::open(&dir.join("db.redb")).unwrap();
+        let name = |o: &str| -> X500Name { format!("O={o}, L=L, C=GB").parse().unwrap() };
+        let (h, other) = (
+            HoldingId::derive(&name("A"), "g"),
+            HoldingId::derive(&name("B"), "g"),
+        );
+        let statuses = [
+            FlowStatus::Completed,
+            FlowStatus::Running,
+            FlowStatus::Failed,
+        ];
+        // Written out of order; listed by creation time.
+        let mut flows: Vec<FlowRecord> = (0..30u64)
+            .map(|i| flow(h, 1000 + (i * 7) % 30, statuses[i as usize % 3]))
+            .collect();
+        let ops = flows
+            .iter()
+            .chain([flow(other, 1010, FlowStatus::Completed)].iter())
+            .map(|f| Op::PutFlow(Box::new(f.clone())))
+            .collect();
+        s.write(ops).await.unwrap();
+        flows.sort_by_key(|f| f.created_ms);
+        let want: Vec<FlowId> = flows.iter().map(|f| f.id).collect();
+        for limit in [1, 7, 30, 1000] {
+            let (got, pages) = all_pages(&s, &h, None, limit, 10_000).await;
+            assert_eq!(got, want, "limit {limit}");
+            assert_eq!(pages, 30usize.div_ceil(limit).max(1), "limit {limit}");
+        }
+        // A filter that scans a few entries per call: short pages with a
+        // cursor, and together exactly the matching flows.
+        let completed: Vec<FlowId> = flows
+            .iter()
+            .filter(|f| f.status == FlowStatus::Completed)
+            .map(|f| f.id)
+            .collect();
+        for (limit, scan) in [(1, 1), (2, 5), (100, 4), (100, 10_000)] {
+            let (got, _) = all_pages(&s, &h, Some(FlowStatus::Completed), limit, scan).await;
+            assert_eq!(got, completed, "limit {limit} scan {scan}");
+        }
+        let (got, _) = all_pages(&s, &h, Some(FlowStatus::Killed), 10, 3).await;
+        assert!(got.is_empty());
+        // After the last flow: an empty page, no cursor.
+        let last = crate::list_position(flows.last().unwrap());
+        let p = s.list_flows(&h, None, Some(&last), 10, 100).await.unwrap();
+        assert!(p.flows.is_empty() && p.next.is_none());
+        // Ended flows by end time; deleting them empties every index.
+        let ended = s.finished_before(u64::MAX, 100).await.unwrap();
+        assert_eq!(ended.len(), 21, "completed and failed ones");
+        assert!(ended.windows(2).all(|w| w[0].updated_ms <= w[1].updated_ms));
+        let before = s.stats().await.unwrap();
+        s.write(
+            ended
+                .into_iter()
+                .map(|f| Op::DeleteFlow(Box::new(f)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let after = s.stats().await.unwrap();
+        assert_eq!((before.flows, after.flows), (31, 10));
+        // by_client + by_vnode + unfinished for each of the 10 running ones.
+        assert_eq!(after.index_entries, 30);
     }
 
     #[tokio::test]

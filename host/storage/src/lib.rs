@@ -94,6 +94,9 @@ pub struct StoreStats {
     pub outbox: u64,
     /// Kills requested and not yet carried out.
     pub kills: u64,
+    /// Entries of the flow indexes (by client request id, by vnode,
+    /// unfinished, finished by end time).
+    pub index_entries: u64,
 }
 
 /// One page of a vnode's flows, oldest first.
@@ -299,6 +302,19 @@ pub trait Store: Send + Sync + 'static {
     /// Finishes the writes in flight and closes the store cleanly; later
     /// calls fail with [`StoreError::Closed`].
     async fn close(&self);
+}
+
+/// Length of a [`list_position`].
+pub const LIST_POSITION_LEN: usize = 24;
+
+/// Where a flow stands in its vnode's list, oldest first: its creation
+/// time (ms, big-endian), then its id. A [`FlowPage::next`] is the
+/// position of the last flow of the page.
+pub fn list_position(r: &FlowRecord) -> [u8; LIST_POSITION_LEN] {
+    let mut k = [0u8; LIST_POSITION_LEN];
+    k[..8].copy_from_slice(&r.created_ms.to_be_bytes());
+    k[8..].copy_from_slice(r.id.bytes());
+    k
 }
 
 /// The byte that stands for a status in the store's indexes.

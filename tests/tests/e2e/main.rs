@@ -13,14 +13,17 @@ mod network;
 mod network_attacks;
 mod nondeterminism;
 mod openapi;
+mod pagination;
 mod rbac;
 mod rbac_logins;
 mod rest_input;
+mod retention;
 mod sandbox;
 mod sandbox_cpu;
 mod sandbox_limits;
 mod sandbox_waits;
 mod storage_faults;
+mod streams;
 
 use braid_e2e::{Api, FlowStatus};
 use serde_json::{Value, json};

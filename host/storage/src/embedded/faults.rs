@@ -146,6 +146,7 @@ pub(super) fn open_db(path: &Path, why: Opening) -> Result<Database, StoreError>
     }
     guarded(path, || {
         Database::builder()
+            .set_cache_size(super::CACHE_BYTES)
             .set_repair_callback(move |s| {
                 if s.progress() == 0.0 {
                     match why {
