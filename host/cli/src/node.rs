@@ -358,6 +358,9 @@ impl Node {
     /// to the store finish and the store is closed cleanly, so the next
     /// start needs no repair. Flows resume from their last checkpoint.
     pub async fn shutdown(mut self) {
+        // Status streams never end by themselves: end them first so that
+        // the REST server can drain at once.
+        self.worker.events().close();
         if let Some(stop) = self.stop_rest.take() {
             let _ = stop.send(());
         }

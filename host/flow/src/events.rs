@@ -122,6 +122,7 @@ pub struct EventLog {
     capacity: usize,
     latest: watch::Sender<u64>,
     run: u64,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Default for EventLog {
@@ -142,7 +143,23 @@ impl EventLog {
             capacity: capacity.max(1),
             latest: watch::channel(0).0,
             run: rand::random::<u64>() >> 16,
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Ends every stream that reads the log (at shutdown: clients
+    /// reconnect to the next run and resume with `Last-Event-ID`, which
+    /// then says `resync`).
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let latest = *self.latest.borrow();
+        self.latest.send_replace(latest);
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A number that differs between runs of the node: event numbers start

@@ -126,7 +126,7 @@ impl Follow {
             if let Some(e) = self.pending.pop_front() {
                 return Some(e);
             }
-            if self.done {
+            if self.done || self.worker.events().is_closed() {
                 return None;
             }
             // Seen before reading, so a publish after the read wakes us.
