@@ -46,11 +46,11 @@ pub struct BenchArgs {
     /// pings, at most `--in-flight` unfinished.
     #[arg(long)]
     pub network: bool,
-    /// Soak mode instead: run pings on one node until N1, then N2 of them
-    /// have finished (e.g. `--soak 2000,20000`), and after each print the
-    /// node's resident memory, then stop it and time a restart (a
-    /// `braid node start` child on the same data directory: until it
-    /// listens, and its resident memory then).
+    /// Soak mode instead: a `braid node start` child driven over HTTPS
+    /// runs pings until N1, N2, ... of them have finished (e.g.
+    /// `--soak 2000,20000`, at most `--in-flight` unfinished); after each
+    /// point it prints the node's resident memory and CPU time per ping,
+    /// stops it with SIGTERM and times a restart on the same data.
     #[arg(long, value_delimiter = ',')]
     pub soak: Option<Vec<usize>>,
 }
@@ -288,124 +288,274 @@ fn rss_of(pid: u32) -> u64 {
         * 1024
 }
 
-/// Soak figures: memory after N finished flows for each N, and a restart
-/// after them.
+/// Soak figures: a `braid node start` child driven over its REST API
+/// (HTTPS), completions counted from its status stream; after each point
+/// N of `points` finished pings, the child's resident memory and CPU time,
+/// then a graceful stop and a timed restart on the same data.
 async fn soak(
     dir: &Path,
     wasm: &Path,
     points: &[usize],
     in_flight: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let mut next = Some(pair(dir, wasm, 2000).await?);
-    let args = NodeArgs::local(dir.to_path_buf());
-    let mut done = 0usize;
-    let mut out = Vec::new();
-    for (round, &n) in points.iter().enumerate() {
+    let (dir, wasm, points) = (dir.to_path_buf(), wasm.to_path_buf(), points.to_vec());
+    tokio::task::spawn_blocking(move || soak_over_rest(&dir, &wasm, &points, in_flight.max(1)))
+        .await?
+}
+
+const SOAK_PASSWORD: &str = "bench-password";
+
+/// A `braid node start` child on `dir`.
+struct ChildNode {
+    child: std::process::Child,
+    url: String,
+    /// From spawning until its health check answered.
+    startup: Duration,
+}
+
+impl ChildNode {
+    fn start(dir: &Path) -> anyhow::Result<ChildNode> {
+        let exe = std::env::current_exe()?;
+        let _ = std::fs::remove_file(dir.join("rest.url"));
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("node.log"))?;
+        let t0 = Instant::now();
+        let mut child = std::process::Command::new(&exe)
+            .args(["node", "start", "--data-dir"])
+            .arg(dir)
+            .args(["--rest-addr", "127.0.0.1:0"])
+            .env("BRAID_ADMIN_PASSWORD", SOAK_PASSWORD)
+            .stderr(log)
+            .spawn()?;
+        let url = loop {
+            if let Ok(u) = std::fs::read_to_string(dir.join("rest.url")) {
+                break u.trim().to_string();
+            }
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("the node exited ({status}); see {}/node.log", dir.display());
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(120),
+                "the node did not start; see {}/node.log",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let c = soak_client(&url, dir)?;
+        while c.get("/api/v1/health").is_err() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(ChildNode {
+            child,
+            url,
+            startup: t0.elapsed(),
+        })
+    }
+
+    /// SIGTERM, and wait for it to exit.
+    fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: kill(2) on our own child.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let status = self.child.wait()?;
         anyhow::ensure!(
-            n > done,
+            status.success(),
+            "the node exited with {status} after SIGTERM"
+        );
+        Ok(())
+    }
+}
+
+fn soak_client(url: &str, dir: &Path) -> anyhow::Result<crate::client::Client> {
+    crate::client::Client::new(
+        url.to_string(),
+        Some(&dir.join("tls/ca.pem")),
+        "admin".into(),
+        SOAK_PASSWORD.into(),
+    )
+}
+
+/// User + system CPU time of process `pid`, from /proc/<pid>/stat.
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Counts Alice's pings that ended, from her vnode's status stream (a
+/// `resync` recounts from the listing).
+fn count_ends(
+    c: &crate::client::Client,
+    alice: &str,
+    ended: &std::sync::atomic::AtomicUsize,
+    failed: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let path = format!("/api/v1/flow/{alice}/events");
+    for ev in c.events(&path, None, Duration::from_secs(3600))? {
+        let ev = match ev {
+            Ok(e) => e,
+            // The node stopped: the stream ends.
+            Err(_) => return Ok(()),
+        };
+        match ev.event.as_str() {
+            "status" => {
+                let v: serde_json::Value = serde_json::from_str(&ev.data)?;
+                let st = v["status"].as_str().unwrap_or_default();
+                if v["clientRequestId"].is_string()
+                    && ["COMPLETED", "FAILED", "KILLED"].contains(&st)
+                {
+                    ended.fetch_add(1, Ordering::Relaxed);
+                    if st != "COMPLETED" {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            "resync" => {
+                let mut n = 0;
+                for status in ["COMPLETED", "FAILED", "KILLED"] {
+                    let all =
+                        c.get_all(&format!("/api/v1/flow/{alice}?status={status}"), "flows")?;
+                    n += all["flows"].as_array().map_or(0, Vec::len);
+                }
+                ended.store(n, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn soak_over_rest(
+    dir: &Path,
+    wasm: &Path,
+    points: &[usize],
+    in_flight: usize,
+) -> anyhow::Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut node = ChildNode::start(dir)?;
+    let c = soak_client(&node.url, dir)?;
+    let pkg = c.post_bytes("/api/v1/package", "application/wasm", std::fs::read(wasm)?)?;
+    let checksum = pkg["checksum"].as_str().context("checksum")?.to_string();
+    let mut alice = String::new();
+    for name in [ALICE, BOB] {
+        let v = c.post(
+            "/api/v1/virtualnode",
+            &serde_json::json!({"x500Name": name, "packageChecksum": checksum}),
+        )?;
+        if name == ALICE {
+            alice = v["holdingId"].as_str().context("holdingId")?.to_string();
+        }
+    }
+    let ended = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut out = Vec::new();
+    let mut submitted = 0usize;
+    for &n in points {
+        anyhow::ensure!(
+            n > submitted,
             "--soak takes growing numbers of pings, e.g. --soak 2000,20000 (got {points:?})"
         );
-        let p = next.take().expect("a node for every round");
-        let cpu0 = cpu_seconds();
+        // A fresh stream per run of the node (it ends when the node stops).
+        let watcher = {
+            let (c, alice, ended, failed) = (
+                soak_client(&node.url, dir)?,
+                alice.clone(),
+                ended.clone(),
+                failed.clone(),
+            );
+            std::thread::spawn(move || count_ends(&c, &alice, &ended, &failed))
+        };
+        let pid = node.child.id();
+        let cpu0 = cpu_seconds_of(pid);
         let t = Instant::now();
-        run_pings(
-            &p,
-            &format!("soak{round}"),
-            n - done,
-            in_flight.min(n - done).max(1),
-        )
-        .await?;
+        // Submit from a few threads (each request waits for its answer),
+        // keeping at most `in_flight` pings unfinished.
+        let next = Arc::new(AtomicUsize::new(submitted));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (next, ended) = (next.clone(), ended.clone());
+                let (c, alice) = (soak_client(&node.url, dir), alice.clone());
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    let c = c?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        while i >= ended.load(Ordering::Relaxed) + in_flight {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                        c.post(
+                            &format!("/api/v1/flow/{alice}"),
+                            &serde_json::json!({
+                                "clientRequestId": format!("soak-{i}"),
+                                "flowName": "ping",
+                                "requestBody": {"counterparty": BOB, "n": i, "delayMs": 0},
+                            }),
+                        )?;
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join()
+                .map_err(|_| anyhow::anyhow!("a submitting thread panicked"))??;
+        }
+        while ended.load(Ordering::Relaxed) < n {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(1800),
+                "only {} of {n} pings ended",
+                ended.load(Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let wall = t.elapsed().as_secs_f64();
-        let cpu = cpu_seconds() - cpu0;
-        let pings = n - done;
-        done = n;
-        let rss = rss_bytes();
-        let unfinished = p.node.worker.counts().1;
-        eprintln!("soak: {n} pings finished, {} MiB resident", rss >> 20);
-        // Stop the node and time a fresh process starting on its data.
-        p.node.shutdown().await;
-        let (startup_ms, child_rss) = restart_child(dir).await?;
+        let cpu = cpu_seconds_of(pid) - cpu0;
+        let pings = n - submitted;
+        submitted = n;
+        let rss = rss_of(pid);
+        eprintln!("soak: {n} pings finished, node resident {} MiB", rss >> 20);
+        node.stop()?;
+        watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the stream reader panicked"))??;
+        node = ChildNode::start(dir)?;
+        let restart_rss = rss_of(node.child.id());
         eprintln!(
-            "soak: restart after {n} pings: listening in {startup_ms} ms, {} MiB",
-            child_rss >> 20
+            "soak: restarted after {n} pings: answering in {} ms, resident {} MiB",
+            node.startup.as_millis(),
+            restart_rss >> 20
         );
         out.push(serde_json::json!({
             "finishedPings": n,
             "finishedFlows": 2 * n,
-            "unfinishedFlowsInMemory": unfinished,
-            "rssBytes": rss,
+            "nodeRssBytes": rss,
             "pingsPerSec": (pings as f64 / wall).round(),
-            "processCpuSecondsPerPing": (cpu / pings.max(1) as f64 * 1e6).round() / 1e6,
-            "restart": {"startupMs": startup_ms, "rssBytes": child_rss},
+            "nodeCpuSecondsPerPing": (cpu / pings as f64 * 1e6).round() / 1e6,
+            "restart": {"startupMs": node.startup.as_millis(), "nodeRssBytes": restart_rss},
+            "storeFileBytes": std::fs::metadata(dir.join("braid.redb")).map(|m| m.len()).unwrap_or(0),
         }));
-        if round + 1 < points.len() {
-            next = Some(Pair {
-                node: node::start(&args).await?,
-                alice: p.alice,
-            });
-        }
     }
+    node.stop()?;
+    anyhow::ensure!(
+        failed.load(Ordering::Relaxed) == 0,
+        "{} pings did not complete",
+        failed.load(Ordering::Relaxed)
+    );
     Ok(serde_json::json!({
         "mode": "soak",
         "inFlight": in_flight,
         "points": out,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     }))
-}
-
-/// Starts `braid node start` on `dir`; returns the time until it listens
-/// (its REST URL written and health answering) and its resident memory
-/// then; stops it with SIGTERM.
-async fn restart_child(dir: &Path) -> anyhow::Result<(u128, u64)> {
-    let exe = std::env::current_exe()?;
-    let _ = std::fs::remove_file(dir.join("rest.url"));
-    let log = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("restart.log"))?;
-    let t0 = Instant::now();
-    let mut child = std::process::Command::new(&exe)
-        .args(["node", "start", "--data-dir"])
-        .arg(dir)
-        .args(["--rest-addr", "127.0.0.1:0"])
-        .env("BRAID_ADMIN_PASSWORD", "bench-password")
-        .stderr(log)
-        .spawn()?;
-    let url = loop {
-        if let Ok(u) = std::fs::read_to_string(dir.join("rest.url")) {
-            break u;
-        }
-        anyhow::ensure!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the node did not start; see {}/restart.log",
-            dir.display()
-        );
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "the node exited ({status}); see {}/restart.log",
-                dir.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
-    let http = crate::client::async_client(&dir.join("tls/ca.pem"))?;
-    loop {
-        if let Ok(r) = http.get(format!("{url}/api/v1/health")).send().await
-            && r.status().is_success()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let startup = t0.elapsed().as_millis();
-    let rss = rss_of(child.id());
-    // SAFETY: kill(2) on our own child.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
-    }
-    child.wait()?;
-    Ok((startup, rss))
 }
 
 /// The sum over `nodes` of the counters named `names`, from their
