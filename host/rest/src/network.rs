@@ -1,13 +1,15 @@
 //! The application network as this node sees it, and the operator's
 //! approval of registrations.
 
+use crate::page::Page;
 use crate::{ApiError, Ctx};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use braid_flow::MemberSummary;
 use braid_types::X500Name;
 use serde::Serialize;
+use std::collections::HashMap;
 use utoipa::ToSchema;
 
 /// A member of the network map.
@@ -48,8 +50,35 @@ pub struct NetworkView {
     pub map_version: u64,
     /// Whether this node runs the network-map (operator) role.
     pub operator: bool,
-    /// The members in that map.
+    /// A page of the members in that map, by name.
     pub members: Vec<Member>,
+    /// Pass as `cursor` for the next page of members; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// A page of registrations waiting for approval, by name.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingList {
+    /// The registrations.
+    pub members: Vec<Member>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One page of `members`, sorted by name.
+fn page_of(
+    mut members: Vec<MemberSummary>,
+    page: &Page,
+) -> Result<(Vec<Member>, Option<String>), ApiError> {
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    // Names are X.500 names: a cursor that is not one was not handed out.
+    let after = page.after_parsed::<X500Name>()?.map(|n| n.to_string());
+    let items = members
+        .into_iter()
+        .filter(|m| after.as_deref().is_none_or(|a| m.name.as_str() > a))
+        .map(|m| (m.name.clone(), Member::from(m)));
+    Ok(page.take(items))
 }
 
 /// The node's network services if it runs the network-map role.
@@ -70,14 +99,20 @@ fn operator(c: &Ctx) -> Result<&std::sync::Arc<dyn braid_flow::Network>, ApiErro
     get,
     path = "/api/v1/network",
     tag = "network",
-    summary = "The network map as this node holds it",
+    summary = "The network map as this node holds it (members paginated, by name)",
+    params(crate::page::PageParams),
     responses(
         (status = 200, description = "The node's view of its network", body = NetworkView),
+        (status = 400, description = "Bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = crate::openapi::Problem),
         (status = 401, description = "Missing or wrong credentials", body = crate::openapi::Problem),
         (status = 403, description = "Not permitted", body = crate::openapi::Problem),
     ),
 )]
-pub(crate) async fn network(State(c): State<Ctx>) -> Result<Json<NetworkView>, ApiError> {
+pub(crate) async fn network(
+    State(c): State<Ctx>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<NetworkView>, ApiError> {
+    let page = Page::from_query(&q)?;
     Ok(Json(match c.worker.network() {
         None => NetworkView {
             configured: false,
@@ -85,15 +120,18 @@ pub(crate) async fn network(State(c): State<Ctx>) -> Result<Json<NetworkView>, A
             map_version: 0,
             operator: false,
             members: Vec::new(),
+            next_cursor: None,
         },
         Some(n) => {
             let s = n.summary();
+            let (members, next_cursor) = page_of(s.members, &page)?;
             NetworkView {
                 configured: true,
                 group: s.group,
                 map_version: s.map_version,
                 operator: s.operator,
-                members: s.members.into_iter().map(Member::from).collect(),
+                members,
+                next_cursor,
             }
         }
     }))
@@ -103,17 +141,27 @@ pub(crate) async fn network(State(c): State<Ctx>) -> Result<Json<NetworkView>, A
     get,
     path = "/api/v1/network/pending",
     tag = "network",
-    summary = "Registrations waiting for the operator's approval (network-map node only)",
+    summary = "Registrations waiting for the operator's approval (network-map node only; paginated, by name)",
+    params(crate::page::PageParams),
     responses(
-        (status = 200, description = "Pending registrations", body = Vec<Member>),
+        (status = 200, description = "A page of pending registrations", body = PendingList),
+        (status = 400, description = "Bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = crate::openapi::Problem),
         (status = 401, description = "Missing or wrong credentials", body = crate::openapi::Problem),
         (status = 403, description = "Not permitted", body = crate::openapi::Problem),
         (status = 409, description = "This node does not run the network-map role (`NOT_NETWORK_OPERATOR`)", body = crate::openapi::Problem),
     ),
 )]
-pub(crate) async fn pending(State(c): State<Ctx>) -> Result<Json<Vec<Member>>, ApiError> {
+pub(crate) async fn pending(
+    State(c): State<Ctx>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<PendingList>, ApiError> {
+    let page = Page::from_query(&q)?;
     let n = operator(&c)?;
-    Ok(Json(n.pending()?.into_iter().map(Member::from).collect()))
+    let (members, next_cursor) = page_of(n.pending()?, &page)?;
+    Ok(Json(PendingList {
+        members,
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(

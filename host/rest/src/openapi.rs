@@ -459,8 +459,11 @@ pub struct UserPermissions {
     pub login_name: String,
     /// Names of the roles held.
     pub roles: Vec<String>,
-    /// Every permission of those roles.
+    /// A page of the permissions of those roles, role by role.
     pub permissions: Vec<UserPermission>,
+    /// Pass as `cursor` for the next page of permissions; `null` on the
+    /// last page.
+    pub next_cursor: Option<String>,
 }
 
 /// Role templates.

@@ -454,8 +454,7 @@ fn manual_approval_and_restart_while_the_map_server_is_down() {
             let r = op
                 .get("/api/v1/network/pending")
                 .map_err(|e| e.to_string())?;
-            let names: Vec<&str> = r
-                .json
+            let names: Vec<&str> = r.json["members"]
                 .as_array()
                 .map(|a| a.iter().filter_map(|m| m["name"].as_str()).collect())
                 .unwrap_or_default();
@@ -507,6 +506,11 @@ fn manual_approval_and_restart_while_the_map_server_is_down() {
         "beta lost the map across a restart: {}",
         view.text
     );
+    // The members are paginated like every list.
+    let one = crate::pagination::walk(n2.api(), "/api/v1/network", "members", 1, true);
+    let names: Vec<&str> = one.iter().filter_map(|m| m["name"].as_str()).collect();
+    assert_eq!(names.len(), 2, "members a page at a time: {one:?}");
+    assert!(names.contains(&ALICE) && names.contains(&BOB), "{names:?}");
     n2.api()
         .start_flow(&alice, "a2", "ping", &crate::ping_body(BOB, 2, 0));
     crate::assert_ping_ok(&n2.api().wait_terminal(&alice, "a2"), 2, BOB);

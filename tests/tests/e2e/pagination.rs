@@ -263,6 +263,14 @@ fn every_list_pages_through_every_item_once_in_order() {
         sorted.sort();
         assert_eq!(roles, sorted, "roles in order, limit {limit}");
         assert_eq!(roles.len(), 4 + 5, "built-in and created roles: {roles:?}");
+        let path = "/api/v1/user/admin/permissions";
+        let all_perms = walk(&api, path, "permissions", 1000, true);
+        assert!(all_perms.len() >= 5, "admin's permissions: {all_perms:?}");
+        assert_eq!(
+            walk(&api, path, "permissions", limit, true),
+            all_perms,
+            "admin's permissions, limit {limit}"
+        );
     }
     // Without a limit: 100 per page.
     let resp = api.get("/api/v1/package").expect("list");

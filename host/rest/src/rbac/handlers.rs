@@ -583,34 +583,50 @@ async fn revoke_role(
     get,
     path = "/api/v1/user/{login}/permissions",
     tag = "users",
-    summary = "A user's effective permissions",
+    summary = "A user's effective permissions (paginated)",
     params(
         ("login" = String, Path, description = "Login name"),
+        crate::page::PageParams,
     ),
     responses(
-        (status = 200, description = "The permissions of every role the user holds", body = openapi::UserPermissions),
+        (status = 200, description = "A page of the permissions of every role the user holds", body = openapi::UserPermissions),
+        (status = 400, description = "Bad `limit` (`INVALID_LIMIT`) or `cursor` (`INVALID_CURSOR`)", body = openapi::Problem),
         (status = 404, description = "No such user", body = openapi::Problem),
     ),
 )]
 async fn user_permissions(
     State(c): State<Ctx>,
     Path(login): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<openapi::UserPermissions>, ApiError> {
+    let page = crate::page::Page::from_query(&q)?;
+    // Position in the list (role by role, in order), as 4 bytes.
+    let after = page
+        .after_bytes(4)?
+        .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize);
     let s = c.auth.snapshot();
     let u = user(&s, &login)?;
-    let permissions = s
+    let items = s
         .permissions_of(&login)
         .into_iter()
-        .map(|(role, p)| openapi::UserPermission {
-            role: role.to_owned(),
-            permission_type: permission_type(p.kind),
-            pattern: p.pattern.clone(),
-        })
-        .collect();
+        .enumerate()
+        .filter(|(i, _)| after.is_none_or(|a| *i > a))
+        .map(|(i, (role, p))| {
+            (
+                (i as u32).to_be_bytes(),
+                openapi::UserPermission {
+                    role: role.to_owned(),
+                    permission_type: permission_type(p.kind),
+                    pattern: p.pattern.clone(),
+                },
+            )
+        });
+    let (permissions, next_cursor) = page.take(items);
     Ok(Json(openapi::UserPermissions {
         login_name: u.login.clone(),
         roles: u.roles.iter().cloned().collect(),
         permissions,
+        next_cursor,
     }))
 }
 
