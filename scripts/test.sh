@@ -20,6 +20,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/braid/target}"
 export BRAID_WASM_TARGET_DIR="${BRAID_WASM_TARGET_DIR:-$HOME/.cache/braid/wasm-target}"
 
 bash scripts/ensure-wasm-target.sh
+bash scripts/ensure-build-deps.sh
+# The Kafka-API broker the cluster-mode tests start (built once per machine,
+# ~8 min cold); built here so that no test waits on it under a timeout.
+bash scripts/ensure-tansu.sh >/dev/null
 
 echo "==> host: fmt and clippy" >&2
 cargo fmt --all --check

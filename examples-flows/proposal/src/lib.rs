@@ -9,6 +9,11 @@
 //! its session uses the caller's protocol ("proposal"); `fetch_receipt` is an
 //! `#[initiating_flow]` of its own, so while it runs its session uses
 //! "proposal-receipt".
+//!
+//! `tally` (protocol "proposal-tally" v1, body `{"counterparty": "<X.500>",
+//! "items": n}`) sends n messages in a row and returns the numbers its
+//! counterparty read, in order: it shows that a session stays ordered when
+//! its messages arrive out of order.
 
 use std::collections::BTreeMap;
 
@@ -137,4 +142,38 @@ fn sign_receipt(session: Session) -> braid_sdk::Result<()> {
     Ok(())
 }
 
-braid_sdk::export_flows!(propose, vote, fetch_receipt, sign_receipt);
+/// Body of `tally`.
+#[derive(Debug, Deserialize)]
+struct TallyArgs {
+    counterparty: String,
+    items: u32,
+}
+
+/// Sends `items` numbered messages in a row (one checkpoint, so they travel
+/// together and may arrive in any order), then returns what the
+/// counterparty received, in the order its flow read them: sessions are
+/// ordered, so that is always 0, 1, 2, ...
+#[braid_sdk::initiating_flow(protocol = "proposal-tally", version = 1)]
+fn tally(args: TallyArgs) -> braid_sdk::Result<Vec<u32>> {
+    let session = Session::initiate(&args.counterparty)?;
+    session.send(&args.items)?;
+    for i in 0..args.items {
+        session.send(&i)?;
+    }
+    let seen: Vec<u32> = session.receive()?;
+    Ok(seen)
+}
+
+/// Reads the count, then that many numbers, and sends back what it read.
+#[braid_sdk::responder_flow(protocol = "proposal-tally", version = 1)]
+fn count_items(session: Session) -> braid_sdk::Result<()> {
+    let n: u32 = session.receive()?;
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        seen.push(session.receive::<u32>()?);
+    }
+    session.send(&seen)?;
+    Ok(())
+}
+
+braid_sdk::export_flows!(propose, vote, fetch_receipt, sign_receipt, tally, count_items);

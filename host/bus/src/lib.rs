@@ -4,8 +4,16 @@
 //! produced it has committed (transactional outbox); whoever consumes the
 //! bus delivers it durably and then deletes the outbox entry. Delivery is
 //! at-least-once: receivers drop duplicates by `(session, direction, seq)`.
-//! [`InProcessBus`] serves the embedded node; a Kafka implementation slots in
-//! behind the same trait for cluster mode.
+//! [`InProcessBus`] serves the embedded node today.
+//!
+//! [`topics`] is the bus the workers move onto for cluster mode: named,
+//! partitioned topics of keyed records, consumer groups, commits after the
+//! effect is durable. [`memory::MemoryBus`] implements it in process and
+//! the `braid-bus-kafka` crate on Kafka. Until the flow worker consumes
+//! its input from it, the two live side by side.
+
+pub mod memory;
+pub mod topics;
 
 use braid_types::SessionMessage;
 use tokio::sync::mpsc;

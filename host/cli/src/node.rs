@@ -489,6 +489,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             group: args.group.clone(),
             retention: Duration::from_secs(args.flow_retention_secs),
             status_events: args.status_events,
+            early_message_ttl: Duration::from_secs(args.message_ttl_secs),
         },
         joining.as_ref().map(|j| j.remote()),
     )

@@ -10,6 +10,18 @@ use braid_storage::{FlowRecord, Op, StoreError};
 use braid_types::{Body, FlowId, FlowStart, SessionFault, SessionMessage, now_millis};
 use std::collections::HashMap;
 
+/// Flows of this node with messages that arrived before their session-init
+/// (their inbox waits for the init): beyond this many, further such
+/// messages from other nodes are refused (not acknowledged, so their
+/// sender retries), so that a peer cannot fill the disk with messages for
+/// sessions that never start. Messages from this node's own flows are
+/// always kept.
+pub(crate) const MAX_EARLY_FLOWS: usize = 10_000;
+
+/// A delivery that must wait: too many flows have early messages waiting.
+#[derive(Debug)]
+pub(crate) struct TooManyEarly;
+
 /// The store writes and follow-ups that deliver messages to flows of this
 /// node. Planned under the state lock, written in one transaction (with
 /// whatever else the caller commits), applied after the commit.
@@ -27,30 +39,55 @@ impl Delivery {
     /// Flows that ended get nothing; a session-init for a flow id that is
     /// neither running nor known to have ended must have been checked
     /// against the store first ([`FlowWorker::learn_finished`]).
-    pub fn plan(&mut self, w: &FlowWorker, st: &mut State, m: &SessionMessage) {
+    ///
+    /// A message that arrives before its session's init (messages of one
+    /// session may overtake each other between nodes) goes into the inbox
+    /// of the flow the init will start, and waits there; when the init
+    /// arrives, the new flow reads them in sequence order. With `bounded`
+    /// (messages from other nodes) that is refused once
+    /// [`MAX_EARLY_FLOWS`] flows have early messages waiting.
+    pub fn plan(
+        &mut self,
+        w: &FlowWorker,
+        st: &mut State,
+        m: &SessionMessage,
+        bounded: bool,
+    ) -> Result<(), TooManyEarly> {
         let dest = m.destination_flow();
         if st.flows.contains_key(&dest) || self.created.contains_key(&dest) {
             self.ops.push(Op::PutInbox(Box::new(m.clone())));
             self.wake.push(m.clone());
-            return;
+            return Ok(());
         }
         if st.finished.contains(&dest) {
             tracing::debug!(flow_id = %dest, "dropping message for finished flow");
-            return;
+            return Ok(());
         }
         if st.creating.contains(&dest) {
             // Another delivery is creating it: the message waits in its
             // inbox, which the flow reads when it first runs.
             self.ops.push(Op::PutInbox(Box::new(m.clone())));
-            return;
+            return Ok(());
+        }
+        if !st.vnodes.contains_key(&m.to.holding) {
+            tracing::warn!(holding = %m.to.holding, "dropping message for unknown vnode");
+            return Ok(());
         }
         let Some(init) = &m.init else {
-            tracing::warn!(flow_id = %dest, session = %m.session, "dropping message for unknown flow (no session-init)");
-            return;
+            if !st.early.contains_key(&dest) {
+                if bounded && st.early.len() >= MAX_EARLY_FLOWS {
+                    return Err(TooManyEarly);
+                }
+                st.early.insert(dest, now_millis());
+            }
+            tracing::debug!(flow_id = %dest, session = %m.session, seq = m.seq,
+                "message before its session-init: kept until the init arrives");
+            self.ops.push(Op::PutInbox(Box::new(m.clone())));
+            return Ok(());
         };
         let Some(v) = st.vnodes.get(&m.to.holding) else {
             tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
-            return;
+            return Ok(());
         };
         let responder = w
             .inner
@@ -71,7 +108,7 @@ impl Delivery {
             };
             self.ops.push(Op::PutOutbox(Box::new(reply.clone())));
             self.replies.push(reply);
-            return;
+            return Ok(());
         };
         let rec = FlowRecord::new(
             dest,
@@ -90,8 +127,10 @@ impl Delivery {
         self.ops.push(Op::PutFlow(Box::new(rec.clone())));
         self.ops.push(Op::PutInbox(Box::new(m.clone())));
         st.creating.insert(dest);
+        st.early.remove(&dest);
         self.created.insert(dest, rec);
         self.wake.push(m.clone());
+        Ok(())
     }
 
     /// The commit failed: forget what was planned.
@@ -194,7 +233,14 @@ impl FlowWorker {
                         m.to.name, m.to.holding
                     )));
                 }
-                d.plan(self, &mut st, m);
+                if d.plan(self, &mut st, m, true).is_err() {
+                    drop(st);
+                    d.abandon(self);
+                    return Err(WorkerError::Busy(format!(
+                        "{MAX_EARLY_FLOWS} sessions have messages waiting for their \
+                         session-init; retry later"
+                    )));
+                }
             }
         }
         d.commit(self).await?;
@@ -235,7 +281,8 @@ impl FlowWorker {
         d.ops.push(Op::DeleteOutbox(m.key()));
         {
             let mut st = self.inner.lock();
-            d.plan(self, &mut st, &notice);
+            // Unbounded: a notice for one of this node's own flows.
+            let _ = d.plan(self, &mut st, &notice, false);
         }
         d.commit(self).await
     }
@@ -268,7 +315,8 @@ async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreEr
                 continue;
             }
             d.ops.push(Op::DeleteOutbox(m.key()));
-            d.plan(w, &mut st, m);
+            // Unbounded: messages of this node's own flows.
+            let _ = d.plan(w, &mut st, m, false);
         }
     }
     if let (Some(r), false) = (&w.inner.remote, remote.is_empty()) {

@@ -65,6 +65,9 @@ pub enum WorkerError {
     /// The store failed; retry later.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The worker cannot take this now; retry later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// The link manager, as the flow worker sees it: who is a member of the
@@ -129,6 +132,10 @@ pub struct WorkerConfig {
     pub retention: Duration,
     /// Status changes kept for status streams (see [`EventLog::new`]).
     pub status_events: usize,
+    /// How long messages that arrived before their session-init wait for
+    /// it (as long as senders retry: the message TTL); then they are
+    /// deleted and the session's init, should it still come, is dropped.
+    pub early_message_ttl: Duration,
 }
 
 /// The flow worker of one node.
@@ -233,6 +240,13 @@ impl FlowWorker {
                 }
             }
             let inbox: HashSet<FlowId> = snap.inbox_flows.into_iter().collect();
+            // Inboxes of flows not started yet: messages waiting for their
+            // session-init (their wait starts again now).
+            for id in &inbox {
+                if !unfinished.contains(id) {
+                    st.early.insert(*id, now);
+                }
+            }
             let mut ready = Vec::new();
             for r in snap.flows {
                 match r.wake_at_ms {

@@ -48,6 +48,45 @@ impl FlowWorker {
     }
 }
 
+impl FlowWorker {
+    /// Deletes messages that have waited longer than
+    /// [`WorkerConfig::early_message_ttl`](crate::WorkerConfig) for their
+    /// session-init; the init, should it still come, is then dropped (its
+    /// sender has given up on the session by then). Returns how many flows'
+    /// inboxes were deleted.
+    pub async fn sweep_early(&self) -> Result<usize, braid_storage::StoreError> {
+        let ttl = self.inner.config.early_message_ttl.as_millis() as u64;
+        let now = now_millis();
+        let expired: Vec<_> = {
+            let mut st = self.inner.lock();
+            let ids: Vec<_> = st
+                .early
+                .iter()
+                .filter(|(_, first)| first.saturating_add(ttl) <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &ids {
+                st.early.remove(id);
+                st.finished.insert(*id);
+            }
+            ids
+        };
+        for chunk in expired.chunks(BATCH) {
+            self.inner
+                .store
+                .write(chunk.iter().map(|id| Op::DeleteFlowInbox(*id)).collect())
+                .await?;
+        }
+        if !expired.is_empty() {
+            tracing::info!(
+                flows = expired.len(),
+                "deleted messages whose session-init never arrived"
+            );
+        }
+        Ok(expired.len())
+    }
+}
+
 /// Sweeps now and then: every tenth of the retention, at least every
 /// second and at most every minute.
 pub(crate) async fn sweeper(w: FlowWorker) {
@@ -61,6 +100,11 @@ pub(crate) async fn sweeper(w: FlowWorker) {
             && let Some(note) = crate::FAULT_LOGS.allow("retention")
         {
             tracing::warn!(cause = %e, "could not delete finished flows; will retry{note}");
+        }
+        if let Err(e) = w.sweep_early().await
+            && let Some(note) = crate::FAULT_LOGS.allow("retention")
+        {
+            tracing::warn!(cause = %e, "could not delete expired early messages; will retry{note}");
         }
         tokio::time::sleep(every).await;
     }

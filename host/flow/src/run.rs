@@ -397,7 +397,8 @@ impl FlowWorker {
             let mut st = self.inner.lock();
             for m in cp.outbound {
                 if st.vnodes.contains_key(&m.to.holding) {
-                    local.plan(self, &mut st, &m);
+                    // Unbounded: messages of this node's own flows.
+                    let _ = local.plan(self, &mut st, &m, false);
                 } else {
                     ops.push(Op::PutOutbox(Box::new(m.clone())));
                     remote.push(m);

@@ -75,6 +75,9 @@ pub(crate) struct State {
     /// per flow, earliest first.
     pub timers: BTreeSet<(u64, FlowId)>,
     pub timer_of: HashMap<FlowId, u64>,
+    /// Flows not started yet whose inbox holds messages that arrived
+    /// before their session-init, with when the first arrived (ms).
+    pub early: HashMap<FlowId, u64>,
     /// Set at shutdown: no flow starts running any more.
     pub stopping: bool,
 }

@@ -835,10 +835,12 @@ impl Driver {
             tokio::spawn(async move {
                 let msgs: Vec<SessionMessage> =
                     delivered.iter().map(|(_, _, m)| m.clone()).collect();
-                // Store failures are retried; a refusal is final.
+                // Store failures and a busy worker (too many sessions
+                // with messages waiting for their init) are retried; a
+                // refusal is final.
                 let outcome = retry_until_ok("storing arrived messages", || async {
                     match w.deliver_inbound(&msgs).await {
-                        Err(WorkerError::Store(e)) => Err(e),
+                        Err(e @ (WorkerError::Store(_) | WorkerError::Busy(_))) => Err(e),
                         other => Ok(other),
                     }
                 })
