@@ -6,7 +6,7 @@
 //! further behind than the log reaches back, or resumes from an id of
 //! another run, gets a `resync` event, never a silent gap.
 
-use crate::change_view;
+use crate::flows::change_view;
 use axum::http::HeaderMap;
 use axum::response::Sse;
 use axum::response::sse::{Event, KeepAlive, KeepAliveStream};
