@@ -176,4 +176,11 @@ fn count_items(session: Session) -> braid_sdk::Result<()> {
     Ok(())
 }
 
-braid_sdk::export_flows!(propose, vote, fetch_receipt, sign_receipt, tally, count_items);
+braid_sdk::export_flows!(
+    propose,
+    vote,
+    fetch_receipt,
+    sign_receipt,
+    tally,
+    count_items
+);

@@ -23,6 +23,82 @@ use tokio::sync::{Notify, mpsc, watch};
 /// The version of the platform members publish.
 const PLATFORM_VERSION: u32 = 1;
 
+/// The map server's state in the node's store (meta key
+/// [`MAP_STATE_KEY`]), so that it lives with everything else the node keeps
+/// (in PostgreSQL, in cluster mode). A state file left by an older version
+/// (`map_state_path` of node.json) is imported on first use and left in
+/// place.
+pub struct StoreMapState {
+    store: Arc<dyn braid_storage::Store>,
+    legacy_file: PathBuf,
+}
+
+impl std::fmt::Debug for StoreMapState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreMapState")
+            .field("key", &MAP_STATE_KEY)
+            .field("legacy_file", &self.legacy_file)
+            .finish()
+    }
+}
+
+/// The store's meta key for the map server's state.
+pub const MAP_STATE_KEY: &str = "membership/map-server";
+
+impl StoreMapState {
+    /// State in `store`, importing `legacy_file` when the store has none.
+    pub fn new(store: Arc<dyn braid_storage::Store>, legacy_file: &Path) -> StoreMapState {
+        StoreMapState {
+            store,
+            legacy_file: legacy_file.to_path_buf(),
+        }
+    }
+
+    /// Runs a store call from the map server's synchronous code (it runs
+    /// on the node's multi-threaded runtime, in handlers and blocking
+    /// tasks).
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+    }
+
+    fn store_error(&self, e: braid_storage::StoreError) -> braid_membership::MembershipError {
+        braid_membership::MembershipError::Config {
+            path: braid_membership::MapStateStore::location(self),
+            reason: format!("the store failed: {e}"),
+        }
+    }
+}
+
+impl braid_membership::MapStateStore for StoreMapState {
+    fn load(&self) -> Result<Option<Vec<u8>>, braid_membership::MembershipError> {
+        if let Some(b) = self
+            .block_on(self.store.meta(MAP_STATE_KEY))
+            .map_err(|e| self.store_error(e))?
+        {
+            return Ok(Some(b));
+        }
+        let Some(b) = braid_membership::FileState::new(&self.legacy_file).load()? else {
+            return Ok(None);
+        };
+        self.save(&b)?;
+        tracing::info!(file = %self.legacy_file.display(),
+            "imported the network-map server's state file into the store (the file is no longer used)");
+        Ok(Some(b))
+    }
+
+    fn save(&self, bytes: &[u8]) -> Result<(), braid_membership::MembershipError> {
+        self.block_on(self.store.write(vec![braid_storage::Op::PutMeta(
+            MAP_STATE_KEY.into(),
+            bytes.to_vec(),
+        )]))
+        .map_err(|e| self.store_error(e))
+    }
+
+    fn location(&self) -> PathBuf {
+        PathBuf::from(format!("store meta {MAP_STATE_KEY}"))
+    }
+}
+
 /// What a node prepares before its flow worker starts.
 pub struct Joining {
     map: Arc<MapClient>,
@@ -148,7 +224,7 @@ impl Joining {
             (true, Some(key), Some(state)) => {
                 let server = Arc::new(
                     MapServer::open(MapServerConfig {
-                        state_path: state.clone(),
+                        state: Arc::new(StoreMapState::new(worker.store().clone(), state)),
                         group: cfg.group.clone(),
                         operator_key_pkcs8_der: pki::read_file(key)?,
                         network_ca_der: pki::read_file(&cfg.network_ca)?,
@@ -536,5 +612,40 @@ pub fn run(command: NetworkCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_membership::MapStateStore as _;
+    use braid_storage::Store as _;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_map_servers_state_lives_in_the_store_and_an_old_file_is_imported_once() {
+        let dir = braid_testkit::TempDir::new("braid-map-state");
+        let store = Arc::new(
+            braid_storage::embedded::EmbeddedStore::open(&dir.path().join("braid.redb")).unwrap(),
+        );
+        let file = dir.path().join("network-map-server.state");
+        let state = StoreMapState::new(store.clone(), &file);
+        assert_eq!(state.load().unwrap(), None, "nothing yet");
+        std::fs::write(&file, b"old state").unwrap();
+        assert_eq!(state.load().unwrap().as_deref(), Some(&b"old state"[..]));
+        assert_eq!(
+            store.meta(MAP_STATE_KEY).await.unwrap().as_deref(),
+            Some(&b"old state"[..]),
+            "imported into the store"
+        );
+        state.save(b"new state").unwrap();
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"old state",
+            "the file is not written"
+        );
+        assert_eq!(state.load().unwrap().as_deref(), Some(&b"new state"[..]));
+        // A restart: the store's state wins over the old file.
+        let again = StoreMapState::new(store.clone(), &file);
+        assert_eq!(again.load().unwrap().as_deref(), Some(&b"new state"[..]));
     }
 }

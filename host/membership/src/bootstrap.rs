@@ -158,7 +158,9 @@ pub struct NodeNetworkConfig {
     pub approval: Approval,
     /// The map server's event horizon, in seconds.
     pub event_horizon_secs: u64,
-    /// The map server's state file; only on the map server node.
+    /// On the map server node: set, to say so. The map server's state is
+    /// kept in the node's store; a file at this path (written by versions
+    /// before that) is imported on first start.
     #[serde(default)]
     pub map_state_path: Option<PathBuf>,
     /// Interval between map polls, in milliseconds.

@@ -32,5 +32,5 @@ pub use record::{
     ApprovedMember, MemberInfo, NetworkMap, SignedMemberInfo, SignedNetworkMap, decode_signed_map,
     decode_signed_member,
 };
-pub use server::{Approval, MapServer, MapServerConfig, Registration};
+pub use server::{Approval, FileState, MapServer, MapServerConfig, MapStateStore, Registration};
 pub use view::MapView;

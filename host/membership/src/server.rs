@@ -52,11 +52,52 @@ pub enum Registration {
     Pending,
 }
 
+/// Where a [`MapServer`] keeps its state (members, approvals, the map's
+/// version): a file ([`FileState`]), or the node's store (so that in
+/// cluster mode it lives in PostgreSQL with everything else).
+pub trait MapStateStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The state last saved, if any.
+    fn load(&self) -> Result<Option<Vec<u8>>, MembershipError>;
+    /// Saves the state durably; returns once it is.
+    fn save(&self, bytes: &[u8]) -> Result<(), MembershipError>;
+    /// Where it is, for error messages.
+    fn location(&self) -> PathBuf;
+}
+
+/// State in a file, replaced atomically (write, fsync, rename, fsync).
+#[derive(Debug, Clone)]
+pub struct FileState(PathBuf);
+
+impl FileState {
+    /// State in `path` (created on the first save).
+    pub fn new(path: impl Into<PathBuf>) -> FileState {
+        FileState(path.into())
+    }
+}
+
+impl MapStateStore for FileState {
+    fn load(&self) -> Result<Option<Vec<u8>>, MembershipError> {
+        match std::fs::read(&self.0) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(MembershipError::io("read", &self.0, e)),
+        }
+    }
+
+    fn save(&self, bytes: &[u8]) -> Result<(), MembershipError> {
+        pki::write_atomic(&self.0, bytes)
+    }
+
+    fn location(&self) -> PathBuf {
+        self.0.clone()
+    }
+}
+
 /// Configuration of a [`MapServer`].
 #[derive(Debug, Clone)]
 pub struct MapServerConfig {
-    /// File holding the server's state (created if missing).
-    pub state_path: PathBuf,
+    /// Where the server's state is kept (created if missing).
+    pub state: std::sync::Arc<dyn MapStateStore>,
     /// The application network (group) this map is for.
     pub group: String,
     /// The operator's ECDSA P-256 key, PKCS#8 DER (PEM accepted too).
@@ -123,23 +164,23 @@ fn leaf_spki(info: &MemberInfo) -> Result<Vec<u8>, MembershipError> {
 }
 
 impl MapServer {
-    /// Opens (or creates) the server state at `config.state_path`. Fails if
+    /// Opens (or creates) the server state in `config.state`. Fails if
     /// the operator key or CA is unusable, or the state file is corrupt or
     /// belongs to another group.
     pub fn open(config: MapServerConfig) -> Result<Self, MembershipError> {
         let operator_key = pki::pkcs8_from_pem_or_der(&config.operator_key_pkcs8_der)?;
         pki::p256_spki_of(&operator_key)?;
         let ca_der = pki::cert_from_pem_or_der(&config.network_ca_der)?;
-        let (version, entries, fresh) = match std::fs::read(&config.state_path) {
-            Ok(bytes) => {
+        let (version, entries, fresh) = match config.state.load()? {
+            Some(bytes) => {
                 let state: PersistedState =
                     postcard::from_bytes(&bytes).map_err(|e| MembershipError::Config {
-                        path: config.state_path.clone(),
+                        path: config.state.location(),
                         reason: format!("map server state does not decode: {e}"),
                     })?;
                 if state.group != config.group {
                     return Err(MembershipError::Config {
-                        path: config.state_path.clone(),
+                        path: config.state.location(),
                         reason: format!(
                             "state is for group {:?}, configured group is {:?}",
                             state.group, config.group
@@ -158,8 +199,7 @@ impl MapServer {
                 }
                 (state.version, entries, false)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (1, Vec::new(), true),
-            Err(e) => return Err(MembershipError::io("read", &config.state_path, e)),
+            None => (1, Vec::new(), true),
         };
         let signed = sign_map(&config.group, version, &entries, &operator_key)?;
         let server = Self {
@@ -191,7 +231,7 @@ impl MapServer {
         };
         let bytes = postcard::to_allocvec(&state)
             .map_err(|e| MembershipError::crypto("encoding map server state", e))?;
-        pki::write_atomic(&self.config.state_path, &bytes)
+        self.config.state.save(&bytes)
     }
 
     /// Makes `entries` the new state: next version, signed, persisted. The

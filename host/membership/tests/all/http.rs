@@ -76,7 +76,7 @@ fn client_config(
 fn server(n: &Net, approval: Approval) -> Arc<MapServer> {
     Arc::new(
         MapServer::open(MapServerConfig {
-            state_path: n.state_path(),
+            state: std::sync::Arc::new(braid_membership::FileState::new(n.state_path())),
             group: "braid-dev".into(),
             operator_key_pkcs8_der: std::fs::read(&n.net.operator_key).unwrap(),
             network_ca_der: n.ca_pem.clone(),

@@ -8,7 +8,7 @@ use crate::common::{ALICE, BOB, CAROL, Net, net};
 
 fn open(n: &Net, approval: Approval, horizon: Duration) -> MapServer {
     MapServer::open(MapServerConfig {
-        state_path: n.state_path(),
+        state: std::sync::Arc::new(braid_membership::FileState::new(n.state_path())),
         group: "braid-dev".into(),
         operator_key_pkcs8_der: n.op_key.clone(),
         network_ca_der: n.ca_der.clone(),
@@ -196,7 +196,7 @@ fn state_survives_reopen() {
     assert!(s.register(n.member(0, ALICE, 1, 0)).is_err());
     // Another group's server refuses the file.
     let err = MapServer::open(MapServerConfig {
-        state_path: n.state_path(),
+        state: std::sync::Arc::new(braid_membership::FileState::new(n.state_path())),
         group: "other".into(),
         operator_key_pkcs8_der: n.op_key.clone(),
         network_ca_der: n.ca_der.clone(),
