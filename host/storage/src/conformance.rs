@@ -521,7 +521,7 @@ pub async fn pages_cover_every_flow_once_in_creation_order(s: Arc<dyn Store>) {
         .map(put)
         .collect();
     ok(&s, ops).await;
-    flows.sort_by_key(|f| list_position(f));
+    flows.sort_by_key(list_position);
     let want = ids(&flows);
     for limit in [1, 7, 31, 1000] {
         let (got, pages) = all_pages(&s, &h, None, limit, 10_000).await;

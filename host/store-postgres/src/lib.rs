@@ -636,14 +636,13 @@ impl Store for PostgresStore {
         let want = status.map(rows::status_text);
         let mut matched: Vec<Vec<u8>> = Vec::new();
         let mut last: Option<[u8; LIST_POSITION_LEN]> = None;
-        let mut scanned = 0usize;
         let mut next = None;
-        for row in &positions {
+        // `scanned`: how many positions the walk has looked at.
+        for (scanned, row) in positions.iter().enumerate() {
             if matched.len() == limit || scanned == scan {
                 next = last.map(|l| l.to_vec());
                 break;
             }
-            scanned += 1;
             let created: i64 = row.try_get(0).map_err(|e| rows::corrupt("flows", e))?;
             let id = rows::flow_id("flows", row, 1)?;
             let mut pos = [0u8; LIST_POSITION_LEN];

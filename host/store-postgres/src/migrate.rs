@@ -14,7 +14,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] =
 
 /// The advisory lock key of braid's migrations (an arbitrary constant:
 /// "braid" in ASCII).
-const LOCK_KEY: i64 = 0x6272_6169_64;
+const LOCK_KEY: i64 = 0x0062_7261_6964;
 
 pub(crate) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     client

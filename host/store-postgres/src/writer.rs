@@ -360,7 +360,7 @@ async fn transact(
         let Some(i) = results.iter().position(|r| r.is_err()) else {
             break;
         };
-        let err = results[i].as_ref().err().expect("an error at i");
+        let err = results[i].as_ref().expect_err("an error at i");
         let Some((bi, Some(si))) = owners[i] else {
             // BEGIN, SAVEPOINT or RELEASE failed: the connection is wrong.
             return Err(fault(err));
