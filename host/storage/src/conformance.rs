@@ -601,6 +601,28 @@ pub async fn pages_and_cursors_are_exact(s: Arc<dyn Store>) {
         page(None, Some(between.to_vec()), 10, 100).await,
         (id(&[2, 3, 4]), None)
     );
+    // Cursors of other lengths compare as byte strings with the
+    // positions: a prefix (here a creation time alone) starts at it, a
+    // longer one after its first 24 bytes.
+    let created_12 = 12u64.to_be_bytes().to_vec();
+    assert_eq!(
+        page(None, Some(created_12), 10, 100).await,
+        (id(&[2, 3, 4]), None)
+    );
+    let mut longer = list_position(&f[1]).to_vec();
+    longer.push(0);
+    assert_eq!(
+        page(None, Some(longer), 10, 100).await,
+        (id(&[2, 3, 4]), None)
+    );
+    assert_eq!(
+        page(None, Some(vec![]), 2, 100).await,
+        (id(&[0, 1]), pos(1))
+    );
+    assert_eq!(
+        page(None, Some(vec![0xff; 24]), 10, 100).await,
+        (id(&[]), None)
+    );
 }
 
 /// `finished_before` lists the flows that ended before the cutoff

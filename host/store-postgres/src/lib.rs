@@ -747,3 +747,33 @@ impl Drop for PostgresStore {
         let _ = self.stop_probe.send(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_read_as_the_embedded_key_range_does() {
+        let mut pos = [0u8; LIST_POSITION_LEN];
+        pos[..8].copy_from_slice(&12u64.to_be_bytes());
+        pos[8..].fill(7);
+        let c = cursor(&pos).unwrap();
+        assert_eq!(
+            (c.created_ms, c.id.as_slice(), c.inclusive),
+            (12, &[7u8; 16][..], false)
+        );
+        // A prefix: inclusive, zero-padded.
+        let c = cursor(&pos[..9]).unwrap();
+        assert_eq!(c.created_ms, 12);
+        assert_eq!(c.id[0], 7);
+        assert!(c.id[1..].iter().all(|b| *b == 0) && c.inclusive);
+        // Longer: after the first 24 bytes.
+        let mut long = pos.to_vec();
+        long.push(1);
+        let c = cursor(&long).unwrap();
+        assert_eq!((c.id.as_slice(), c.inclusive), (&[7u8; 16][..], false));
+        // Beyond every stored time.
+        assert!(cursor(&[0x80; 24]).is_none());
+        assert!(cursor(&[]).is_some_and(|c| c.created_ms == 0 && c.inclusive));
+    }
+}
