@@ -531,11 +531,9 @@ fn encode(ops: &[Op]) -> Result<Vec<Stmt>, StoreError> {
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         if let Op::Fence { partition, epoch } = op {
-            let e = i64::try_from(*epoch).map_err(|_| StoreError::Fenced {
-                partition: *partition,
-                epoch: *epoch,
-                current: 0,
-            })?;
+            // An epoch beyond bigint is never current: -1 matches no
+            // stored epoch, and the server still says which one is.
+            let e = i64::try_from(*epoch).unwrap_or(-1);
             out.push(Stmt {
                 kind: Kind::Fence,
                 params: vec![Box::new(i32::from(*partition)), Box::new(e)],
