@@ -36,6 +36,8 @@ use braid_types::{Checksum, ClientRequestId, FlowId, FlowStart, FlowStatus, Hold
 use braid_types::{SessionMessage, now_millis};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -62,6 +64,42 @@ const UNFINISHED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("flows_un
 const FINISHED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("flows_finished");
 /// flow id → reason: kills requested and not yet carried out.
 const KILLS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kills");
+/// partition (2, big-endian) → [`PartitionOwner`].
+const PARTITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("partitions");
+
+/// Who owns a partition, since when, at which epoch.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionOwner {
+    epoch: u64,
+    owner: String,
+    claimed_ms: u64,
+}
+
+/// One caller's request in a group commit.
+enum Job {
+    Write(Vec<Op>, Reply),
+    Claim(u16, String, ClaimReply),
+}
+
+impl Job {
+    fn fail(self, e: StoreError) {
+        match self {
+            Job::Write(_, r) => {
+                let _ = r.send(Err(e));
+            }
+            Job::Claim(_, _, r) => {
+                let _ = r.send(Err(e));
+            }
+        }
+    }
+}
+
+/// What one job came to, before the commit.
+enum Outcome {
+    Written,
+    Claimed(u64),
+    Failed(StoreError),
+}
 
 /// The layout version; older files get their indexes built on open.
 const SCHEMA_KEY: &str = "store/schema";
@@ -77,12 +115,14 @@ const MAX_GROUP: usize = 4096;
 pub(super) const CACHE_BYTES: usize = 8 << 20;
 
 type Reply = oneshot::Sender<Result<(), StoreError>>;
+type ClaimReply = oneshot::Sender<Result<u64, StoreError>>;
 
 /// Answers a close request once the file is closed.
 type Sender = std_mpsc::Sender<()>;
 
 enum Msg {
     Write(Vec<Op>, Reply),
+    Claim(u16, String, ClaimReply),
     /// Finish, close the file, then answer.
     Close(Sender),
 }
@@ -168,6 +208,7 @@ fn prepare(db: &Database) -> Result<(), StoreError> {
             UNFINISHED,
             FINISHED,
             KILLS,
+            PARTITIONS,
         ] {
             w.open_table(t).map_err(db_err)?;
         }
@@ -428,12 +469,14 @@ impl Writer {
             let mut group = Vec::new();
             let mut close = None;
             match first {
-                Msg::Write(ops, reply) => group.push((ops, reply)),
+                Msg::Write(ops, reply) => group.push(Job::Write(ops, reply)),
+                Msg::Claim(p, owner, reply) => group.push(Job::Claim(p, owner, reply)),
                 Msg::Close(done) => close = Some(done),
             }
             while close.is_none() && group.len() < MAX_GROUP {
                 match rx.try_recv() {
-                    Ok(Msg::Write(ops, reply)) => group.push((ops, reply)),
+                    Ok(Msg::Write(ops, reply)) => group.push(Job::Write(ops, reply)),
+                    Ok(Msg::Claim(p, owner, reply)) => group.push(Job::Claim(p, owner, reply)),
                     Ok(Msg::Close(done)) => close = Some(done),
                     Err(_) => break,
                 }
@@ -455,10 +498,10 @@ impl Writer {
 
     /// Commits one group and answers its callers; `Err` (the failure) when
     /// the database must be reopened.
-    fn commit(&self, group: Vec<(Vec<Op>, Reply)>) -> Result<(), StoreError> {
+    fn commit(&self, group: Vec<Job>) -> Result<(), StoreError> {
         let Some(db) = self.current() else {
-            for (_, reply) in group {
-                let _ = reply.send(Err(StoreError::Closed));
+            for job in group {
+                job.fail(StoreError::Closed);
             }
             return Ok(());
         };
@@ -467,7 +510,13 @@ impl Writer {
         drop(db);
         tracing::trace!(
             batches = group.len(),
-            ops = group.iter().map(|(o, _)| o.len()).sum::<usize>(),
+            ops = group
+                .iter()
+                .map(|j| match j {
+                    Job::Write(o, _) => o.len(),
+                    Job::Claim(..) => 1,
+                })
+                .sum::<usize>(),
             micros = t.elapsed().as_micros() as u64,
             "group commit"
         );
@@ -486,17 +535,35 @@ impl Writer {
                      disk takes data again (retrying by itself){note}");
             }
         }
-        for (_, reply) in group {
-            let r = match &outcome {
-                Ok(()) => Ok(()),
-                Err(StoreError::Unavailable(e)) => Err(StoreError::Unavailable(e.clone())),
-                Err(StoreError::Damaged { path, detail }) => Err(StoreError::Damaged {
-                    path: path.clone(),
-                    detail: detail.clone(),
-                }),
-                Err(e) => Err(StoreError::Database(e.to_string())),
-            };
-            let _ = reply.send(r);
+        match outcome {
+            Ok(outcomes) => {
+                for (job, done) in group.into_iter().zip(outcomes) {
+                    match (job, done) {
+                        (job, Outcome::Failed(e)) => job.fail(e),
+                        (Job::Write(_, reply), _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (Job::Claim(_, _, reply), Outcome::Claimed(epoch)) => {
+                            let _ = reply.send(Ok(epoch));
+                        }
+                        (job @ Job::Claim(..), Outcome::Written) => job.fail(StoreError::Database(
+                            "internal: a claim came to no epoch".into(),
+                        )),
+                    }
+                }
+            }
+            Err(e) => {
+                for job in group {
+                    job.fail(match &e {
+                        StoreError::Unavailable(e) => StoreError::Unavailable(e.clone()),
+                        StoreError::Damaged { path, detail } => StoreError::Damaged {
+                            path: path.clone(),
+                            detail: detail.clone(),
+                        },
+                        e => StoreError::Database(e.to_string()),
+                    });
+                }
+            }
         }
         match fault {
             Some(e) => Err(StoreError::Unavailable(e)),
@@ -624,6 +691,11 @@ fn refuse_writes(rx: &std_mpsc::Receiver<Msg>, wait: Duration, error: &str) -> W
                     "{error}; the store recovers by itself once that is fixed"
                 ))));
             }
+            Ok(Msg::Claim(_, _, reply)) => {
+                let _ = reply.send(Err(StoreError::Unavailable(format!(
+                    "{error}; the store recovers by itself once that is fixed"
+                ))));
+            }
             Ok(Msg::Close(done)) => return Waited::Close(done),
             Err(std_mpsc::RecvTimeoutError::Timeout) => break,
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return Waited::Disconnected,
@@ -632,8 +704,80 @@ fn refuse_writes(rx: &std_mpsc::Receiver<Msg>, wait: Duration, error: &str) -> W
     Waited::Elapsed
 }
 
-fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreError> {
+/// Why a batch must not commit, judged against the transaction so far
+/// (earlier batches and claims of the group included): a stale fence, or a
+/// client request id that would belong to two flows.
+fn check_batch(
+    ops: &[Op],
+    partitions: &redb::Table<&[u8], &[u8]>,
+    by_client: &redb::Table<&[u8], &[u8]>,
+) -> Result<Option<StoreError>, StoreError> {
+    for op in ops {
+        if let Op::Fence { partition, epoch } = op {
+            let current = partition_epoch(partitions, *partition)?;
+            if current != *epoch {
+                return Ok(Some(StoreError::Fenced {
+                    partition: *partition,
+                    epoch: *epoch,
+                    current,
+                }));
+            }
+        }
+    }
+    // Who holds each client key as the batch goes (deletes free keys).
+    let mut holders: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    for op in ops {
+        let (r, put) = match op {
+            Op::PutFlow(r) => (r, true),
+            Op::DeleteFlow(r) => (r, false),
+            _ => continue,
+        };
+        let Some(crid) = r.client_request_id() else {
+            continue;
+        };
+        let k = client_key(&r.holding, crid);
+        let holder = match holders.get(&k) {
+            Some(h) => h.clone(),
+            None => by_client
+                .get(k.as_slice())
+                .map_err(db_err)?
+                .map(|v| v.value().to_vec()),
+        };
+        let mine = holder.as_deref() == Some(r.id.bytes().as_slice());
+        if put {
+            if let Some(other) = holder.filter(|_| !mine) {
+                let existing =
+                    <[u8; 16]>::try_from(other.as_slice()).map_err(|_| StoreError::Corrupt {
+                        table: "flows_by_client",
+                        detail: format!("a flow id of {} bytes", other.len()),
+                    })?;
+                return Ok(Some(StoreError::Duplicate {
+                    holding: r.holding,
+                    client_request_id: crid.clone(),
+                    existing: FlowId::from_bytes(existing),
+                    flow: r.id,
+                }));
+            }
+            holders.insert(k, Some(r.id.bytes().to_vec()));
+        } else if mine {
+            holders.insert(k, None);
+        }
+    }
+    Ok(None)
+}
+
+fn partition_epoch(t: &redb::Table<&[u8], &[u8]>, partition: u16) -> Result<u64, StoreError> {
+    match t.get(partition.to_be_bytes().as_slice()).map_err(db_err)? {
+        Some(v) => Ok(dec::<PartitionOwner>("partitions", v.value())?.epoch),
+        None => Ok(0),
+    }
+}
+
+/// Applies a group in one transaction and commits it; what each job came
+/// to. `Err` when the transaction failed (every job fails).
+fn apply_group(db: &Database, group: &[Job]) -> Result<Vec<Outcome>, StoreError> {
     let w = db.begin_write().map_err(db_err)?;
+    let mut outcomes = Vec::with_capacity(group.len());
     {
         let mut flows = w.open_table(FLOWS).map_err(db_err)?;
         let mut journal = w.open_table(JOURNAL).map_err(db_err)?;
@@ -644,10 +788,33 @@ fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreErr
         let mut package_bytes = w.open_table(PACKAGE_BYTES).map_err(db_err)?;
         let mut meta = w.open_table(META).map_err(db_err)?;
         let mut kills = w.open_table(KILLS).map_err(db_err)?;
+        let mut partitions = w.open_table(PARTITIONS).map_err(db_err)?;
         let mut idx = Indexes::open(&w)?;
-        for (ops, _) in group {
+        for job in group {
+            let ops = match job {
+                Job::Write(ops, _) => ops,
+                Job::Claim(partition, owner, _) => {
+                    let epoch = partition_epoch(&partitions, *partition)? + 1;
+                    let rec = PartitionOwner {
+                        epoch,
+                        owner: owner.clone(),
+                        claimed_ms: now_millis(),
+                    };
+                    partitions
+                        .insert(partition.to_be_bytes().as_slice(), enc(&rec).as_slice())
+                        .map_err(db_err)?;
+                    outcomes.push(Outcome::Claimed(epoch));
+                    continue;
+                }
+            };
+            if let Some(refused) = check_batch(ops, &partitions, &idx.by_client)? {
+                outcomes.push(Outcome::Failed(refused));
+                continue;
+            }
+            outcomes.push(Outcome::Written);
             for op in ops {
                 match op {
+                    Op::Fence { .. } => {}
                     Op::PutFlow(f) => {
                         flows
                             .insert(f.id.bytes().as_slice(), enc(f.as_ref()).as_slice())
@@ -731,7 +898,8 @@ fn apply_group(db: &Database, group: &[(Vec<Op>, Reply)]) -> Result<(), StoreErr
             }
         }
     }
-    w.commit().map_err(db_err)
+    w.commit().map_err(db_err)?;
+    Ok(outcomes)
 }
 
 fn scan<T: DeserializeOwned>(
@@ -769,6 +937,18 @@ impl Store for EmbeddedStore {
             .as_ref()
             .ok_or(StoreError::Closed)?
             .send(Msg::Write(ops, reply))
+            .map_err(|_| StoreError::Closed)?;
+        wait.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn claim_partition(&self, partition: u16, owner: &str) -> Result<u64, StoreError> {
+        let (reply, wait) = oneshot::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(Msg::Claim(partition, owner.to_owned(), reply))
             .map_err(|_| StoreError::Closed)?;
         wait.await.map_err(|_| StoreError::Closed)?
     }
@@ -1025,118 +1205,6 @@ mod tests {
             init: None,
             body: Body::Data(vec![seq as u8]),
         }
-    }
-
-    fn flow(holding: HoldingId, created_ms: u64, status: FlowStatus) -> FlowRecord {
-        let mut r = FlowRecord::new(
-            FlowId::random(),
-            holding,
-            "ping".into(),
-            Checksum::of(b"p"),
-            FlowStart::Client {
-                client_request_id: format!("c{created_ms}").parse().unwrap(),
-                request_body: String::new(),
-            },
-            created_ms,
-            0,
-        );
-        r.status = status;
-        r.updated_ms = created_ms + 1;
-        r
-    }
-
-    /// Every page of `holding`'s flows with `status`, `limit` and `scan`.
-    async fn all_pages(
-        s: &EmbeddedStore,
-        holding: &HoldingId,
-        status: Option<FlowStatus>,
-        limit: usize,
-        scan: usize,
-    ) -> (Vec<FlowId>, usize) {
-        let (mut ids, mut pages, mut after) = (Vec::new(), 0, None::<Vec<u8>>);
-        loop {
-            let p = s
-                .list_flows(holding, status, after.as_deref(), limit, scan)
-                .await
-                .unwrap();
-            assert!(p.flows.len() <= limit);
-            pages += 1;
-            ids.extend(p.flows.iter().map(|f| f.id));
-            match p.next {
-                Some(n) => {
-                    assert_eq!(n.len(), crate::LIST_POSITION_LEN);
-                    after = Some(n);
-                }
-                None => return (ids, pages),
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn pages_cover_every_flow_once_in_creation_order() {
-        let dir = tmpdir("pages");
-        let s = EmbeddedStore::open(&dir.join("db.redb")).unwrap();
-        let name = |o: &str| -> X500Name { format!("O={o}, L=L, C=GB").parse().unwrap() };
-        let (h, other) = (
-            HoldingId::derive(&name("A"), "g"),
-            HoldingId::derive(&name("B"), "g"),
-        );
-        let statuses = [
-            FlowStatus::Completed,
-            FlowStatus::Running,
-            FlowStatus::Failed,
-        ];
-        // Written out of order; listed by creation time.
-        let mut flows: Vec<FlowRecord> = (0..30u64)
-            .map(|i| flow(h, 1000 + (i * 7) % 30, statuses[i as usize % 3]))
-            .collect();
-        let ops = flows
-            .iter()
-            .chain([flow(other, 1010, FlowStatus::Completed)].iter())
-            .map(|f| Op::PutFlow(Box::new(f.clone())))
-            .collect();
-        s.write(ops).await.unwrap();
-        flows.sort_by_key(|f| f.created_ms);
-        let want: Vec<FlowId> = flows.iter().map(|f| f.id).collect();
-        for limit in [1, 7, 30, 1000] {
-            let (got, pages) = all_pages(&s, &h, None, limit, 10_000).await;
-            assert_eq!(got, want, "limit {limit}");
-            assert_eq!(pages, 30usize.div_ceil(limit).max(1), "limit {limit}");
-        }
-        // A filter that scans a few entries per call: short pages with a
-        // cursor, and together exactly the matching flows.
-        let completed: Vec<FlowId> = flows
-            .iter()
-            .filter(|f| f.status == FlowStatus::Completed)
-            .map(|f| f.id)
-            .collect();
-        for (limit, scan) in [(1, 1), (2, 5), (100, 4), (100, 10_000)] {
-            let (got, _) = all_pages(&s, &h, Some(FlowStatus::Completed), limit, scan).await;
-            assert_eq!(got, completed, "limit {limit} scan {scan}");
-        }
-        let (got, _) = all_pages(&s, &h, Some(FlowStatus::Killed), 10, 3).await;
-        assert!(got.is_empty());
-        // After the last flow: an empty page, no cursor.
-        let last = crate::list_position(flows.last().unwrap());
-        let p = s.list_flows(&h, None, Some(&last), 10, 100).await.unwrap();
-        assert!(p.flows.is_empty() && p.next.is_none());
-        // Ended flows by end time; deleting them empties every index.
-        let ended = s.finished_before(u64::MAX, 100).await.unwrap();
-        assert_eq!(ended.len(), 21, "completed and failed ones");
-        assert!(ended.windows(2).all(|w| w[0].updated_ms <= w[1].updated_ms));
-        let before = s.stats().await.unwrap();
-        s.write(
-            ended
-                .into_iter()
-                .map(|f| Op::DeleteFlow(Box::new(f)))
-                .collect(),
-        )
-        .await
-        .unwrap();
-        let after = s.stats().await.unwrap();
-        assert_eq!((before.flows, after.flows), (31, 10));
-        // by_client + by_vnode + unfinished for each of the 10 running ones.
-        assert_eq!(after.index_entries, 30);
     }
 
     #[tokio::test]

@@ -6,8 +6,20 @@
 //! commit) so durable throughput is not bounded by one fsync per flow.
 //! [`embedded::EmbeddedStore`] keeps everything in one redb file under the
 //! node's data directory; a PostgreSQL implementation slots in behind the
-//! same trait.
+//! same trait (the `braid-store-postgres` crate).
+//!
+//! Two guards make the store safe to share between processes (cluster
+//! mode): an [`Op::Fence`] makes a batch commit only while its writer still
+//! owns a partition ([`Store::claim_partition`] takes it over), and a
+//! client request id belongs to at most one flow of a vnode at a time
+//! ([`StoreError::Duplicate`]). A batch that fails either fails alone: the
+//! other callers' batches in the same group commit.
+//!
+//! With the `conformance` feature, [`conformance`] holds the test suite
+//! every implementation must pass.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod embedded;
 
 use braid_types::{
@@ -62,10 +74,47 @@ pub enum StoreError {
         /// The file.
         path: std::path::PathBuf,
     },
-    /// The store failed and is recovering (e.g. the disk was full); it
-    /// retries by itself. Retry the request later.
+    /// The store failed and is recovering (e.g. the disk was full, or the
+    /// database server is unreachable); it retries by itself. Retry the
+    /// request later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The batch carried an [`Op::Fence`] for a partition that has been
+    /// claimed by another owner since: nothing of the batch was written.
+    /// The writer has lost the partition and must stop advancing its flows.
+    #[error(
+        "store: partition {partition} is owned at epoch {current}, not {epoch}: this worker lost \
+         it and must stop advancing its flows"
+    )]
+    Fenced {
+        /// The partition.
+        partition: u16,
+        /// The epoch the batch was fenced with.
+        epoch: u64,
+        /// The partition's owner epoch in the store.
+        current: u64,
+    },
+    /// The batch wrote a client-started flow whose (vnode, client request
+    /// id) already belongs to another flow: nothing of the batch was
+    /// written. Answer the client with the existing flow.
+    #[error(
+        "store: client request id {client_request_id} of vnode {holding} already belongs to \
+         flow {existing}, not {flow}"
+    )]
+    Duplicate {
+        /// The vnode.
+        holding: HoldingId,
+        /// The client request id.
+        client_request_id: ClientRequestId,
+        /// The flow that has it.
+        existing: FlowId,
+        /// The flow the batch tried to give it to.
+        flow: FlowId,
+    },
+    /// The store's configuration is not usable (e.g. a malformed database
+    /// URL). Fix the setting named in the message.
+    #[error("store configuration: {0}")]
+    Config(String),
 }
 
 /// How the store is doing, for health and readiness checks.
@@ -94,8 +143,9 @@ pub struct StoreStats {
     pub outbox: u64,
     /// Kills requested and not yet carried out.
     pub kills: u64,
-    /// Entries of the flow indexes (by client request id, by vnode,
-    /// unfinished, finished by end time).
+    /// Entries of the flow indexes: for every flow one by vnode and one by
+    /// state (unfinished, or finished by end time), plus one by client
+    /// request id for every client-started flow.
     pub index_entries: u64,
 }
 
@@ -195,6 +245,16 @@ impl FlowRecord {
             journal_len: 0,
         }
     }
+
+    /// The client request id of a client-started flow.
+    pub fn client_request_id(&self) -> Option<&ClientRequestId> {
+        match &self.start {
+            FlowStart::Client {
+                client_request_id, ..
+            } => Some(client_request_id),
+            FlowStart::Responder { .. } => None,
+        }
+    }
 }
 
 /// One write; a batch of them commits atomically.
@@ -235,6 +295,16 @@ pub enum Op {
     DeleteFlowInbox(FlowId),
     /// Deletes a finished flow: its record, journal, inbox and indexes.
     DeleteFlow(Box<FlowRecord>),
+    /// The batch commits only if `partition`'s owner epoch in the store is
+    /// `epoch` (0 for a partition never claimed); otherwise the batch fails
+    /// with [`StoreError::Fenced`] and writes nothing. Put it in every batch
+    /// a partition's owner writes for that partition's flows.
+    Fence {
+        /// The partition.
+        partition: u16,
+        /// The epoch [`Store::claim_partition`] returned to the writer.
+        epoch: u64,
+    },
 }
 
 /// What a node loads when it starts: what running flows need, not the
@@ -259,7 +329,16 @@ pub struct Snapshot {
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically and durably; returns once committed.
+    ///
+    /// Fails with [`StoreError::Fenced`] or [`StoreError::Duplicate`] (and
+    /// writes nothing of `ops`) when a condition of the batch does not
+    /// hold; the batches of other callers are not affected.
     async fn write(&self, ops: Vec<Op>) -> Result<(), StoreError>;
+    /// Takes `partition` over for `owner`: increments its owner epoch
+    /// (from 0, so the first claim returns 1), durably, and returns the new
+    /// epoch. Once this returns, no batch fenced with an older epoch
+    /// commits (a batch in flight either committed before, or fails).
+    async fn claim_partition(&self, partition: u16, owner: &str) -> Result<u64, StoreError>;
     /// Everything needed at start-up.
     async fn load(&self) -> Result<Snapshot, StoreError>;
     /// A package's bytes.

@@ -1,0 +1,442 @@
+//! What only the PostgreSQL store does: migrations, connection errors,
+//! outages and recovery, the claim's wait for fenced batches in flight,
+//! the real columns, and a throughput figure.
+
+use crate::support::{connect, fresh_database, fresh_store, server_url};
+use braid_storage::{FlowRecord, Op, Store, StoreError};
+use braid_store_postgres::{MIGRATIONS, PostgresOptions, PostgresStore};
+use braid_types::{Checksum, FlowId, FlowStart, FlowStatus, HoldingId, X500Name};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+fn client_flow(client: &str, status: FlowStatus) -> FlowRecord {
+    let name: X500Name = "O=A, L=London, C=GB".parse().unwrap();
+    let mut r = FlowRecord::new(
+        FlowId::random(),
+        HoldingId::derive(&name, "g"),
+        "ping".into(),
+        Checksum::of(b"p"),
+        FlowStart::Client {
+            client_request_id: client.parse().unwrap(),
+            request_body: "{}".into(),
+        },
+        1000,
+        1,
+    );
+    r.status = status;
+    r
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut cond: F) {
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_apply_once_even_when_processes_start_together() {
+    let (url, cleanup) = fresh_database().await;
+    let mut starts = JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starts.spawn(async move { PostgresStore::connect(&url, PostgresOptions::default()).await });
+    }
+    let mut stores = Vec::new();
+    while let Some(s) = starts.join_next().await {
+        stores.push(
+            s.unwrap()
+                .unwrap_or_else(|e| panic!("a concurrent start failed: {e}")),
+        );
+    }
+    let c = connect(&url).await;
+    let applied =
+        async |c: &tokio_postgres::Client| {
+            {
+                c.query(
+                "SELECT version, name, applied_at::text FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0), r.get::<_, String>(1), r.get::<_, String>(2)))
+            .collect::<Vec<_>>()
+            }
+        };
+    let first = applied(&c).await;
+    let want: Vec<(i32, String)> = MIGRATIONS
+        .iter()
+        .map(|(v, n, _)| (*v, n.to_string()))
+        .collect();
+    assert_eq!(
+        first
+            .iter()
+            .map(|(v, n, _)| (*v, n.clone()))
+            .collect::<Vec<_>>(),
+        want
+    );
+    // Again: a no-op.
+    let again = PostgresStore::connect(&url, PostgresOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(applied(&c).await, first);
+    // A schema newer than this build is refused, clearly.
+    c.execute(
+        "INSERT INTO schema_migrations (version, name) VALUES (999, 'future')",
+        &[],
+    )
+    .await
+    .unwrap();
+    match PostgresStore::connect(&url, PostgresOptions::default()).await {
+        Err(StoreError::Config(m)) => assert!(m.contains("999"), "{m}"),
+        Err(e) => panic!("expected Config, got {e}"),
+        Ok(_) => panic!("started on a schema from the future"),
+    }
+    again.close().await;
+    for s in stores {
+        s.close().await;
+    }
+    drop(c);
+    cleanup.await;
+}
+
+#[tokio::test]
+async fn a_bad_url_or_an_unreachable_server_is_a_clear_error() {
+    for bad in [
+        "not a url",
+        "postgres://u:secret@host:notaport/db",
+        "postgres://u:secret@/db",
+    ] {
+        match PostgresStore::connect(bad, PostgresOptions::default()).await {
+            Err(StoreError::Config(m)) => {
+                assert!(m.contains("PostgreSQL URL"), "{bad}: {m}");
+                assert!(
+                    !m.contains("secret"),
+                    "{bad}: the message shows the password: {m}"
+                );
+            }
+            Err(e) => panic!("{bad}: expected Config, got {e}"),
+            Ok(_) => panic!("{bad}: connected"),
+        }
+    }
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("postgres://braid:secret@127.0.0.1:{port}/braid");
+    let t = Instant::now();
+    match PostgresStore::connect(&url, PostgresOptions::default()).await {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains(&format!("127.0.0.1:{port}/braid")), "{m}");
+            assert!(!m.contains("secret"), "{m}");
+        }
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("connected to nothing"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // A wrong password: reachable, but refused; says so.
+    let wrong = server_url().replacen("braid:", "braid:wrong", 1);
+    match PostgresStore::connect(&wrong, PostgresOptions::default()).await {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("password"), "{m}"),
+        Err(e) => panic!("expected Unavailable, got {e}"),
+        Ok(_) => panic!("connected with a wrong password"),
+    }
+}
+
+/// A TCP proxy in front of the server that can be cut (every connection
+/// dropped, nothing listening) and restored on the same port.
+struct Proxy {
+    addr: SocketAddr,
+    target: SocketAddr,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut p = Proxy {
+            addr,
+            target,
+            tasks: None,
+        };
+        p.serve(listener);
+        p
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let target = self.target;
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Drops every connection and stops listening.
+    async fn cut(&mut self) {
+        if let Some(mut t) = self.tasks.take() {
+            t.shutdown().await;
+        }
+    }
+
+    async fn restore(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_fail_while_the_server_is_unreachable_and_recover_by_themselves() {
+    let (url, cleanup) = fresh_database().await;
+    // host:port of the server, from its URL.
+    let hostport = url
+        .rsplit_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(hp, _)| hp.to_string())
+        .unwrap();
+    let mut proxy = Proxy::start(hostport.parse().unwrap()).await;
+    let via = url.replacen(&hostport, &proxy.addr.to_string(), 1);
+    let mut opts = PostgresOptions::default();
+    opts.probe_interval = Duration::from_millis(100);
+    opts.connect_timeout = Duration::from_secs(2);
+    let store = Arc::new(PostgresStore::connect(&via, opts).await.unwrap());
+    let put = |n: u32| vec![Op::PutMeta(format!("k{n}"), vec![n as u8])];
+    store.write(put(0)).await.unwrap();
+    assert!(store.health().ok);
+
+    proxy.cut().await;
+    match store.write(put(1)).await {
+        Err(StoreError::Unavailable(m)) => assert!(!m.is_empty()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let h = store.health();
+    assert!(!h.ok && h.error.is_some(), "{h:?}");
+    assert!(matches!(
+        store.meta("k0").await,
+        Err(StoreError::Unavailable(_))
+    ));
+
+    proxy.restore().await;
+    // Back by itself: health first (the probe), then writes and reads.
+    until("health is ok again", Duration::from_secs(20), async || {
+        store.health().ok
+    })
+    .await;
+    store.write(put(2)).await.unwrap();
+    assert_eq!(store.meta("k0").await.unwrap(), Some(vec![0]));
+    assert_eq!(store.meta("k1").await.unwrap(), None);
+    assert_eq!(store.meta("k2").await.unwrap(), Some(vec![2]));
+    store.close().await;
+    proxy.cut().await;
+    cleanup.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_a_fenced_batch_in_flight() {
+    let (store, url, cleanup) = fresh_store().await;
+    assert_eq!(store.claim_partition(5, "old").await.unwrap(), 1);
+    // A group transaction of the old owner, fenced, not yet committed:
+    // what braid_fence does, held open.
+    let mut other = connect(&url).await;
+    let tx = other.transaction().await.unwrap();
+    tx.execute("SELECT braid_fence(5, 1)", &[]).await.unwrap();
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ('in-flight', '\\x01')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let store = Arc::new(store);
+    let claim = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim_partition(5, "new").await })
+    };
+    // The claim is blocked on the partition's row lock.
+    let watcher = connect(&url).await;
+    until(
+        "the claim waits on the lock",
+        Duration::from_secs(20),
+        async || {
+            let n: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO partitions%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n == 1
+        },
+    )
+    .await;
+    assert!(!claim.is_finished());
+    tx.commit().await.unwrap();
+    assert_eq!(claim.await.unwrap().unwrap(), 2);
+    // The batch in flight committed before the claim; the next one with
+    // the old epoch does not.
+    assert_eq!(store.meta("in-flight").await.unwrap(), Some(vec![1]));
+    match store
+        .write(vec![
+            Op::Fence {
+                partition: 5,
+                epoch: 1,
+            },
+            Op::PutMeta("late".into(), vec![1]),
+        ])
+        .await
+    {
+        Err(StoreError::Fenced {
+            partition: 5,
+            epoch: 1,
+            current: 2,
+        }) => {}
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    let owner: String = watcher
+        .query_one("SELECT owner FROM partitions WHERE partition = 5", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "new");
+    store.close().await;
+    drop((watcher, other));
+    cleanup.await;
+}
+
+#[tokio::test]
+async fn flows_are_rows_with_real_columns_and_a_version() {
+    let (store, url, cleanup) = fresh_store().await;
+    let c = connect(&url).await;
+    let mut f = client_flow("r1", FlowStatus::Running);
+    f.wake_at_ms = Some(u64::MAX);
+    store
+        .write(vec![Op::PutFlow(Box::new(f.clone()))])
+        .await
+        .unwrap();
+    let id = f.id.bytes().to_vec();
+    let row = async |c: &tokio_postgres::Client| {
+        let r = c
+            .query_one(
+                "SELECT status, partition, client_request_id, version, ended_ms, wake_at_ms, \
+                     encode(holding, 'hex') FROM flows WHERE flow_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        (
+            r.get::<_, String>(0),
+            r.get::<_, i32>(1),
+            r.get::<_, Option<String>>(2),
+            r.get::<_, i64>(3),
+            r.get::<_, Option<i64>>(4),
+            r.get::<_, Option<i64>>(5),
+            r.get::<_, String>(6),
+        )
+    };
+    assert_eq!(
+        row(&c).await,
+        (
+            "RUNNING".into(),
+            0,
+            Some("r1".into()),
+            1,
+            None,
+            Some(i64::MAX),
+            f.holding.to_string()
+        )
+    );
+    // A fenced rewrite: the partition and the version follow.
+    assert_eq!(store.claim_partition(9, "w").await.unwrap(), 1);
+    f.status = FlowStatus::Completed;
+    f.updated_ms = 2000;
+    store
+        .write(vec![
+            Op::PutFlow(Box::new(f.clone())),
+            Op::Fence {
+                partition: 9,
+                epoch: 1,
+            },
+        ])
+        .await
+        .unwrap();
+    let (status, partition, _, version, ended, _, _) = row(&c).await;
+    assert_eq!(
+        (status.as_str(), partition, version, ended),
+        ("COMPLETED", 9, 2, Some(2000))
+    );
+    // The exact wake time comes back from the record.
+    assert_eq!(store.flow(&f.id).await.unwrap(), Some(f.clone()));
+    // Times beyond bigint are refused, for that batch only.
+    let mut far = client_flow("r2", FlowStatus::Running);
+    far.created_ms = u64::MAX;
+    match store.write(vec![Op::PutFlow(Box::new(far))]).await {
+        Err(StoreError::Database(m)) => assert!(m.contains("bigint"), "{m}"),
+        other => panic!("expected Database, got {other:?}"),
+    }
+    store.close().await;
+    drop(c);
+    cleanup.await;
+}
+
+/// Commits per second with 64 concurrent writers, each writing a small
+/// checkpoint (record, two journal entries, an outbox message) per batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_throughput_with_64_writers() {
+    let (store, _, cleanup) = fresh_store().await;
+    let store = Arc::new(store);
+    let per_writer = 40u32;
+    let t = Instant::now();
+    let mut tasks = JoinSet::new();
+    for w in 0..64u32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut f = client_flow(&format!("w{w}"), FlowStatus::Running);
+            for i in 0..per_writer {
+                f.journal_len = 2 * (i + 1);
+                store
+                    .write(vec![
+                        Op::PutFlow(Box::new(f.clone())),
+                        Op::AppendJournal {
+                            flow: f.id,
+                            start: 2 * i,
+                            entries: vec![vec![1; 64], vec![2; 64]],
+                        },
+                        Op::PutMeta(format!("w{w}"), i.to_be_bytes().to_vec()),
+                    ])
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let took = t.elapsed();
+    let n = 64 * per_writer;
+    println!(
+        "postgres group commit: {n} batches from 64 writers in {took:?}: {:.0} batches/s",
+        f64::from(n) / took.as_secs_f64()
+    );
+    assert_eq!(
+        store.stats().await.unwrap().journal_entries,
+        u64::from(n) * 2
+    );
+    store.close().await;
+    cleanup.await;
+}
