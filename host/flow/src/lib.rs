@@ -158,7 +158,13 @@ struct Inner {
     vnode_generation: tokio::sync::watch::Sender<u64>,
     /// Wakes the timer task when an earlier timer is set.
     timers_changed: tokio::sync::Notify,
+    /// This worker's owner epoch of the flows' partition (the embedded node
+    /// has one partition, [`PARTITION`]); every checkpoint is fenced with it.
+    epoch: u64,
 }
+
+/// The flows' partition in a node that owns all its flows.
+pub const PARTITION: u16 = 0;
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -190,6 +196,14 @@ impl FlowWorker {
         config: WorkerConfig,
         remote: Option<Arc<dyn Remote>>,
     ) -> anyhow::Result<FlowWorker> {
+        // Owning the partition first: from here on, a worker that claimed
+        // it before us can no longer advance any flow.
+        let epoch = store
+            .claim_partition(
+                PARTITION,
+                &format!("braid flow worker, pid {}", std::process::id()),
+            )
+            .await?;
         let snap = store.load().await?;
         let events = EventLog::new(config.status_events);
         let inner = Arc::new(Inner {
@@ -204,6 +218,7 @@ impl FlowWorker {
             network: std::sync::OnceLock::new(),
             vnode_generation: tokio::sync::watch::channel(0).0,
             timers_changed: tokio::sync::Notify::new(),
+            epoch,
         });
         for p in &snap.packages {
             let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
@@ -343,6 +358,12 @@ impl FlowWorker {
         for l in st.live.values() {
             let _ = l.events.send(braid_runtime::Event::Evict);
         }
+    }
+
+    /// Whether the worker has stopped running flows (shutting down, or its
+    /// partition was claimed by another worker).
+    pub fn stopped(&self) -> bool {
+        self.inner.lock().stopping
     }
 
     /// The worker's metrics, with live and unfinished-flow gauges appended.

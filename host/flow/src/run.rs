@@ -380,7 +380,12 @@ impl FlowWorker {
         cp: Checkpoint,
         extra: Vec<Op>,
     ) -> Result<(), StoreError> {
-        let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 2 + extra.len());
+        let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 3 + extra.len());
+        // Only while this worker owns the flow's partition.
+        ops.push(Op::Fence {
+            partition: crate::PARTITION,
+            epoch: self.inner.epoch,
+        });
         if !cp.entries.is_empty() {
             ops.push(Op::AppendJournal {
                 flow: rec.id,
@@ -409,6 +414,22 @@ impl FlowWorker {
         let t = std::time::Instant::now();
         if let Err(e) = self.inner.store.write(ops).await {
             local.abandon(self);
+            if let StoreError::Fenced {
+                partition, current, ..
+            } = &e
+            {
+                // Another worker owns the partition now: advance nothing
+                // more (its flows resume there from their checkpoints).
+                if !self.inner.lock().stopping {
+                    tracing::error!(
+                        partition,
+                        current,
+                        epoch = self.inner.epoch,
+                        "another flow worker claimed this worker's partition; stopping its flows"
+                    );
+                }
+                self.stop();
+            }
             return Err(e);
         }
         self.inner.metrics.checkpoint_commit.observe(t.elapsed());

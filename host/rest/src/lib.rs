@@ -107,6 +107,10 @@ impl From<WorkerError> for ApiError {
             WorkerError::NotFound(m) => ApiError::not_found(m),
             WorkerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "CONFLICT", m),
             WorkerError::Invalid(m) => ApiError::bad("INVALID_REQUEST", m),
+            // Another start with the same client request id won a race.
+            WorkerError::Store(e @ braid_storage::StoreError::Duplicate { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "CONFLICT", e.to_string())
+            }
             // Damage does not go away by waiting: the operator must act.
             WorkerError::Store(e @ braid_storage::StoreError::Damaged { .. }) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

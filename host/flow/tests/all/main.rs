@@ -218,3 +218,71 @@ async fn early_messages_whose_init_never_comes_are_bounded_and_expire() {
         .unwrap();
     assert_eq!(h.store.stats().await.unwrap().inbox, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_whose_partition_was_claimed_by_another_advances_no_flow() {
+    let h = harness(Duration::from_secs(3600)).await;
+    let alice: X500Name = "O=Alice, L=London, C=GB".parse().unwrap();
+    let started = h
+        .worker
+        .start_flow(
+            HoldingId::derive(&alice, GROUP),
+            "fenced-1".parse().unwrap(),
+            "tally".into(),
+            r#"{"counterparty": "O=Remote, L=Oslo, C=NO", "items": 3}"#.into(),
+        )
+        .await
+        .unwrap();
+    // The flow sends to the remote member and suspends in `receive`.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        if let Some(m) = h.remote.sent.lock().unwrap().first().cloned() {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let before = loop {
+        let r = h.store.flow(&started.id).await.unwrap().unwrap();
+        if r.journal_len > 0 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Another worker takes the partition over.
+    let epoch = h.store.claim_partition(0, "another worker").await.unwrap();
+    assert!(epoch >= 2, "the harness's worker claimed it first");
+    // The reply arrives: the flow could now finish, but must not.
+    let reply = SessionMessage {
+        session: first.session,
+        from: first.to.clone(),
+        to: first.from.clone(),
+        seq: 1,
+        init: None,
+        body: Body::Data(postcard::to_stdvec(&vec![0u32, 1, 2]).unwrap()),
+    };
+    h.worker
+        .deliver_inbound(std::slice::from_ref(&reply))
+        .await
+        .unwrap();
+    while !h.worker.stopped() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fenced worker did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = h.store.flow(&started.id).await.unwrap().unwrap();
+    assert_eq!(
+        after.status,
+        FlowStatus::Running,
+        "the flow did not end here"
+    );
+    assert_eq!(after.journal_len, before.journal_len, "nor take a step");
+    assert_eq!(
+        h.store.inbox(&started.id).await.unwrap(),
+        vec![reply],
+        "the reply waits for the new owner"
+    );
+}
