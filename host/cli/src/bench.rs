@@ -53,6 +53,11 @@ pub struct BenchArgs {
     /// stops it with SIGTERM and times a restart on the same data.
     #[arg(long, value_delimiter = ',')]
     pub soak: Option<Vec<usize>>,
+    /// The store of the throughput figure's node: `embedded`, or an empty
+    /// PostgreSQL database (`postgres://...`). The memory and recovery
+    /// figures always use the embedded store.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
 }
 
 const ALICE: &str = "O=Alice, L=London, C=GB";
@@ -73,9 +78,10 @@ struct Pair {
     alice: HoldingId,
 }
 
-async fn pair(dir: &Path, wasm: &Path, max_live: usize) -> anyhow::Result<Pair> {
+async fn pair(dir: &Path, wasm: &Path, max_live: usize, store: &str) -> anyhow::Result<Pair> {
     let mut args = NodeArgs::local(dir.to_path_buf());
     args.max_live_flows = max_live;
+    args.store = store.to_string();
     let node = node::start(&args).await?;
     let (pkg, _) = node.worker.upload_package(std::fs::read(wasm)?).await?;
     let a = node
@@ -237,7 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // Throughput and latency.
-    let p = pair(&dir.join("throughput"), &wasm, 2000).await?;
+    let p = pair(&dir.join("throughput"), &wasm, 2000, &args.store).await?;
     run_pings(&p, "warmup", 200.min(args.flows), args.in_flight).await?;
     let (wall, mut lat) = run_pings(&p, "bench", args.flows, args.in_flight).await?;
     lat.sort_by(f64::total_cmp);
@@ -251,7 +257,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("live suspended: {live_per_flow:.0} B/flow");
 
     // Memory per suspended flow, evicted: 16 instances for all of them.
-    let e = pair(&dir.join("evicted"), &wasm, 16).await?;
+    let e = pair(&dir.join("evicted"), &wasm, 16, "embedded").await?;
     run_pings(&e, "warmup", 100, 16).await?;
     let before = rss_bytes();
     suspend_pings(&e, "evicted", args.suspended).await?;

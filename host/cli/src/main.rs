@@ -109,7 +109,8 @@ enum NodeCommand {
     /// Run an embedded node (every worker in one process) until killed.
     ///
     /// Example: braid node start --data-dir ./node1 --rest-addr 127.0.0.1:0
-    Start(node::NodeArgs),
+    // Boxed: the node's settings would make every command's variant large.
+    Start(Box<node::NodeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -199,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: NodeCommand::Start(args),
         } => {
             let rt = runtime()?;
-            let code = rt.block_on(run_node(args));
+            let code = rt.block_on(run_node(*args));
             // Tasks still running (flows, connections) are abandoned: their
             // state is in the store, which is closed by now.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));

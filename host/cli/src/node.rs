@@ -7,7 +7,7 @@ use braid_flow::{FlowWorker, WorkerConfig};
 use braid_http::Limits as ServerLimits;
 use braid_rest::Auth;
 use braid_runtime::{Limits, Runtime, RuntimeConfig};
-use braid_storage::Store as _;
+use braid_storage::Store;
 use braid_storage::embedded::EmbeddedStore;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
@@ -32,6 +32,12 @@ pub struct NodeArgs {
     /// Its group replaces --group.
     #[arg(long, env = "BRAID_NETWORK_CONFIG")]
     pub network_config: Option<PathBuf>,
+    /// Where the node keeps its state: `embedded` (the default: a file
+    /// database under DATA_DIR) or a PostgreSQL database
+    /// (`postgres://USER:PASSWORD@HOST:PORT/DATABASE`; its schema is
+    /// created and migrated at start; one node per database).
+    #[arg(long, env = "BRAID_STORE", default_value = "embedded")]
+    pub store: String,
     /// A message to another node not acknowledged within this many seconds
     /// is given up on and its flow's session fails.
     #[arg(long, env = "BRAID_MESSAGE_TTL_SECS", default_value_t = 86_400)]
@@ -304,6 +310,7 @@ impl NodeArgs {
         NodeArgs {
             data_dir: Some(data_dir),
             network_config: None,
+            store: "embedded".into(),
             message_ttl_secs: 86_400,
             link_rekey_packets: 1 << 20,
             rest_addr: Some("127.0.0.1:0".parse().expect("valid")),
@@ -344,7 +351,7 @@ pub struct Node {
     /// The network services (link manager, gateway, map client), when the
     /// node is part of a network; dropping them stops them.
     pub _network: Option<crate::network::Running>,
-    store: Arc<EmbeddedStore>,
+    store: Arc<dyn Store>,
     stop_rest: Option<tokio::sync::oneshot::Sender<()>>,
     /// How long a graceful stop waits for the REST server: its own grace
     /// for requests under way, and a little to close what is left.
@@ -453,10 +460,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         gateway_max_connections = gateway_limits.max_connections,
         "connection limits"
     );
-    let store = Arc::new(
-        EmbeddedStore::open(&dir.join("braid.redb"))
-            .with_context(|| format!("opening the store in {}", dir.display()))?,
-    );
+    let store = open_store(&args.store, dir).await?;
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         limits: Limits {
             memory_bytes: args.flow_memory_mib << 20,
@@ -572,6 +576,27 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         stop_rest: Some(stop_rest),
         rest_drain,
     })
+}
+
+/// Opens the store `--store` names.
+async fn open_store(spec: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn Store>> {
+    if spec == "embedded" {
+        let s = EmbeddedStore::open(&dir.join("braid.redb"))
+            .with_context(|| format!("opening the store in {}", dir.display()))?;
+        return Ok(Arc::new(s));
+    }
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        let s = braid_store_postgres::PostgresStore::connect(
+            spec,
+            braid_store_postgres::PostgresOptions::default(),
+        )
+        .await
+        .context("opening the PostgreSQL store (--store)")?;
+        return Ok(Arc::new(s));
+    }
+    anyhow::bail!(
+        "--store must be `embedded` or a PostgreSQL URL (postgres://USER:PASSWORD@HOST:PORT/DATABASE)"
+    )
 }
 
 /// The REST API's TLS configuration: the operator's certificate, else the

@@ -266,3 +266,66 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The URL of the test PostgreSQL server's `postgres` database, started
+/// once per test binary by `scripts/postgres.sh up` (installed and
+/// initialised on first use); panics with the script's error when it
+/// cannot be started.
+pub fn postgres_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let out = script("postgres.sh", &["up"]);
+        out.lines()
+            .rev()
+            .find(|l| l.starts_with("postgres://"))
+            .unwrap_or_else(|| panic!("scripts/postgres.sh up printed no URL: {out}"))
+            .to_string()
+    })
+}
+
+/// A new, empty database on the test server: its URL. Dropped by
+/// [`drop_database`] (tests that fail keep theirs for inspection).
+pub fn fresh_database() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!(
+        "braid_e_{}_{nanos}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    admin_sql(&format!("CREATE DATABASE {name}"));
+    let base = postgres_url()
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .expect("a URL with a database");
+    format!("{base}/{name}")
+}
+
+/// Drops the database of a URL from [`fresh_database`].
+pub fn drop_database(url: &str) {
+    if let Some((_, name)) = url.rsplit_once('/') {
+        admin_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+}
+
+fn admin_sql(sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the admin connection");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(postgres_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the test PostgreSQL: {e}"));
+        let task = tokio::spawn(conn);
+        client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        drop(client);
+        let _ = task.await;
+    });
+}

@@ -14,6 +14,7 @@ mod network_attacks;
 mod nondeterminism;
 mod openapi;
 mod pagination;
+mod postgres;
 mod rbac;
 mod rbac_logins;
 mod rest_input;
