@@ -59,12 +59,9 @@ pub const STATUSES: [&str; 5] = [
 // Locating things
 // ---------------------------------------------------------------------------
 
-/// The repository root (the parent of this crate's directory).
+/// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    braid_testkit::repo_root()
 }
 
 /// The `braid` binary: `$BRAID_BIN`, else `<target>/debug/braid` next to
@@ -101,13 +98,7 @@ pub fn braid_bin() -> PathBuf {
 /// It must differ from the target directory of the `cargo test` that runs
 /// us, whose build lock may still be held.
 pub fn wasm_target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("BRAID_WASM_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache/braid/wasm-target"),
-        None => std::env::temp_dir().join("braid-wasm-target"),
-    }
+    braid_testkit::wasm_target_dir()
 }
 
 /// A fresh, empty directory under the system temp dir. The caller removes
