@@ -1140,6 +1140,26 @@ impl Api {
         )
     }
 
+    /// Waits until `holding` has `count` responder flows, in any state.
+    pub fn wait_responders(&self, holding: &str, count: usize, timeout: Duration) {
+        wait_until(
+            &format!("{count} responder flows on {holding}"),
+            timeout,
+            || {
+                let responders = self
+                    .list_flows(holding)
+                    .iter()
+                    .filter(|f| f.client_request_id.is_none())
+                    .count();
+                if responders == count {
+                    Ok(())
+                } else {
+                    Err(format!("{responders}/{count} responders"))
+                }
+            },
+        );
+    }
+
     /// Waits until the vnode has at least `count` responder flows and
     /// all of them are terminal; returns them.
     pub fn wait_responders_terminal(

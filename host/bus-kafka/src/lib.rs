@@ -143,11 +143,6 @@ impl KafkaBus {
             .ok_or_else(|| TopicError::UnknownTopic(topic.to_string()))
     }
 
-    fn consumer(&self, group: &str) -> Result<StreamConsumer<Ctx>, TopicError> {
-        let (tx, _) = mpsc::unbounded_channel();
-        self.consumer_with(group, Ctx { events: tx })
-    }
-
     fn consumer_with(&self, group: &str, ctx: Ctx) -> Result<StreamConsumer<Ctx>, TopicError> {
         self.config
             .client()
@@ -347,7 +342,6 @@ impl MessageBus for KafkaBus {
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
             events: rx,
-            _events_tx: None,
             stash: None,
             grouped: true,
         }))
@@ -375,16 +369,20 @@ impl MessageBus for KafkaBus {
                 });
             }
         }
-        // A group id librdkafka requires, never used to commit.
-        let consumer = self.consumer(&format!("braid-watch-{}", std::process::id()))?;
-        consumer.assign(&tpl).map_err(broker)?;
+        // The consumer's context keeps the sender (and so the channel)
+        // alive; with a manual assignment it never rebalances.
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(Delivery::Assigned(all))
             .map_err(|_| TopicError::Closed)?;
+        // A group id librdkafka requires, never used to commit.
+        let consumer = self.consumer_with(
+            &format!("braid-watch-{}", std::process::id()),
+            Ctx { events: tx },
+        )?;
+        consumer.assign(&tpl).map_err(broker)?;
         Ok(Box::new(KafkaSubscription {
             consumer: Arc::new(consumer),
             events: rx,
-            _events_tx: Some(tx),
             stash: None,
             grouped: false,
         }))
@@ -446,9 +444,6 @@ impl ConsumerContext for Ctx {
 struct KafkaSubscription {
     consumer: Arc<StreamConsumer<Ctx>>,
     events: mpsc::UnboundedReceiver<Delivery>,
-    /// A watch's own end of `events` (a group's is in the consumer's
-    /// context), so that the channel stays open.
-    _events_tx: Option<mpsc::UnboundedSender<Delivery>>,
     /// A record that arrived just after an assignment change was queued:
     /// the change goes first.
     stash: Option<Incoming>,

@@ -13,7 +13,7 @@ use crate::topics::{
     Delivery, From, Incoming, MessageBus, Outgoing, Subscription, TopicError, TopicPartition,
     TopicSpec, partition_of,
 };
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
@@ -36,8 +36,8 @@ struct Inner {
     specs: Vec<TopicSpec>,
     topics: HashMap<String, Vec<Log>>,
     groups: HashMap<String, Group>,
-    /// Positions of watches: (watch id) -> next offset per partition.
-    watches: HashMap<u64, HashMap<TopicPartition, i64>>,
+    /// Subscriptions that are watches (their positions are in `positions`).
+    watches: HashSet<u64>,
     /// Assignment changes not yet seen by their member.
     pending: HashMap<u64, VecDeque<Delivery>>,
     /// Where each member (or watch) reads next.
@@ -213,7 +213,7 @@ impl Inner {
                 lower(&tp, g.committed.get(&tp).map_or(0, |c| c + 1));
             }
         }
-        for w in self.watches.keys() {
+        for w in &self.watches {
             if let Some(pos) = self.positions.get(w) {
                 for (tp, at) in pos {
                     read.insert(&tp.topic, true);
@@ -283,7 +283,7 @@ impl Inner {
         if out.is_empty() {
             return Ok(None);
         }
-        if self.watches.contains_key(&id) {
+        if self.watches.contains(&id) {
             self.trim();
         }
         Ok(Some(Delivery::Records(out)))
@@ -401,7 +401,7 @@ impl MessageBus for MemoryBus {
             );
         }
         inner.positions.insert(id, pos);
-        inner.watches.insert(id, HashMap::new());
+        inner.watches.insert(id);
         inner
             .pending
             .entry(id)

@@ -73,6 +73,7 @@ impl Delivery {
             tracing::warn!(holding = %m.to.holding, "dropping message for unknown vnode");
             return Ok(());
         }
+        // The vnode is known from here on.
         let Some(init) = &m.init else {
             if !st.early.contains_key(&dest) {
                 if bounded && st.early.len() >= MAX_EARLY_FLOWS {
@@ -85,10 +86,7 @@ impl Delivery {
             self.ops.push(Op::PutInbox(Box::new(m.clone())));
             return Ok(());
         };
-        let Some(v) = st.vnodes.get(&m.to.holding) else {
-            tracing::warn!(holding = %m.to.holding, "dropping session-init for unknown vnode");
-            return Ok(());
-        };
+        let v = &st.vnodes[&m.to.holding];
         let responder = w
             .inner
             .runtime

@@ -142,10 +142,7 @@ pub(crate) async fn force_package(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
     let h = holding(&h)?;
-    let v = parse_json(&body.map_err(body_error)?)?;
-    let checksum: Checksum = str_field(&v, "packageChecksum")?
-        .parse()
-        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
+    let checksum = package_checksum(body)?;
     let rec = c.worker.force_package(h, checksum).await?;
     Ok(Json(vnode_view(&rec)))
 }
@@ -174,10 +171,7 @@ pub(crate) async fn upgrade_vnode(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<openapi::Vnode>, ApiError> {
     let h = holding(&h)?;
-    let v = parse_json(&body.map_err(body_error)?)?;
-    let checksum: Checksum = str_field(&v, "packageChecksum")?
-        .parse()
-        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))?;
+    let checksum = package_checksum(body)?;
     Ok(Json(vnode_view(
         &c.worker.upgrade_vnode(h, checksum).await?,
     )))
@@ -251,4 +245,12 @@ pub(crate) async fn vnode_events(
     }
     let resume = stream::resume_point(&headers, c.worker.events());
     Ok(stream::follow_vnode(c.worker.clone(), h, resume))
+}
+
+/// The `packageChecksum` of a `SetPackage` body.
+fn package_checksum(body: Result<Bytes, BytesRejection>) -> Result<Checksum, ApiError> {
+    let v = parse_json(&body.map_err(body_error)?)?;
+    str_field(&v, "packageChecksum")?
+        .parse()
+        .map_err(|e: braid_types::ParseError| ApiError::bad("INVALID_CHECKSUM", e.0))
 }

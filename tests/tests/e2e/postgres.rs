@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use braid_e2e::{Node, Pkg, wait_until};
+use braid_e2e::{Node, Pkg};
 
 use crate::{ALICE, BOB, assert_pings_ok, proposals_yes_and_no, start_pings};
 
@@ -18,22 +18,7 @@ fn a_node_on_postgresql_survives_sigkill_with_every_flow_completed_once() {
     // Responders sleep 2 s, so the kill finds every exchange in flight.
     let ids = start_pings(node.api(), &alice, BOB, "pg", N, 2000);
     let api = node.api().clone();
-    wait_until(
-        "every ping to have a sleeping responder",
-        Duration::from_secs(60),
-        || {
-            let responders = api
-                .list_flows(&bob)
-                .iter()
-                .filter(|f| f.client_request_id.is_none())
-                .count();
-            if responders == N {
-                Ok(())
-            } else {
-                Err(format!("{responders}/{N} responders"))
-            }
-        },
-    );
+    api.wait_responders(&bob, N, Duration::from_secs(60));
     node.kill();
     node.restart();
     let api = node.api().clone();

@@ -604,22 +604,7 @@ fn sigterm_stops_gracefully_and_the_next_start_needs_no_repair_unlike_after_sigk
     let bob = node.vnode(BOB, Pkg::Ping);
     // Suspended at the stop: every responder sleeps.
     let ids = start_pings(&api, &alice, BOB, "t", N, 3000);
-    wait_until(
-        "every ping to be mid-exchange",
-        Duration::from_secs(60),
-        || {
-            let responders = api
-                .list_flows(&bob)
-                .iter()
-                .filter(|f| f.client_request_id.is_none())
-                .count();
-            if responders == N {
-                Ok(())
-            } else {
-                Err(format!("{responders}/{N} responders"))
-            }
-        },
-    );
+    api.wait_responders(&bob, N, Duration::from_secs(60));
 
     let (taken_tx, taken) = mpsc::channel();
     let client = {
