@@ -292,6 +292,8 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub struct NodeOptions {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
+    /// The process serves no REST API (a cluster's flow worker).
+    no_rest: bool,
 }
 
 impl NodeOptions {
@@ -334,6 +336,12 @@ impl NodeOptions {
     /// only).
     pub fn insecure_http(mut self) -> Self {
         self.args.push("--insecure-http".to_string());
+        self
+    }
+    /// The process runs no REST API (`--roles flow` in a cluster): start
+    /// waits for the worker's start line in its log instead.
+    pub fn no_rest(mut self) -> Self {
+        self.no_rest = true;
         self
     }
     /// Starts a node with these options.
@@ -428,6 +436,7 @@ impl Node {
             .expect("open node log");
         let mut marker = log.try_clone().expect("clone log handle");
         let _ = writeln!(marker, "\n===== [e2e] starting braid node =====");
+        let started = self.log_text().matches("flow worker started").count();
         let mut cmd = Command::new(braid_bin());
         // Only the options the test asks for: no BRAID_* from the caller's
         // environment (they are clap fallbacks of the node's flags).
@@ -451,6 +460,24 @@ impl Node {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", braid_bin().display()));
         self.child = Some(child);
+        if self.options.no_rest {
+            wait_until("the flow worker to start", Duration::from_secs(60), || {
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    panic!(
+                        "braid node exited while starting ({status}); log tail:\n{}",
+                        self.log_tail(60)
+                    );
+                }
+                if self.log_text().matches("flow worker started").count() > started {
+                    Ok(())
+                } else {
+                    Err("no start line in the log yet".to_string())
+                }
+            });
+            return;
+        }
 
         let url = wait_until(
             "the node to write rest.url",

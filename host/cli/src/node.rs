@@ -131,6 +131,99 @@ pub struct NodeArgs {
     /// (boxed: they would make every command's enum variant large).
     #[command(flatten)]
     pub connections: Box<ConnectionArgs>,
+    /// Cluster mode: the bus and this process's roles.
+    #[command(flatten)]
+    pub cluster: Box<ClusterArgs>,
+}
+
+/// Cluster mode: workers in separate processes that meet on a Kafka bus
+/// and a PostgreSQL store (see docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ClusterArgs {
+    /// The bus between workers: `embedded` (the default: every worker in
+    /// this process) or Kafka, `kafka://HOST:PORT[,HOST:PORT...]` (needs a
+    /// PostgreSQL --store, which every worker of the cluster shares).
+    #[arg(long, env = "BRAID_BUS", default_value = "embedded")]
+    pub bus: String,
+    /// A librdkafka setting for every Kafka client, `KEY=VALUE`
+    /// (`security.protocol=SASL_SSL`, `sasl.mechanism=SCRAM-SHA-512`,
+    /// `ssl.ca.location=...`); repeat for several.
+    #[arg(long = "bus-option", env = "BRAID_BUS_OPTIONS", value_delimiter = ';', value_parser = parse_option)]
+    pub bus_options: Vec<(String, String)>,
+    /// The workers this process runs, comma-separated, from `rest`,
+    /// `flow`, `link`, `gateway`, `membership`; `all` (the default) is the
+    /// embedded node. With --bus kafka:// only `rest` and `flow` run as
+    /// separate workers so far.
+    #[arg(
+        long,
+        env = "BRAID_ROLES",
+        default_value = "all",
+        value_delimiter = ','
+    )]
+    pub roles: Vec<Role>,
+    /// Partitions of the flow-event topic: the unit in which flow workers
+    /// share flows (more than the flow workers you will ever run). Fixed
+    /// once the topic exists.
+    #[arg(long, env = "BRAID_FLOW_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub flow_partitions: u16,
+    /// Prefix of the topics braid creates and uses (several clusters can
+    /// share brokers with different prefixes).
+    #[arg(long, env = "BRAID_TOPIC_PREFIX", default_value = "braid.")]
+    pub topic_prefix: String,
+    /// Replication factor of topics braid creates (production: 3, with the
+    /// brokers' min.insync.replicas=2).
+    #[arg(long, env = "BRAID_BUS_REPLICATION", default_value_t = 1, value_parser = clap::value_parser!(i16).range(1..))]
+    pub bus_replication: i16,
+    /// How long a flow worker may go silent before the group hands its
+    /// partitions to the others, ms (Kafka's session.timeout.ms).
+    #[arg(long, env = "BRAID_BUS_SESSION_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    pub bus_session_timeout_ms: u64,
+}
+
+/// A worker role of `--roles`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Every role (the embedded node).
+    All,
+    /// The REST API.
+    Rest,
+    /// The flow worker.
+    Flow,
+    /// The link manager.
+    Link,
+    /// The gateway.
+    Gateway,
+    /// The network-map client (and server, on the operator's node).
+    Membership,
+}
+
+fn parse_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+impl Default for ClusterArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        ClusterArgs {
+            bus: "embedded".into(),
+            bus_options: Vec::new(),
+            roles: vec![Role::All],
+            flow_partitions: 16,
+            topic_prefix: "braid.".into(),
+            bus_replication: 1,
+            bus_session_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ClusterArgs {
+    /// Whether this process runs `role`.
+    pub fn runs(&self, role: Role) -> bool {
+        self.roles.iter().any(|r| *r == Role::All || *r == role)
+    }
 }
 
 /// How many connections the REST API and the gateway keep open, and how
@@ -333,6 +426,7 @@ impl NodeArgs {
             public_host: Vec::new(),
             insecure_http: false,
             connections: Box::default(),
+            cluster: Box::default(),
         }
     }
 }
@@ -368,17 +462,23 @@ impl Node {
         // Status streams never end by themselves: end them first so that
         // the REST server can drain at once.
         self.worker.events().close();
-        if let Some(stop) = self.stop_rest.take() {
-            let _ = stop.send(());
-        }
-        let drain = self.rest_drain;
-        match tokio::time::timeout(drain, &mut self.server).await {
-            Ok(Ok(Err(e))) => tracing::warn!(cause = %e, "REST server ended with an error"),
-            Ok(_) => {}
-            Err(_) => {
-                tracing::info!("REST connections still open after {drain:?}; closing them");
-                self.server.abort();
+        match self.stop_rest.take() {
+            Some(stop) => {
+                let _ = stop.send(());
+                let drain = self.rest_drain;
+                match tokio::time::timeout(drain, &mut self.server).await {
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(cause = %e, "REST server ended with an error")
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        tracing::info!("REST connections still open after {drain:?}; closing them");
+                        self.server.abort();
+                    }
+                }
             }
+            // No REST API in this process.
+            None => self.server.abort(),
         }
         drop(self._network.take());
         self.worker.stop();
@@ -478,26 +578,48 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         max_instances: (args.max_live_flows + 64) as u32,
         cache_dir: dir.join("compiled"),
     })?);
-    let (bus, bus_rx) = InProcessBus::new();
-    let joining = match &net {
-        Some(n) => Some(crate::network::Joining::prepare(n, dir)?),
-        None => None,
+    let config = WorkerConfig {
+        max_live_flows: args.max_live_flows,
+        group: args.group.clone(),
+        retention: Duration::from_secs(args.flow_retention_secs),
+        status_events: args.status_events,
+        early_message_ttl: Duration::from_secs(args.message_ttl_secs),
     };
-    let worker = FlowWorker::start_with_remote(
-        store.clone(),
-        Arc::new(bus),
-        bus_rx,
-        runtime,
-        WorkerConfig {
-            max_live_flows: args.max_live_flows,
-            group: args.group.clone(),
-            retention: Duration::from_secs(args.flow_retention_secs),
-            status_events: args.status_events,
-            early_message_ttl: Duration::from_secs(args.message_ttl_secs),
-        },
-        joining.as_ref().map(|j| j.remote()),
-    )
-    .await?;
+    let cluster = cluster_config(args, net.is_some()).await?;
+    let joining = match (&net, &cluster) {
+        (Some(n), None) => Some(crate::network::Joining::prepare(n, dir)?),
+        _ => None,
+    };
+    let worker = match cluster {
+        Some(c) => FlowWorker::start_cluster(store.clone(), runtime, config, c).await?,
+        None => {
+            let (bus, bus_rx) = InProcessBus::new();
+            FlowWorker::start_with_remote(
+                store.clone(),
+                Arc::new(bus),
+                bus_rx,
+                runtime,
+                config,
+                joining.as_ref().map(|j| j.remote()),
+            )
+            .await?
+        }
+    };
+    if !args.cluster.runs(Role::Rest) {
+        tracing::info!(
+            partitions = args.cluster.flow_partitions,
+            "flow worker started (no REST API in this process)"
+        );
+        return Ok(Node {
+            url: String::new(),
+            worker,
+            server: tokio::spawn(std::future::pending()),
+            _network: None,
+            store,
+            stop_rest: None,
+            rest_drain,
+        });
+    }
     let network = match (joining, &net) {
         (Some(j), Some(n)) => Some(
             j.start(
@@ -576,6 +698,70 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         stop_rest: Some(stop_rest),
         rest_drain,
     })
+}
+
+/// The cluster settings of `--bus` and `--roles`: `None` for the
+/// embedded node (every role in this process, on the in-process bus).
+async fn cluster_config(
+    args: &NodeArgs,
+    networked: bool,
+) -> anyhow::Result<Option<braid_flow::cluster::ClusterConfig>> {
+    use braid_flow::cluster::{ClusterConfig, ClusterRole, FlowTopics};
+    let c = &args.cluster;
+    if c.bus == "embedded" {
+        if !c.runs(Role::Rest)
+            || !c.runs(Role::Flow)
+            || (networked && !(c.runs(Role::Link) && c.runs(Role::Gateway)))
+        {
+            anyhow::bail!(
+                "--roles other than `all` need a bus between the workers: --bus kafka://HOST:PORT"
+            );
+        }
+        return Ok(None);
+    }
+    let mut kafka = braid_bus_kafka::KafkaConfig::parse(&c.bus).context("--bus")?;
+    if args.store == "embedded" {
+        anyhow::bail!(
+            "--bus {} needs a store every worker shares: --store postgres://...",
+            c.bus
+        );
+    }
+    if networked
+        || c.roles
+            .iter()
+            .any(|r| matches!(r, Role::All | Role::Link | Role::Gateway | Role::Membership))
+    {
+        anyhow::bail!(
+            "in cluster mode (--bus kafka://...) only the `rest` and `flow` roles run so far; \
+             the link manager, gateway and membership still run only in an embedded node \
+             (see docs/cluster.md)"
+        );
+    }
+    kafka.options = c.bus_options.clone();
+    kafka.replication = c.bus_replication;
+    kafka.session_timeout = Duration::from_millis(c.bus_session_timeout_ms);
+    let topics = FlowTopics::with_prefix(&c.topic_prefix, c.flow_partitions);
+    let bus = braid_bus_kafka::KafkaBus::connect(kafka, topics.specs())
+        .await
+        .context("connecting to the bus (--bus)")?;
+    let role = if c.runs(Role::Flow) {
+        ClusterRole::Flows
+    } else {
+        ClusterRole::Client
+    };
+    Ok(Some(ClusterConfig {
+        bus: Arc::new(bus),
+        topics,
+        role,
+        owner: format!(
+            "braid {:?} worker, pid {}, {}",
+            c.roles,
+            std::process::id(),
+            args.data_dir
+                .as_ref()
+                .map_or_else(String::new, |d| d.display().to_string())
+        ),
+    }))
 }
 
 /// Opens the store `--store` names.

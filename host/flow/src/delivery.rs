@@ -163,7 +163,7 @@ impl Delivery {
             }
         }
         for rec in &created {
-            w.inner.events.publish(rec);
+            w.status_changed(rec);
         }
         for id in to_schedule {
             w.schedule(id);
@@ -295,23 +295,62 @@ pub(crate) async fn route(w: FlowWorker, mut rx: BusReceiver) {
                 break;
             }
         }
-        crate::retry_until_ok("message delivery", || deliver(&w, &batch)).await;
+        crate::retry_until_ok("message delivery", || deliver(&w, &batch, true)).await;
     }
 }
 
-/// Delivers a batch taken from the bus: each message moves from the
-/// outbox to its receiver's inbox in one transaction.
-async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreError> {
+/// Delivers a batch of messages committed to an outbox: each moves from
+/// the outbox to its receiver's inbox in one transaction, fenced with the
+/// owner epoch of the receiver's partition. Messages for vnodes of other
+/// nodes go to the link manager. In a cluster, messages for flows of a
+/// partition another worker owns are handed to the event topic when
+/// `forward` (from the outbox router), and left to the owner otherwise
+/// (records of the event topic for a partition just given up).
+pub(crate) async fn deliver(
+    w: &FlowWorker,
+    batch: &[SessionMessage],
+    forward: bool,
+) -> Result<(), StoreError> {
+    if w.inner.cluster.is_some() && {
+        let st = w.inner.lock();
+        batch.iter().any(|m| !st.vnodes.contains_key(&m.to.holding))
+    } {
+        // Perhaps a vnode created through another worker a moment ago.
+        w.catch_up_catalog().await;
+    }
     w.learn_finished(batch).await?;
     let mut d = Delivery::default();
     let mut remote = Vec::new();
+    let mut others = Vec::new();
+    let mut fences = std::collections::BTreeMap::new();
+    let mut mine = Vec::new();
     {
         let mut st = w.inner.lock();
         for m in batch {
-            if w.inner.remote.is_some() && !st.vnodes.contains_key(&m.to.holding) {
-                remote.push(m.clone());
-                continue;
+            if !st.vnodes.contains_key(&m.to.holding) {
+                if w.inner.remote.is_some() {
+                    remote.push(m.clone());
+                    continue;
+                }
+                if w.inner.cluster.is_some() {
+                    // Perhaps a vnode created through another worker a
+                    // moment ago: it goes to the event topic, whose owner
+                    // knows more (or drops it).
+                    if forward {
+                        others.push(crate::cluster::Input::Message(Box::new(m.clone())));
+                    }
+                    continue;
+                }
             }
+            let dest = w.partition(&m.destination_flow());
+            let Some(epoch) = st.owned.get(&dest).copied() else {
+                if forward {
+                    others.push(crate::cluster::Input::Message(Box::new(m.clone())));
+                }
+                continue;
+            };
+            fences.insert(dest, epoch);
+            mine.push(m);
             d.ops.push(Op::DeleteOutbox(m.key()));
             // Unbounded: messages of this node's own flows.
             let _ = d.plan(w, &mut st, m, false);
@@ -320,8 +359,35 @@ async fn deliver(w: &FlowWorker, batch: &[SessionMessage]) -> Result<(), StoreEr
     if let (Some(r), false) = (&w.inner.remote, remote.is_empty()) {
         r.send(remote);
     }
+    if let (Some(c), false) = (&w.inner.cluster, others.is_empty()) {
+        c.send_inputs(&others);
+    }
     if d.ops.is_empty() {
         return Ok(());
     }
-    d.commit(w).await
+    d.ops.extend(
+        fences
+            .into_iter()
+            .map(|(partition, epoch)| Op::Fence { partition, epoch }),
+    );
+    let r = d.commit(w).await;
+    if let Err(StoreError::Fenced {
+        partition,
+        epoch,
+        current,
+    }) = &r
+    {
+        w.lost_partition(*partition, *epoch, *current);
+        // Whoever owns it now may have loaded the outbox before these were
+        // committed to it: hand them over on the event topic.
+        if let Some(c) = &w.inner.cluster {
+            let inputs: Vec<_> = mine
+                .into_iter()
+                .map(|m| crate::cluster::Input::Message(Box::new(m.clone())))
+                .collect();
+            c.send_inputs(&inputs);
+            return Ok(());
+        }
+    }
+    r
 }

@@ -25,7 +25,7 @@ const MAX_BYTES: usize = 16 << 20;
 
 /// What a status stream shows of a flow after one change: the client's
 /// view, not the flow's checkpoint (so the log stays small).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatusChange {
     /// The flow.
     pub flow: FlowId,
@@ -170,7 +170,12 @@ impl EventLog {
 
     /// Appends the change `rec` shows; returns its number.
     pub fn publish(&self, rec: &FlowRecord) -> u64 {
-        let change = Arc::new(StatusChange::of(rec));
+        self.publish_change(StatusChange::of(rec))
+    }
+
+    /// Appends `change`; returns its number.
+    pub fn publish_change(&self, change: StatusChange) -> u64 {
+        let change = Arc::new(change);
         let size = change.bytes();
         let seq = {
             let mut r = self.ring.lock().unwrap_or_else(|e| e.into_inner());

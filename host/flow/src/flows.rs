@@ -24,6 +24,12 @@ impl FlowWorker {
                 "clientRequestId {client_request_id} was already used on virtual node {holding}"
             ))
         };
+        if self.inner.cluster.is_some() && !self.inner.lock().vnodes.contains_key(&holding) {
+            // Perhaps created through another worker a moment ago.
+            self.reload_catalog()
+                .await
+                .map_err(|e| WorkerError::Busy(format!("reading virtual nodes: {e:#}")))?;
+        }
         let rec = {
             let mut st = self.inner.lock();
             let v = st.vnodes.get(&holding).ok_or_else(|| {
@@ -106,6 +112,15 @@ impl FlowWorker {
             release();
             return Err(e.into());
         }
+        self.inner.metrics.count(holding, FlowEvent::Started);
+        if let Some(c) = &self.inner.cluster {
+            // The owner of the flow's partition runs it (or finds it in
+            // the store when it takes the partition over).
+            release();
+            self.status_changed(&rec);
+            c.send_inputs(&[crate::cluster::Input::Start(rec.id)]);
+            return Ok(rec);
+        }
         {
             let mut st = self.inner.lock();
             st.insert_flow(rec.clone());
@@ -113,8 +128,7 @@ impl FlowWorker {
                 st.queue.push_back(rec.id);
             }
         }
-        self.inner.metrics.count(holding, FlowEvent::Started);
-        self.inner.events.publish(&rec);
+        self.status_changed(&rec);
         self.pump();
         Ok(rec)
     }
@@ -124,6 +138,26 @@ impl FlowWorker {
     /// carried out whatever the flow is doing (running, waiting, evicted,
     /// sleeping), also after a restart.
     pub async fn kill(&self, flow: FlowId, reason: String) -> Result<FlowRecord, WorkerError> {
+        if let Some(c) = &self.inner.cluster {
+            // Durable first; the owner of the flow's partition carries it
+            // out (or finds it in the store when it takes the partition).
+            let rec = match self.inner.store.flow(&flow).await? {
+                None => return Err(WorkerError::NotFound(format!("no flow {flow}"))),
+                Some(r) if r.status.is_terminal() => {
+                    return Err(WorkerError::Conflict(format!(
+                        "flow {flow} has already ended ({:?})",
+                        r.status
+                    )));
+                }
+                Some(r) => r,
+            };
+            self.inner
+                .store
+                .write(vec![Op::PutKill(flow, reason.clone())])
+                .await?;
+            c.send_inputs(&[crate::cluster::Input::Kill(flow, reason)]);
+            return Ok(rec);
+        }
         let rec = {
             let mut st = self.inner.lock();
             match st.flows.get(&flow).cloned() {
@@ -134,13 +168,7 @@ impl FlowWorker {
                     )));
                 }
                 Some(rec) => {
-                    st.kills.entry(flow).or_insert_with(|| reason.clone());
-                    if let Some(l) = st.live.get(&flow) {
-                        // Takes effect at the flow's next host call or
-                        // epoch tick; the event wakes it if it waits.
-                        let _ = l.kill.set(reason.clone());
-                        let _ = l.events.send(braid_runtime::Event::Kill(reason.clone()));
-                    }
+                    Self::signal_kill(&mut st, flow, &reason);
                     Some(rec)
                 }
             }
@@ -160,6 +188,32 @@ impl FlowWorker {
             .await?;
         self.schedule(flow);
         Ok(rec)
+    }
+
+    /// Marks `flow` killed in memory and tells its live instance.
+    fn signal_kill(st: &mut crate::state::State, flow: FlowId, reason: &str) {
+        st.kills.entry(flow).or_insert_with(|| reason.to_string());
+        if let Some(l) = st.live.get(&flow) {
+            // Takes effect at the flow's next host call or epoch tick; the
+            // event wakes it if it waits.
+            let _ = l.kill.set(reason.to_string());
+            let _ = l
+                .events
+                .send(braid_runtime::Event::Kill(reason.to_string()));
+        }
+    }
+
+    /// Carries out a kill that is durable already (it came from another
+    /// worker) on a flow this worker runs.
+    pub(crate) fn kill_here(&self, flow: FlowId, reason: String) {
+        {
+            let mut st = self.inner.lock();
+            if !st.flows.contains_key(&flow) || st.ending.contains(&flow) {
+                return;
+            }
+            Self::signal_kill(&mut st, flow, &reason);
+        }
+        self.schedule(flow);
     }
 
     /// A client-started flow's record: the running flow's from memory, a
@@ -201,6 +255,7 @@ impl FlowWorker {
     ) -> Result<FlowPage, WorkerError> {
         if let Some(s) = status
             && !s.is_terminal()
+            && self.inner.cluster.is_none()
         {
             // Unfinished flows are all in memory, with their current
             // status (the store's can lag: a flow runs before its first

@@ -25,11 +25,11 @@
 use braid_bus::{Bus, BusReceiver};
 use braid_runtime::Runtime;
 use braid_storage::{Store, StoreError};
-use braid_types::{FlowId, FlowStatus, SessionMessage, X500Name, now_millis};
-use std::collections::HashSet;
+use braid_types::{SessionMessage, X500Name};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+pub mod cluster;
 mod delivery;
 pub mod events;
 mod flows;
@@ -158,9 +158,14 @@ struct Inner {
     vnode_generation: tokio::sync::watch::Sender<u64>,
     /// Wakes the timer task when an earlier timer is set.
     timers_changed: tokio::sync::Notify,
-    /// This worker's owner epoch of the flows' partition (the embedded node
-    /// has one partition, [`PARTITION`]); every checkpoint is fenced with it.
-    epoch: u64,
+    /// Partitions flows are spread over (1 in an embedded node: every flow
+    /// is in [`PARTITION`]). Every checkpoint is fenced with the owner epoch
+    /// of its flow's partition (`State::owned`).
+    partitions: u16,
+    /// How this worker meets the others (cluster mode only).
+    cluster: Option<cluster::Cluster>,
+    /// Becomes true when the worker stops (ends its bus subscriptions).
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 /// The flows' partition in a node that owns all its flows.
@@ -196,20 +201,57 @@ impl FlowWorker {
         config: WorkerConfig,
         remote: Option<Arc<dyn Remote>>,
     ) -> anyhow::Result<FlowWorker> {
-        // Owning the partition first: from here on, a worker that claimed
-        // it before us can no longer advance any flow.
-        let epoch = store
-            .claim_partition(
-                PARTITION,
-                &format!("braid flow worker, pid {}", std::process::id()),
-            )
-            .await?;
-        let snap = store.load().await?;
+        let w = Self::assemble(store, bus, runtime, config, remote, None).await?;
+        // Owning the only partition: from here on, a worker that claimed it
+        // before us can no longer advance any flow.
+        w.take_partitions(&[PARTITION]).await?;
+        w.run_tasks(bus_rx);
+        Ok(w)
+    }
+
+    /// A worker of a cluster: it meets the others on `cluster.bus` and the
+    /// store. With [`cluster::ClusterRole::Flows`] it runs the flows of the
+    /// event topic's partitions the group assigns it; with
+    /// [`cluster::ClusterRole::Client`] it runs none and only serves
+    /// clients (the REST worker).
+    pub async fn start_cluster(
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        config: WorkerConfig,
+        cluster: cluster::ClusterConfig,
+    ) -> anyhow::Result<FlowWorker> {
+        let (bus, bus_rx) = braid_bus::InProcessBus::new();
+        let w = Self::assemble(
+            store,
+            Arc::new(bus),
+            runtime,
+            config,
+            None,
+            Some(cluster::Cluster::new(cluster)),
+        )
+        .await?;
+        w.run_tasks(bus_rx);
+        cluster::start(&w).await?;
+        Ok(w)
+    }
+
+    /// The worker with its catalog (vnodes, packages) loaded and no flows.
+    async fn assemble(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        runtime: Arc<Runtime>,
+        config: WorkerConfig,
+        remote: Option<Arc<dyn Remote>>,
+        cluster: Option<cluster::Cluster>,
+    ) -> anyhow::Result<FlowWorker> {
         let events = EventLog::new(config.status_events);
+        let partitions = cluster
+            .as_ref()
+            .map_or(1, |c| c.config.topics.event_partitions.max(1));
         let inner = Arc::new(Inner {
-            store: store.clone(),
+            store,
             bus,
-            runtime: runtime.clone(),
+            runtime,
             config,
             state: Mutex::new(State::default()),
             events,
@@ -218,102 +260,26 @@ impl FlowWorker {
             network: std::sync::OnceLock::new(),
             vnode_generation: tokio::sync::watch::channel(0).0,
             timers_changed: tokio::sync::Notify::new(),
-            epoch,
+            partitions,
+            cluster,
+            stopped: tokio::sync::watch::channel(false).0,
         });
-        for p in &snap.packages {
-            let bytes = store.package_bytes(&p.checksum).await?.ok_or_else(|| {
-                anyhow::anyhow!("package {} has metadata but no bytes", p.checksum)
-            })?;
-            if let Err(e) = runtime.load(p.checksum, &bytes).await {
-                tracing::error!(checksum = %p.checksum, cause = %e, "stored package no longer loads");
-            }
-        }
-        let now = now_millis();
-        let mut timers = Vec::new();
-        let mut stale_kills = Vec::new();
-        {
-            let mut st = inner.lock();
-            for v in snap.vnodes {
-                st.names.insert(v.name.clone(), v.holding);
-                st.vnodes.insert(v.holding, v);
-            }
-            for p in snap.packages {
-                st.packages.insert(p.checksum, p);
-            }
-            let unfinished: HashSet<FlowId> = snap.flows.iter().map(|r| r.id).collect();
-            let kills: HashSet<FlowId> = snap
-                .kills
-                .iter()
-                .filter(|(id, _)| unfinished.contains(id))
-                .map(|(id, _)| *id)
-                .collect();
-            for (id, why) in snap.kills {
-                if unfinished.contains(&id) {
-                    st.kills.insert(id, why);
-                } else {
-                    stale_kills.push(id);
-                }
-            }
-            let inbox: HashSet<FlowId> = snap.inbox_flows.into_iter().collect();
-            // Inboxes of flows not started yet: messages waiting for their
-            // session-init (their wait starts again now).
-            for id in &inbox {
-                if !unfinished.contains(id) {
-                    st.early.insert(*id, now);
-                }
-            }
-            let mut ready = Vec::new();
-            for r in snap.flows {
-                match r.wake_at_ms {
-                    _ if r.status == FlowStatus::StartRequested
-                        || inbox.contains(&r.id)
-                        || kills.contains(&r.id) =>
-                    {
-                        ready.push((r.created_ms, r.id))
-                    }
-                    Some(w) if w <= now => ready.push((r.created_ms, r.id)),
-                    Some(w) => timers.push((r.id, w)),
-                    None => {}
-                }
-                st.insert_flow(r);
-            }
-            ready.sort();
-            for (_, id) in ready {
-                if st.queued.insert(id) {
-                    st.queue.push_back(id);
-                }
-            }
-            tracing::info!(
-                unfinished = st.flows.len(),
-                resuming = st.queue.len(),
-                timers = timers.len(),
-                kills = st.kills.len(),
-                outbox = snap.outbox.len(),
-                "flow worker state loaded"
-            );
-        }
-        if !stale_kills.is_empty() {
-            store
-                .write(
-                    stale_kills
-                        .into_iter()
-                        .map(braid_storage::Op::DeleteKill)
-                        .collect(),
-                )
-                .await?;
-        }
         let w = FlowWorker { inner };
-        for (id, at) in timers {
-            w.wake_at(id, at);
-        }
-        tokio::spawn(delivery::route(w.clone(), bus_rx));
-        tokio::spawn(run::timer_loop(w.clone()));
-        tokio::spawn(retention::sweeper(w.clone()));
-        if !snap.outbox.is_empty() {
-            let _ = w.inner.bus.publish(snap.outbox);
-        }
-        w.pump();
+        w.reload_catalog().await?;
         Ok(w)
+    }
+
+    fn run_tasks(&self, bus_rx: BusReceiver) {
+        tokio::spawn(delivery::route(self.clone(), bus_rx));
+        tokio::spawn(run::timer_loop(self.clone()));
+        if self
+            .inner
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.config.role == cluster::ClusterRole::Flows)
+        {
+            tokio::spawn(retention::sweeper(self.clone()));
+        }
     }
 
     /// The log of status changes (for status streams).
@@ -351,6 +317,7 @@ impl FlowWorker {
     /// resume from their last checkpoint on the next start). Commits
     /// already sent to the store finish; close the store after this.
     pub fn stop(&self) {
+        self.inner.stopped.send_replace(true);
         let mut st = self.inner.lock();
         st.stopping = true;
         st.queue.clear();

@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 
 pub(crate) struct Env {
     pub worker: FlowWorker,
+    /// The instance this environment serves (see `Live::instance`).
+    pub instance: u64,
 }
 
 #[async_trait::async_trait]
@@ -25,6 +27,13 @@ impl FlowEnv for Env {
             let st = inner.lock();
             if st.stopping {
                 anyhow::bail!("the node is shutting down");
+            }
+            if st
+                .live
+                .get(&flow)
+                .is_none_or(|l| l.instance != self.instance)
+            {
+                anyhow::bail!("flow {flow} is no longer this instance's (its partition moved)");
             }
             let mut r = st
                 .flows
@@ -52,7 +61,7 @@ impl FlowEnv for Env {
         }
         // Status changes only: a flow that suspends again is still RUNNING.
         if changed {
-            inner.events.publish(&rec);
+            self.worker.status_changed(&rec);
         }
         // A flow just suspended: if others wait for room, evict now.
         if !inner.lock().queue.is_empty() {
@@ -75,6 +84,13 @@ impl FlowEnv for Env {
     fn derive(&self, name: &X500Name) -> HoldingId {
         HoldingId::derive(name, &self.worker.inner.config.group)
     }
+
+    async fn resolve_fresh(&self, name: &X500Name) -> Option<HoldingId> {
+        if self.worker.inner.cluster.is_some() {
+            self.worker.catch_up_catalog().await;
+        }
+        self.resolve(name)
+    }
 }
 
 async fn load_input(
@@ -82,6 +98,15 @@ async fn load_input(
     id: FlowId,
     kill: Arc<OnceLock<String>>,
 ) -> anyhow::Result<(Arc<Package>, FlowInput)> {
+    if w.inner.cluster.is_some() && {
+        let st = w.inner.lock();
+        st.flows
+            .get(&id)
+            .is_some_and(|r| !st.vnodes.contains_key(&r.holding))
+    } {
+        // A vnode created through another worker a moment ago.
+        w.catch_up_catalog().await;
+    }
     let (rec, name) = {
         let st = w.inner.lock();
         let rec = st
@@ -131,12 +156,16 @@ async fn load_input(
 async fn drive(
     w: FlowWorker,
     id: FlowId,
+    instance: u64,
     events: mpsc::UnboundedReceiver<Event>,
     kill: Arc<OnceLock<String>>,
 ) {
     let outcome = match load_input(&w, id, kill.clone()).await {
         Ok((pkg, input)) => {
-            let env = Arc::new(Env { worker: w.clone() });
+            let env = Arc::new(Env {
+                worker: w.clone(),
+                instance,
+            });
             w.inner.runtime.run(pkg, input, env, events).await
         }
         // A flow that cannot even be loaded can still be killed (its
@@ -156,7 +185,7 @@ async fn drive(
     let mut retry = false;
     match outcome {
         RunOutcome::Finished { result, checkpoint } => {
-            if w.finish(id, result, checkpoint).await.is_err() {
+            if w.finish(id, instance, result, checkpoint).await.is_err() {
                 retry = true;
             }
         }
@@ -170,6 +199,13 @@ async fn drive(
     }
     let (wake, delay) = {
         let mut st = w.inner.lock();
+        if st.live.get(&id).is_none_or(|l| l.instance != instance) {
+            // The flow went to another worker (and perhaps came back, with
+            // a new instance): nothing more of this one.
+            drop(st);
+            w.pump();
+            return;
+        }
         if st.live.remove(&id).is_some_and(|l| l.evicting) {
             st.evicting -= 1;
         }
@@ -221,11 +257,15 @@ impl FlowWorker {
     async fn finish(
         &self,
         id: FlowId,
+        instance: u64,
         mut result: Result<String, FlowFailure>,
         checkpoint: Checkpoint,
     ) -> Result<(), StoreError> {
         let rec = {
             let mut st = self.inner.lock();
+            if st.live.get(&id).is_none_or(|l| l.instance != instance) {
+                return Ok(());
+            }
             let Some(mut rec) = st.flows.get(&id).cloned() else {
                 return Ok(());
             };
@@ -269,7 +309,7 @@ impl FlowWorker {
                 self.inner.metrics.count(rec.holding, ev);
                 // Published first: whoever finds the flow ended (no longer
                 // in memory) finds its last change in the event log too.
-                self.inner.events.publish(&rec);
+                self.status_changed(&rec);
                 self.inner.lock().forget_flow(&id);
                 Ok(())
             }
@@ -337,15 +377,18 @@ impl FlowWorker {
             if let Some(why) = pending_kill {
                 let _ = kill.set(why);
             }
+            st.instances += 1;
+            let instance = st.instances;
             st.live.insert(
                 id,
                 Live {
                     events: tx,
                     evicting: false,
                     kill: kill.clone(),
+                    instance,
                 },
             );
-            tokio::spawn(drive(self.clone(), id, rx, kill));
+            tokio::spawn(drive(self.clone(), id, instance, rx, kill));
         }
         let mut want = st.queue.len().saturating_sub(st.evicting);
         while want > 0 {
@@ -357,6 +400,35 @@ impl FlowWorker {
                 want -= 1;
             }
         }
+    }
+
+    /// The store refused a commit: another worker claimed `partition`.
+    /// Advance nothing more of it (its flows resume there from their
+    /// checkpoints): in an embedded node that is every flow, so the worker
+    /// stops; in a cluster the partition is given up.
+    pub(crate) fn lost_partition(&self, partition: u16, epoch: u64, current: u64) {
+        if !self.inner.lock().owned.contains_key(&partition) {
+            return;
+        }
+        if self.inner.cluster.is_some() {
+            tracing::warn!(
+                partition,
+                current,
+                epoch,
+                "another flow worker claimed a partition of this worker; giving it up"
+            );
+            self.drop_partitions(&[partition]);
+            return;
+        }
+        if !self.inner.lock().stopping {
+            tracing::error!(
+                partition,
+                current,
+                epoch,
+                "another flow worker claimed this worker's partition; stopping its flows"
+            );
+        }
+        self.stop();
     }
 
     pub(crate) fn publish(&self, msgs: Vec<SessionMessage>) {
@@ -381,11 +453,21 @@ impl FlowWorker {
         extra: Vec<Op>,
     ) -> Result<(), StoreError> {
         let mut ops = Vec::with_capacity(cp.outbound.len() + cp.consumed.len() + 3 + extra.len());
-        // Only while this worker owns the flow's partition.
-        ops.push(Op::Fence {
-            partition: crate::PARTITION,
-            epoch: self.inner.epoch,
-        });
+        let partition = self.partition(&rec.id);
+        // Only while this worker owns the flow's partition (and those of
+        // the receivers it delivers to in the same transaction).
+        let mut fences = std::collections::BTreeMap::new();
+        {
+            let st = self.inner.lock();
+            let Some(epoch) = st.owned.get(&partition) else {
+                return Err(StoreError::Fenced {
+                    partition,
+                    epoch: 0,
+                    current: 0,
+                });
+            };
+            fences.insert(partition, *epoch);
+        }
         if !cp.entries.is_empty() {
             ops.push(Op::AppendJournal {
                 flow: rec.id,
@@ -401,34 +483,36 @@ impl FlowWorker {
         {
             let mut st = self.inner.lock();
             for m in cp.outbound {
-                if st.vnodes.contains_key(&m.to.holding) {
+                let dest = self.partition(&m.destination_flow());
+                let owned = st.owned.get(&dest).copied();
+                if let (true, Some(epoch)) = (st.vnodes.contains_key(&m.to.holding), owned) {
+                    fences.insert(dest, epoch);
                     // Unbounded: messages of this node's own flows.
                     let _ = local.plan(self, &mut st, &m, false);
                 } else {
+                    // Another node's vnode, or a flow of another worker's
+                    // partition: the router takes it on from the outbox.
                     ops.push(Op::PutOutbox(Box::new(m.clone())));
                     remote.push(m);
                 }
             }
         }
         ops.append(&mut local.ops);
+        ops.extend(
+            fences
+                .into_iter()
+                .map(|(partition, epoch)| Op::Fence { partition, epoch }),
+        );
         let t = std::time::Instant::now();
         if let Err(e) = self.inner.store.write(ops).await {
             local.abandon(self);
             if let StoreError::Fenced {
-                partition, current, ..
+                partition,
+                current,
+                epoch,
             } = &e
             {
-                // Another worker owns the partition now: advance nothing
-                // more (its flows resume there from their checkpoints).
-                if !self.inner.lock().stopping {
-                    tracing::error!(
-                        partition,
-                        current,
-                        epoch = self.inner.epoch,
-                        "another flow worker claimed this worker's partition; stopping its flows"
-                    );
-                }
-                self.stop();
+                self.lost_partition(*partition, *epoch, *current);
             }
             return Err(e);
         }

@@ -18,6 +18,10 @@ pub(crate) struct Live {
     pub evicting: bool,
     /// The instance's kill switch (see `braid_runtime::FlowInput::kill`).
     pub kill: Arc<OnceLock<String>>,
+    /// Which instance of the flow this is: one that lost its flow (its
+    /// partition went to another worker and perhaps came back) must not
+    /// commit for a later one.
+    pub instance: u64,
 }
 
 /// A bounded set that forgets its oldest members.
@@ -41,6 +45,11 @@ impl RecentSet {
 
     pub fn contains(&self, id: &FlowId) -> bool {
         self.set.contains(id)
+    }
+
+    /// Forgets `id` (its order slot is dropped when it comes up).
+    pub fn remove(&mut self, id: &FlowId) {
+        self.set.remove(id);
     }
 }
 
@@ -80,6 +89,10 @@ pub(crate) struct State {
     pub early: HashMap<FlowId, u64>,
     /// Set at shutdown: no flow starts running any more.
     pub stopping: bool,
+    /// The partitions this worker owns, with their owner epochs.
+    pub owned: HashMap<u16, u64>,
+    /// The last instance number handed out.
+    pub instances: u64,
 }
 
 impl State {
@@ -141,6 +154,16 @@ impl State {
             due.push(id);
         }
         due
+    }
+
+    /// Forgets a flow this worker no longer runs (its partition went to
+    /// another worker); a live instance must have been told to evict.
+    pub fn drop_flow(&mut self, id: &FlowId) {
+        self.forget_flow(id);
+        self.finished.remove(id);
+        self.queued.remove(id);
+        self.unsuspend(id);
+        self.early.remove(id);
     }
 
     /// Forgets a flow that ended (its record is in the store).

@@ -13,6 +13,7 @@ impl FlowWorker {
         bytes: Vec<u8>,
     ) -> Result<(PackageRecord, bool), WorkerError> {
         let checksum = Checksum::of(&bytes);
+        self.refresh_catalog().await?;
         if let Some(p) = self.inner.lock().packages.get(&checksum) {
             return Ok((p.clone(), false));
         }
@@ -33,6 +34,7 @@ impl FlowWorker {
             .write(vec![Op::PutPackage(rec.clone(), bytes)])
             .await?;
         self.inner.lock().packages.insert(checksum, rec.clone());
+        self.catalog_changed();
         Ok((rec, true))
     }
 
@@ -48,6 +50,7 @@ impl FlowWorker {
         package: Checksum,
     ) -> Result<VnodeRecord, WorkerError> {
         let holding = HoldingId::derive(&name, &self.inner.config.group);
+        self.refresh_catalog().await?;
         let rec = {
             let st = self.inner.lock();
             if !st.packages.contains_key(&package) {
@@ -78,7 +81,19 @@ impl FlowWorker {
             st.vnodes.insert(holding, rec.clone());
         }
         self.inner.vnode_generation.send_modify(|g| *g += 1);
+        self.catalog_changed();
         Ok(rec)
+    }
+
+    /// In a cluster, reloads vnodes and packages before a change to them
+    /// (another worker may have changed them a moment ago).
+    async fn refresh_catalog(&self) -> Result<(), WorkerError> {
+        if self.inner.cluster.is_some() {
+            self.reload_catalog()
+                .await
+                .map_err(|e| WorkerError::Busy(format!("reading virtual nodes: {e:#}")))?;
+        }
+        Ok(())
     }
 
     /// All vnodes.
@@ -113,6 +128,7 @@ impl FlowWorker {
 
     /// Deletes a package no vnode and no unfinished flow uses.
     pub async fn delete_package(&self, checksum: Checksum) -> Result<(), WorkerError> {
+        self.refresh_catalog().await?;
         {
             let st = self.inner.lock();
             if !st.packages.contains_key(&checksum) {
@@ -132,11 +148,27 @@ impl FlowWorker {
                 )));
             }
         }
+        if self.inner.cluster.is_some()
+            && self
+                .inner
+                .store
+                .load()
+                .await?
+                .flows
+                .iter()
+                .any(|f| f.package == checksum)
+        {
+            // Flows of other workers are not in this one's memory.
+            return Err(WorkerError::Conflict(format!(
+                "package {checksum} still runs unfinished flows; wait for them to finish"
+            )));
+        }
         self.inner
             .store
             .write(vec![Op::DeletePackage(checksum)])
             .await?;
         self.inner.lock().packages.remove(&checksum);
+        self.catalog_changed();
         Ok(())
     }
 
@@ -177,6 +209,7 @@ impl FlowWorker {
         holding: HoldingId,
         change: impl FnOnce(&State, &mut VnodeRecord) -> Result<(), WorkerError>,
     ) -> Result<VnodeRecord, WorkerError> {
+        self.refresh_catalog().await?;
         let rec = {
             let st = self.inner.lock();
             let mut v = st.vnodes.get(&holding).cloned().ok_or_else(|| {
@@ -190,6 +223,7 @@ impl FlowWorker {
             .write(vec![Op::PutVnode(rec.clone())])
             .await?;
         self.inner.lock().vnodes.insert(holding, rec.clone());
+        self.catalog_changed();
         Ok(rec)
     }
 
@@ -201,6 +235,13 @@ impl FlowWorker {
         holding: HoldingId,
         package: Checksum,
     ) -> Result<VnodeRecord, WorkerError> {
+        if self.inner.cluster.is_some() {
+            return Err(WorkerError::Invalid(
+                "forcing a package onto running flows is for embedded development nodes; \
+                 a cluster does not support it"
+                    .into(),
+            ));
+        }
         let (vrec, flows) = {
             let st = self.inner.lock();
             if !st.packages.contains_key(&package) {

@@ -725,7 +725,10 @@ impl host::Host for crate::FlowCtx {
                     Err(e) => Err(SessErr::CounterpartyUnknown(e.0)),
                     Ok(name) => match args_ok {
                         Err(e) => Err(e),
-                        Ok(()) => match st.env.resolve(&name) {
+                        Ok(()) => match match st.env.resolve(&name) {
+                            Some(h) => Some(h),
+                            None => st.env.resolve_fresh(&name).await,
+                        } {
                             None => Err(SessErr::CounterpartyUnknown(format!(
                                 "{name} is not a member of this network"
                             ))),

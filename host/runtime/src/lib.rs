@@ -164,6 +164,13 @@ pub trait FlowEnv: Send + Sync + 'static {
     async fn checkpoint(&self, flow: FlowId, cp: Checkpoint) -> anyhow::Result<()>;
     /// The holding id of a counterparty, if it is a known member.
     fn resolve(&self, name: &X500Name) -> Option<HoldingId>;
+    /// [`resolve`](Self::resolve) for a name it did not know, after
+    /// catching up with membership changes the worker may not have seen
+    /// yet (a vnode created through another worker a moment ago). Asked
+    /// only live, before the answer is journaled.
+    async fn resolve_fresh(&self, name: &X500Name) -> Option<HoldingId> {
+        self.resolve(name)
+    }
     /// The holding id `name` has in this network, member or not (replay
     /// rebuilds sessions with members that have since left).
     fn derive(&self, name: &X500Name) -> HoldingId {

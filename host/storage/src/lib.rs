@@ -341,6 +341,12 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_partition(&self, partition: u16, owner: &str) -> Result<u64, StoreError>;
     /// Everything needed at start-up.
     async fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Vnodes and package metadata (what every worker of a cluster keeps
+    /// in memory; reloaded when another worker changes them).
+    async fn catalog(&self) -> Result<(Vec<VnodeRecord>, Vec<PackageRecord>), StoreError> {
+        let s = self.load().await?;
+        Ok((s.vnodes, s.packages))
+    }
     /// A package's bytes.
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError>;
     /// A flow's committed journal.

@@ -3,6 +3,7 @@
 //! (nodes, packages, REST client) is the `braid_e2e` library.
 
 mod cli;
+mod cluster;
 mod connections;
 mod crash;
 mod eviction;

@@ -16,6 +16,8 @@ use braid_types::{
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+mod cluster;
+
 const GROUP: &str = "test";
 
 fn package() -> &'static [u8] {
