@@ -431,6 +431,10 @@ impl NodeArgs {
     }
 }
 
+/// How often a REST worker of a cluster reloads users and roles (a change
+/// made through one is enforced by all within this time).
+const RBAC_RELOAD: Duration = Duration::from_secs(2);
+
 /// How long a graceful stop waits for live flows to reach a suspension.
 const FLOW_DRAIN: Duration = Duration::from_secs(3);
 
@@ -647,6 +651,10 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         )
         .await?,
     );
+    if args.cluster.bus != "embedded" {
+        // Other REST workers change users and roles too.
+        Auth::follow_store(&auth, RBAC_RELOAD);
+    }
     let listener = tokio::net::TcpListener::bind(rest_addr)
         .await
         .with_context(|| format!("binding the REST API to {rest_addr}"))?;

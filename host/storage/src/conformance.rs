@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             a_claim_cuts_off_the_writers_of_the_old_epoch,
             concurrent_writers_all_commit,
             stats_count_rows,
+            conditional_puts_lose_no_update,
             a_closed_store_answers_closed,
         );
     };
@@ -1088,6 +1089,75 @@ pub async fn stats_count_rows(s: Arc<dyn Store>) {
             // 2 client ids, and per flow one by vnode and one by state.
             index_entries: 2 + 3 * 2,
         }
+    );
+}
+
+/// `PutMetaIf` commits only on the value its writer read (absent
+/// included) and otherwise fails alone, writing nothing of its batch;
+/// writers racing read-modify-write on one setting, retrying on
+/// `Changed`, lose no update.
+pub async fn conditional_puts_lose_no_update(s: Arc<dyn Store>) {
+    let put_if = |expected: Option<&[u8]>, value: &[u8]| Op::PutMetaIf {
+        key: "rbac".into(),
+        expected: expected.map(<[u8]>::to_vec),
+        value: value.to_vec(),
+    };
+    ok(&s, vec![put_if(None, b"one")]).await;
+    assert!(matches!(
+        s.write(vec![put_if(None, b"again"), Op::PutMeta("side".into(), vec![1])]).await,
+        Err(StoreError::Changed { key }) if key == "rbac"
+    ));
+    assert!(matches!(
+        s.write(vec![put_if(Some(b"two"), b"three")]).await,
+        Err(StoreError::Changed { .. })
+    ));
+    assert_eq!(s.meta("side").await.unwrap(), None, "a refused batch wrote");
+    assert_eq!(s.meta("rbac").await.unwrap().as_deref(), Some(&b"one"[..]));
+    ok(&s, vec![put_if(Some(b"one"), b"two")]).await;
+    // Within a batch, an earlier op counts.
+    ok(
+        &s,
+        vec![
+            Op::PutMeta("rbac".into(), b"x".to_vec()),
+            put_if(Some(b"x"), b"y"),
+        ],
+    )
+    .await;
+    assert_eq!(s.meta("rbac").await.unwrap().as_deref(), Some(&b"y"[..]));
+    // Counters incremented by racing writers.
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                loop {
+                    let cur = s.meta("counter").await.unwrap();
+                    let n = cur
+                        .as_deref()
+                        .map_or(0u32, |b| u32::from_be_bytes(b.try_into().unwrap()));
+                    let r = s
+                        .write(vec![Op::PutMetaIf {
+                            key: "counter".into(),
+                            expected: cur,
+                            value: (n + 1).to_be_bytes().to_vec(),
+                        }])
+                        .await;
+                    match r {
+                        Ok(()) => break,
+                        Err(StoreError::Changed { .. }) => continue,
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(
+        s.meta("counter").await.unwrap(),
+        Some(80u32.to_be_bytes().to_vec()),
+        "every increment counted once"
     );
 }
 

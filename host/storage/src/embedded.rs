@@ -711,6 +711,7 @@ fn check_batch(
     ops: &[Op],
     partitions: &redb::Table<&[u8], &[u8]>,
     by_client: &redb::Table<&[u8], &[u8]>,
+    meta: &redb::Table<&[u8], &[u8]>,
 ) -> Result<Option<StoreError>, StoreError> {
     for op in ops {
         if let Op::Fence { partition, epoch } = op {
@@ -722,6 +723,33 @@ fn check_batch(
                     current,
                 }));
             }
+        }
+    }
+    // Settings as the batch goes (an earlier op of it may set the key).
+    let mut settings: HashMap<&str, Option<&[u8]>> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::PutMeta(k, v) => {
+                settings.insert(k, Some(v));
+            }
+            Op::PutMetaIf {
+                key,
+                expected,
+                value,
+            } => {
+                let current = match settings.get(key.as_str()) {
+                    Some(v) => v.map(<[u8]>::to_vec),
+                    None => meta
+                        .get(key.as_bytes())
+                        .map_err(db_err)?
+                        .map(|v| v.value().to_vec()),
+                };
+                if current != *expected {
+                    return Ok(Some(StoreError::Changed { key: key.clone() }));
+                }
+                settings.insert(key, Some(value));
+            }
+            _ => {}
         }
     }
     // Who holds each client key as the batch goes (deletes free keys).
@@ -807,7 +835,7 @@ fn apply_group(db: &Database, group: &[Job]) -> Result<Vec<Outcome>, StoreError>
                     continue;
                 }
             };
-            if let Some(refused) = check_batch(ops, &partitions, &idx.by_client)? {
+            if let Some(refused) = check_batch(ops, &partitions, &idx.by_client, &meta)? {
                 outcomes.push(Outcome::Failed(refused));
                 continue;
             }
@@ -864,7 +892,10 @@ fn apply_group(db: &Database, group: &[Job]) -> Result<Vec<Outcome>, StoreError>
                         packages.remove(c.bytes().as_slice()).map_err(db_err)?;
                         package_bytes.remove(c.bytes().as_slice()).map_err(db_err)?;
                     }
-                    Op::PutMeta(k, v) => {
+                    Op::PutMeta(k, v)
+                    | Op::PutMetaIf {
+                        key: k, value: v, ..
+                    } => {
                         meta.insert(k.as_bytes(), v.as_slice()).map_err(db_err)?;
                     }
                     Op::PutKill(f, why) => {

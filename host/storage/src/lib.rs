@@ -111,6 +111,13 @@ pub enum StoreError {
         /// The flow the batch tried to give it to.
         flow: FlowId,
     },
+    /// An [`Op::PutMetaIf`] found its setting changed since it was read:
+    /// nothing of the batch was written. Read again and retry.
+    #[error("store: setting {key:?} changed since it was read")]
+    Changed {
+        /// The setting.
+        key: String,
+    },
     /// The store's configuration is not usable (e.g. a malformed database
     /// URL). Fix the setting named in the message.
     #[error("store configuration: {0}")]
@@ -287,6 +294,18 @@ pub enum Op {
     DeletePackage(Checksum),
     /// Node-level settings (admin credentials, ...).
     PutMeta(String, Vec<u8>),
+    /// [`Op::PutMeta`] only if the setting's value is still `expected`
+    /// (`None`: absent); otherwise the batch fails with
+    /// [`StoreError::Changed`] and writes nothing. For settings several
+    /// processes change (users and roles): read, change, put if unchanged.
+    PutMetaIf {
+        /// The setting.
+        key: String,
+        /// The value the writer read.
+        expected: Option<Vec<u8>>,
+        /// The new value.
+        value: Vec<u8>,
+    },
     /// A kill was requested: durable before it is acknowledged.
     PutKill(FlowId, String),
     /// A requested kill was carried out (or is moot).

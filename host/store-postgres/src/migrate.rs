@@ -9,8 +9,10 @@ use braid_storage::StoreError;
 use tokio_postgres::Client;
 
 /// The migrations, oldest first: (version, name, SQL).
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/0001_initial.sql")),
+    (2, "meta_if", include_str!("../migrations/0002_meta_if.sql")),
+];
 
 /// The advisory lock key of braid's migrations (an arbitrary constant:
 /// "braid" in ASCII).

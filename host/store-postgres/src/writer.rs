@@ -54,6 +54,7 @@ enum Kind {
     PutPackage,
     DeletePackage,
     PutMeta,
+    MetaIf,
     PutKill,
     DeleteKill,
     DeleteFlowInbox,
@@ -123,6 +124,7 @@ impl Kind {
                 "INSERT INTO meta (key, value) VALUES ($1, $2) \
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
             }
+            Kind::MetaIf => "SELECT braid_meta_if($1, $2)",
             Kind::PutKill => {
                 "INSERT INTO kills (flow_id, reason) VALUES ($1, $2) \
                  ON CONFLICT (flow_id) DO UPDATE SET reason = EXCLUDED.reason"
@@ -147,6 +149,7 @@ type Param = Box<dyn ToSql + Sync + Send>;
 enum Meta {
     None,
     Fence { partition: u16, epoch: u64 },
+    SettingIf(String),
     Put(HoldingId, ClientRequestId, FlowId),
 }
 
@@ -430,6 +433,7 @@ fn classify(err: &tokio_postgres::Error, stmt: &Stmt) -> Refusal {
                 ))),
             }
         }
+        (Meta::SettingIf(key), "BR002") => Refusal::Error(StoreError::Changed { key: key.clone() }),
         (Meta::Put(h, c, f), "23505") if db.constraint() == Some("flows_client_request_id_key") => {
             Refusal::Duplicate(*h, c.clone(), *f)
         }
@@ -649,6 +653,22 @@ fn encode(ops: &[Op]) -> Result<Vec<Stmt>, StoreError> {
                 out.push(Stmt::new(
                     Kind::PutMeta,
                     vec![Box::new(k.clone()), Box::new(v.clone())],
+                ))
+            }
+            Op::PutMetaIf {
+                key,
+                expected,
+                value,
+            } => {
+                no_nul("meta key", key)?;
+                out.push(Stmt {
+                    kind: Kind::MetaIf,
+                    params: vec![Box::new(key.clone()), Box::new(expected.clone())],
+                    meta: Meta::SettingIf(key.clone()),
+                });
+                out.push(Stmt::new(
+                    Kind::PutMeta,
+                    vec![Box::new(key.clone()), Box::new(value.clone())],
                 ))
             }
             Op::PutKill(f, why) => out.push(Stmt::new(

@@ -24,10 +24,16 @@ pub fn repo_root() -> PathBuf {
 /// Runs one of the repository's scripts and returns its standard output
 /// (trimmed); panics with its standard error when it fails.
 pub fn script(name: &str, args: &[&str]) -> String {
+    script_with(name, args, &[])
+}
+
+/// [`script`] with extra environment variables.
+pub fn script_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let path = repo_root().join("scripts").join(name);
     let out = Command::new("bash")
         .arg(&path)
         .args(args)
+        .envs(env.iter().copied())
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", path.display()));
@@ -107,7 +113,11 @@ impl Broker {
             .args(["--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
             .args(["--storage-engine", engine])
-            .env("RUST_LOG", "warn")
+            // BRAID_BROKER_LOG=info (or debug) to see the broker's side.
+            .env(
+                "RUST_LOG",
+                std::env::var("BRAID_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("broker log"))
@@ -191,6 +201,14 @@ pub fn signal(pid: u32, name: &str) {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // Kept for inspection, like a failed test's node.
+            eprintln!(
+                "[testkit] broker log kept: {}",
+                self.dir.join("broker.log").display()
+            );
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -308,6 +326,63 @@ pub fn fresh_database() -> String {
 pub fn drop_database(url: &str) {
     if let Some((_, name)) = url.rsplit_once('/') {
         admin_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    }
+}
+
+/// A PostgreSQL server of its own (not the shared test server), for tests
+/// that stop and start it: `scripts/postgres.sh` on a temporary directory.
+/// Stopped and removed on drop.
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    url: String,
+}
+
+impl PrivatePostgres {
+    /// Initialises and starts a server (a few seconds).
+    pub fn start() -> PrivatePostgres {
+        // Readable by the server's user when the tests run as root.
+        let dir = PathBuf::from("/var/tmp").join(format!(
+            "braid-pg-private-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let d = dir.to_string_lossy().to_string();
+        let out = script_with("postgres.sh", &["up"], &[("BRAID_PG_DIR", &d)]);
+        let base = out
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("postgres://"))
+            .unwrap_or_else(|| panic!("scripts/postgres.sh up printed no URL: {out}"))
+            .to_string();
+        PrivatePostgres { dir, url: base }
+    }
+
+    /// Its `postgres://` URL (database `postgres`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops the server (fast shutdown: sessions are cut) and starts it
+    /// again on the same data and port.
+    pub fn restart(&self) {
+        let d = self.dir.to_string_lossy().to_string();
+        script_with("postgres.sh", &["down"], &[("BRAID_PG_DIR", &d)]);
+        script_with("postgres.sh", &["up"], &[("BRAID_PG_DIR", &d)]);
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let d = self.dir.to_string_lossy().to_string();
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/postgres.sh"))
+            .arg("down")
+            .env("BRAID_PG_DIR", &d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("lock"));
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::{ALICE, BOB, assert_ping_ok, ping_body};
 
 /// A request as `user` (not admin).
-fn as_user(
+pub(crate) fn as_user(
     api: &Api,
     user: &str,
     password: &str,
@@ -34,7 +34,7 @@ fn as_user(
     Resp { status, text, json }
 }
 
-fn create_user(api: &Api, login: &str, password: &str, roles: &[&str]) {
+pub(crate) fn create_user(api: &Api, login: &str, password: &str, roles: &[&str]) {
     api.post_json(
         "/api/v1/user",
         &json!({"loginName": login, "password": password}),

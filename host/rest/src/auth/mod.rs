@@ -113,6 +113,9 @@ struct Verified {
 
 struct Live {
     rbac: Arc<RbacState>,
+    /// The stored bytes `rbac` was read from or written as (what a
+    /// conditional write expects, and what a reload compares with).
+    persisted: Option<Vec<u8>>,
     verified: HashMap<String, Verified>,
     throttle: Throttle,
 }
@@ -201,36 +204,45 @@ impl Auth {
                 .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))
         };
         let now = now_ms();
-        let state = match store.get().meta(rbac::STATE_KEY).await? {
-            Some(bytes) => {
-                let mut s: RbacState = serde_json::from_slice(&bytes).map_err(|e| {
-                    anyhow::anyhow!("store meta {}: unreadable RBAC state: {e}", rbac::STATE_KEY)
-                })?;
-                if s.ensure_builtins(now) {
-                    persist(store.get(), &s).await?;
+        // Another process of the cluster may be starting on the same store:
+        // each write is conditional on what was read, and re-read if not.
+        let mut attempt = 0;
+        let (state, persisted) = loop {
+            attempt += 1;
+            let read = store.get().meta(rbac::STATE_KEY).await?;
+            let (state, changed) = match &read {
+                Some(bytes) => {
+                    let mut s: RbacState = parse_state(bytes)?;
+                    let changed = s.ensure_builtins(now);
+                    (s, changed)
                 }
-                s
+                None => {
+                    let admin_hash = match store.get().meta(LEGACY_ADMIN_HASH_KEY).await? {
+                        Some(h) => String::from_utf8(h)?,
+                        None => {
+                            let password = match password.clone() {
+                                Some(p) if !p.is_empty() => p,
+                                _ => {
+                                    use base64::Engine as _;
+                                    let p = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                                        .encode(rand::random::<[u8; 18]>());
+                                    write_secret(generated_to, &p)?;
+                                    p
+                                }
+                            };
+                            hash(password).await?
+                        }
+                    };
+                    (RbacState::bootstrap(admin_hash, now), true)
+                }
+            };
+            if !changed {
+                break (state, read);
             }
-            None => {
-                let admin_hash = match store.get().meta(LEGACY_ADMIN_HASH_KEY).await? {
-                    Some(h) => String::from_utf8(h)?,
-                    None => {
-                        let password = match password {
-                            Some(p) if !p.is_empty() => p,
-                            _ => {
-                                use base64::Engine as _;
-                                let p = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                                    .encode(rand::random::<[u8; 18]>());
-                                write_secret(generated_to, &p)?;
-                                p
-                            }
-                        };
-                        hash(password).await?
-                    }
-                };
-                let s = RbacState::bootstrap(admin_hash, now);
-                persist(store.get(), &s).await?;
-                s
+            match persist(store.get(), &state, read).await {
+                Ok(bytes) => break (state, Some(bytes)),
+                Err(e) if attempt < 10 && is_changed(&e) => continue,
+                Err(e) => return Err(e),
             }
         };
         let store = match store {
@@ -247,6 +259,7 @@ impl Auth {
         Ok(Auth {
             live: Mutex::new(Live {
                 rbac: Arc::new(state),
+                persisted,
                 verified: HashMap::new(),
                 throttle: Throttle::default(),
             }),
@@ -277,29 +290,107 @@ impl Auth {
     /// current (dropping cached credentials of users whose hash changed or
     /// who were deleted). Nothing changes when `change` fails, or when it
     /// would leave nobody holding the `Admin` role (`409 LAST_ADMIN`).
+    ///
+    /// The change is made to the state as stored now (another REST worker
+    /// of a cluster may have changed it) and written only if it is still
+    /// that; otherwise it is made again on the newer state.
     pub(crate) async fn update<T>(
         &self,
-        change: impl FnOnce(&mut RbacState) -> Result<T, ApiError>,
+        mut change: impl FnMut(&mut RbacState) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORE_UNAVAILABLE",
+                format!("could not save users and roles: {e}; retry later"),
+            )
+        };
         let _w = self.writer.lock().await;
-        let current = self.snapshot();
-        let mut next = (*current).clone();
-        let out = change(&mut next)?;
-        policy::an_admin_remains(&current, &next)?;
-        if let Some(store) = &self.store {
-            persist(store.as_ref(), &next).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "STORE_UNAVAILABLE",
-                    format!("could not save users and roles: {e}; retry later"),
-                )
-            })?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (current, read) = match &self.store {
+                Some(store) => {
+                    let read = store
+                        .meta(rbac::STATE_KEY)
+                        .await
+                        .map_err(|e| unavailable(&e))?;
+                    if read == self.lock().persisted {
+                        (self.snapshot(), read)
+                    } else {
+                        let state = match &read {
+                            Some(b) => parse_state(b).map_err(|e| unavailable(&e))?,
+                            None => (*self.snapshot()).clone(),
+                        };
+                        (Arc::new(state), read)
+                    }
+                }
+                None => (self.snapshot(), None),
+            };
+            let mut next = (*current).clone();
+            let out = change(&mut next)?;
+            policy::an_admin_remains(&current, &next)?;
+            let persisted = match &self.store {
+                Some(store) => match persist(store.as_ref(), &next, read).await {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) if attempt < 20 && is_changed(&e) => continue,
+                    Err(e) => return Err(unavailable(&e)),
+                },
+                None => None,
+            };
+            self.install(next, persisted);
+            return Ok(out);
         }
+    }
+
+    /// Makes `next` current, dropping cached credentials of users whose
+    /// hash changed or who were deleted.
+    fn install(&self, next: RbacState, persisted: Option<Vec<u8>>) {
         let mut live = self.lock();
         live.verified
             .retain(|login, v| next.users.get(login).is_some_and(|u| u.hash == v.hash));
         live.rbac = Arc::new(next);
-        Ok(out)
+        live.persisted = persisted;
+    }
+
+    /// Reads users and roles from the store again and makes them current
+    /// if another process changed them; returns whether they changed.
+    pub async fn reload(&self) -> anyhow::Result<bool> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        let _w = self.writer.lock().await;
+        let read = store.meta(rbac::STATE_KEY).await?;
+        if read == self.lock().persisted {
+            return Ok(false);
+        }
+        let Some(bytes) = read else {
+            anyhow::bail!("the stored users and roles are gone; keeping the ones in memory");
+        };
+        let state = parse_state(&bytes)?;
+        self.install(state, Some(bytes));
+        Ok(true)
+    }
+
+    /// Reloads users and roles every `every` (REST workers of a cluster,
+    /// which others change them beside): a change made through any of
+    /// them is enforced by all within that time. Ends when `auth` is the
+    /// last reference.
+    pub fn follow_store(auth: &Arc<Auth>, every: std::time::Duration) {
+        let weak = Arc::downgrade(auth);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(auth) = weak.upgrade() else {
+                    return;
+                };
+                match auth.reload().await {
+                    Ok(true) => tracing::info!("users and roles changed elsewhere; reloaded"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(cause = %e, "could not reload users and roles"),
+                }
+            }
+        });
     }
 
     fn digest(&self, login: &str, password: &str) -> [u8; 32] {
@@ -536,12 +627,35 @@ fn check_expiry(user: &rbac::User, now: u64) -> Result<(), ApiError> {
     }
 }
 
-async fn persist(store: &dyn Store, state: &RbacState) -> anyhow::Result<()> {
+/// Writes `state` if the stored one is still `expected`; returns the bytes
+/// written.
+async fn persist(
+    store: &dyn Store,
+    state: &RbacState,
+    expected: Option<Vec<u8>>,
+) -> anyhow::Result<Vec<u8>> {
     let bytes = serde_json::to_vec(state)?;
     store
-        .write(vec![Op::PutMeta(rbac::STATE_KEY.into(), bytes)])
+        .write(vec![Op::PutMetaIf {
+            key: rbac::STATE_KEY.into(),
+            expected,
+            value: bytes.clone(),
+        }])
         .await?;
-    Ok(())
+    Ok(bytes)
+}
+
+/// Whether `e` says the stored state changed since it was read.
+fn is_changed(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<braid_storage::StoreError>(),
+        Some(braid_storage::StoreError::Changed { .. })
+    )
+}
+
+fn parse_state(bytes: &[u8]) -> anyhow::Result<RbacState> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| anyhow::anyhow!("store meta {}: unreadable RBAC state: {e}", rbac::STATE_KEY))
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
@@ -601,7 +715,7 @@ mod tests {
                     "bob".into(),
                     rbac::User {
                         login: "bob".into(),
-                        hash,
+                        hash: hash.clone(),
                         password_expiry_ms: None,
                         roles: [rbac::ROLE_READ_ONLY.to_string()].into(),
                         created_ms: 0,
@@ -617,7 +731,7 @@ mod tests {
             // A new password replaces the cached old one at once.
             let hash = auth.hash_password("bob-password-2".into()).await.unwrap();
             auth.update(|s| {
-                s.users.get_mut("bob").unwrap().hash = hash;
+                s.users.get_mut("bob").unwrap().hash = hash.clone();
                 Ok(())
             })
             .await

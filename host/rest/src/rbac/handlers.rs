@@ -343,7 +343,7 @@ async fn create_user(State(c): State<Ctx>, body: Body) -> Result<Response, ApiEr
             }
             let u = User {
                 login: login.clone(),
-                hash,
+                hash: hash.clone(),
                 password_expiry_ms: expiry,
                 roles: BTreeSet::new(),
                 created_ms: now,
@@ -493,7 +493,7 @@ async fn set_password(
         .update(|s| {
             check(s)?;
             let u = user_mut(s, &login)?;
-            u.hash = hash;
+            u.hash = hash.clone();
             u.password_expiry_ms = expiry;
             Ok(u.clone())
         })
@@ -681,7 +681,7 @@ async fn create_role(State(c): State<Ctx>, body: Body) -> Result<Response, ApiEr
             }
             let r = Role {
                 name: name.clone(),
-                permissions,
+                permissions: permissions.clone(),
                 builtin: false,
                 created_ms: now,
             };
@@ -779,7 +779,7 @@ async fn change_role(
     c: &Ctx,
     actor: &Principal,
     name: &str,
-    edit: impl FnOnce(&mut Role) -> Result<(), ApiError>,
+    mut edit: impl FnMut(&mut Role) -> Result<(), ApiError>,
 ) -> Result<Role, ApiError> {
     c.auth
         .update(|s| {
@@ -821,7 +821,7 @@ async fn add_permission(
     let p = permission_field(&parse_json(&body.map_err(body_error)?)?)?;
     let r = change_role(&c, &actor, &name, |r| {
         if !r.permissions.contains(&p) {
-            r.permissions.push(p);
+            r.permissions.push(p.clone());
         }
         Ok(())
     })
