@@ -761,6 +761,7 @@ async fn cluster_config(
         bus: Arc::new(bus),
         topics,
         role,
+        liveness: Duration::from_millis(2 * c.bus_session_timeout_ms),
         owner: format!(
             "braid {:?} worker, pid {}, {}",
             c.roles,

@@ -95,8 +95,19 @@ pub struct ClusterConfig {
     pub topics: FlowTopics,
     /// This worker's role.
     pub role: ClusterRole,
-    /// Who this worker is, in the store's partition-owner table.
+    /// Who this worker is, in the store's partition-owner table (unique
+    /// per process).
     pub owner: String,
+    /// A flow worker that has not said it is alive (in the store) for this
+    /// long counts as dead: if it still owns partitions, the others rejoin
+    /// the group so that they are handed out again. Longer than the bus's
+    /// session timeout.
+    pub liveness: Duration,
+}
+
+/// The store setting under which flow worker `owner` says it is alive.
+fn alive_key(owner: &str) -> String {
+    format!("flow-worker/alive/{owner}")
 }
 
 /// One record of the event topic (postcard-encoded, keyed by the flow id).
@@ -504,25 +515,98 @@ impl FlowWorker {
     }
 }
 
+/// Says, in the store, that this flow worker is alive, every sixth of the
+/// liveness period.
+async fn heartbeat(w: FlowWorker) {
+    let c = w.inner.cluster.as_ref().expect("cluster mode");
+    let key = alive_key(&c.config.owner);
+    let every = (c.config.liveness / 6).max(Duration::from_millis(200));
+    while !w.stopped() {
+        let op = Op::PutMeta(key.clone(), now_millis().to_be_bytes().to_vec());
+        if let Err(e) = w.inner.store.write(vec![op]).await {
+            tracing::warn!(cause = %e, "could not record that this flow worker is alive");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Whether a partition is owned, in the store, by a flow worker that has
+/// not been alive for the liveness period (it died or hangs, and the
+/// bus's group may not have handed its partitions to anyone).
+async fn orphaned(w: &FlowWorker) -> Result<Option<(u16, String)>, braid_storage::StoreError> {
+    let c = w.inner.cluster.as_ref().expect("cluster mode");
+    let now = now_millis();
+    let liveness = c.config.liveness.as_millis() as u64;
+    let mut checked = std::collections::HashMap::new();
+    for (p, _, owner) in w.inner.store.partition_owners().await? {
+        if p >= w.inner.partitions || owner == c.config.owner {
+            continue;
+        }
+        let alive = match checked.get(&owner) {
+            Some(a) => *a,
+            None => {
+                let seen = w
+                    .inner
+                    .store
+                    .meta(&alive_key(&owner))
+                    .await?
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                    .map(u64::from_be_bytes);
+                let a = seen.is_some_and(|t| now.saturating_sub(t) < liveness);
+                checked.insert(owner.clone(), a);
+                a
+            }
+        };
+        if !alive {
+            return Ok(Some((p, owner)));
+        }
+    }
+    Ok(None)
+}
+
 /// Consumes the event topic as a member of the flow workers' group.
 pub(crate) async fn consume(w: FlowWorker, mut sub: Box<dyn Subscription>) {
-    let topic = w
-        .inner
-        .cluster
-        .as_ref()
-        .expect("cluster mode")
-        .config
-        .topics
-        .event
-        .clone();
+    let c = w.inner.cluster.as_ref().expect("cluster mode");
+    let topic = c.config.topics.event.clone();
+    let bus = c.config.bus.clone();
+    let liveness = c.config.liveness;
     let mut stopped = w.inner.stopped.subscribe();
+    let mut watchdog = tokio::time::interval((liveness / 3).max(Duration::from_millis(200)));
+    let mut rejoined = tokio::time::Instant::now();
     loop {
         if w.stopped() {
             return;
         }
         let next = tokio::select! {
-            d = sub.next() => d,
+            d = sub.next() => Some(d),
             _ = stopped.wait_for(|s| *s) => return,
+            _ = watchdog.tick() => None,
+        };
+        let Some(next) = next else {
+            if rejoined.elapsed() < liveness {
+                continue;
+            }
+            match orphaned(&w).await {
+                Ok(Some((p, owner))) => {
+                    // Rejoin: leaving and joining again makes the group
+                    // hand every partition out among its live members
+                    // (some brokers keep a dead member's assignment).
+                    tracing::warn!(partition = p, %owner,
+                        "a partition's owner has not been alive for {liveness:?}; \
+                         rejoining the group so that its partitions are handed out");
+                    w.drop_partitions(&w.owned_partitions());
+                    drop(sub);
+                    let topics = [topic.as_str()];
+                    sub = retry_until_ok("joining the flow workers' group", || {
+                        bus.subscribe(FLOW_GROUP, &topics)
+                    })
+                    .await;
+                    rejoined = tokio::time::Instant::now();
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(cause = %e, "could not check partition owners"),
+            }
+            continue;
         };
         match next {
             Ok(Delivery::Assigned(tps)) => {
@@ -636,6 +720,13 @@ pub(crate) async fn start(w: &FlowWorker) -> anyhow::Result<()> {
     let catalog = bus.watch(&[t.state.as_str()], From::Beginning).await?;
     tokio::spawn(follow_catalog(w.clone(), catalog));
     if c.config.role == ClusterRole::Flows {
+        // Alive before it owns anything.
+        let op = Op::PutMeta(
+            alive_key(&c.config.owner),
+            now_millis().to_be_bytes().to_vec(),
+        );
+        w.inner.store.write(vec![op]).await?;
+        tokio::spawn(heartbeat(w.clone()));
         let sub = bus.subscribe(FLOW_GROUP, &[t.event.as_str()]).await?;
         tokio::spawn(consume(w.clone(), sub));
     }

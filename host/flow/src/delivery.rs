@@ -149,7 +149,11 @@ impl Delivery {
                 st.creating.remove(&id);
                 w.inner.metrics.count(rec.holding, FlowEvent::Started);
                 created.push(rec.clone());
-                st.insert_flow(rec);
+                // Its partition may have gone to another worker while the
+                // commit ran: that worker runs it (it is in the store).
+                if st.owned.contains_key(&w.partition(&id)) {
+                    st.insert_flow(rec);
+                }
             }
             for m in self.wake {
                 let dest = m.destination_flow();

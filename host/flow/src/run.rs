@@ -458,15 +458,19 @@ impl FlowWorker {
         // the receivers it delivers to in the same transaction).
         let mut fences = std::collections::BTreeMap::new();
         {
-            let st = self.inner.lock();
-            let Some(epoch) = st.owned.get(&partition) else {
+            let mut st = self.inner.lock();
+            let Some(epoch) = st.owned.get(&partition).copied() else {
+                // The partition went to another worker: forget the flow
+                // here (its new owner resumes it from its checkpoint).
+                st.evict(&rec.id);
+                st.drop_flow(&rec.id);
                 return Err(StoreError::Fenced {
                     partition,
                     epoch: 0,
                     current: 0,
                 });
             };
-            fences.insert(partition, *epoch);
+            fences.insert(partition, epoch);
         }
         if !cp.entries.is_empty() {
             ops.push(Op::AppendJournal {

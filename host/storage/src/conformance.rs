@@ -915,6 +915,14 @@ pub async fn fences_refuse_stale_epochs(s: Arc<dyn Store>) {
     ok(&s, ops).await;
     assert_eq!(s.flow(&f.id).await.unwrap(), Some(f));
     assert_eq!(s.claim_partition(1, "worker-a").await.unwrap(), 3);
+    // Who owns what: claimed partitions only (a fence claims nothing).
+    assert_eq!(
+        s.partition_owners().await.unwrap(),
+        vec![
+            (1, 3, "worker-a".to_string()),
+            (u16::MAX, 1, "worker-a".to_string())
+        ]
+    );
 }
 
 /// Many concurrent batches, some fenced with a stale epoch: those fail,

@@ -1075,6 +1075,23 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn partition_owners(&self) -> Result<Vec<(u16, u64, String)>, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(PARTITIONS).map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let p = <[u8; 2]>::try_from(k.value()).map_err(|_| StoreError::Corrupt {
+                    table: "partitions",
+                    detail: format!("a key of {} bytes", k.value().len()),
+                })?;
+                let o = dec::<PartitionOwner>("partitions", v.value())?;
+                out.push((u16::from_be_bytes(p), o.epoch, o.owner));
+            }
+            Ok(out)
+        })
+    }
+
     async fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|r| {
             let t = r.open_table(META).map_err(db_err)?;

@@ -358,6 +358,9 @@ pub trait Store: Send + Sync + 'static {
     /// epoch. Once this returns, no batch fenced with an older epoch
     /// commits (a batch in flight either committed before, or fails).
     async fn claim_partition(&self, partition: u16, owner: &str) -> Result<u64, StoreError>;
+    /// Every partition ever claimed: (partition, epoch, owner), by
+    /// partition.
+    async fn partition_owners(&self) -> Result<Vec<(u16, u64, String)>, StoreError>;
     /// Everything needed at start-up.
     async fn load(&self) -> Result<Snapshot, StoreError>;
     /// Vnodes and package metadata (what every worker of a cluster keeps

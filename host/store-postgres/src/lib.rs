@@ -68,6 +68,12 @@ pub struct PostgresOptions {
     /// How often health is checked while writes fail (and, five times as
     /// rarely, while they go through).
     pub probe_interval: Duration,
+    /// How long a session of this store may sit in an open transaction
+    /// without sending anything before the server ends it
+    /// (`idle_in_transaction_session_timeout`): a worker paused or hung
+    /// mid-commit would otherwise hold its locks (a partition's row among
+    /// them) and stall every other worker of the cluster.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -78,6 +84,7 @@ impl Default for PostgresOptions {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(30),
             probe_interval: Duration::from_secs(1),
+            idle_in_transaction_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -222,6 +229,15 @@ impl PostgresStore {
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
+        let idle = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            options.idle_in_transaction_timeout.as_millis().max(1)
+        );
+        let session_options = match config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} {idle}"),
+            _ => idle,
+        };
+        config.options(&session_options);
         if config.get_application_name().is_none() {
             config.application_name("braid");
         }
@@ -429,6 +445,28 @@ impl Store for PostgresStore {
             .try_get(0)
             .map_err(|e| rows::corrupt("partitions", e))?;
         Ok(epoch as u64)
+    }
+
+    async fn partition_owners(&self) -> Result<Vec<(u16, u64, String)>, StoreError> {
+        let rows = self
+            .read(async |c| {
+                Self::rows(
+                    c,
+                    "SELECT partition, epoch, owner FROM partitions WHERE owner <> '' \
+                     ORDER BY partition",
+                    &[],
+                )
+                .await
+            })
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let p: i32 = r.try_get(0).map_err(|e| rows::corrupt("partitions", e))?;
+                let e: i64 = r.try_get(1).map_err(|e| rows::corrupt("partitions", e))?;
+                let o: String = r.try_get(2).map_err(|e| rows::corrupt("partitions", e))?;
+                Ok((p as u16, e as u64, o))
+            })
+            .collect()
     }
 
     async fn load(&self) -> Result<Snapshot, StoreError> {

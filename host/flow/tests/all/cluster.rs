@@ -47,6 +47,7 @@ impl Cluster {
                     topics: topics.clone(),
                     role: ClusterRole::Client,
                     owner: "client".into(),
+                    liveness: Duration::from_secs(3),
                 },
             )
             .await
@@ -76,6 +77,7 @@ impl Cluster {
                 topics: self.topics.clone(),
                 role: ClusterRole::Flows,
                 owner: name.into(),
+                liveness: Duration::from_secs(3),
             },
         )
         .await
