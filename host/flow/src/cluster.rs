@@ -258,16 +258,8 @@ impl FlowWorker {
     pub(crate) async fn reload_catalog(&self) -> anyhow::Result<()> {
         let (vnodes, packages) = self.inner.store.catalog().await?;
         for p in &packages {
-            if self.inner.runtime.cached(&p.checksum).is_none() {
-                let bytes = self
-                    .inner
-                    .store
-                    .package_bytes(&p.checksum)
-                    .await?
-                    .ok_or_else(|| anyhow::anyhow!("package {} has no bytes", p.checksum))?;
-                if let Err(e) = self.inner.runtime.load(p.checksum, &bytes).await {
-                    tracing::error!(checksum = %p.checksum, cause = %e, "stored package does not load");
-                }
+            if let Err(e) = self.compiled_package(&p.checksum).await {
+                tracing::error!(checksum = %p.checksum, cause = %e, "stored package does not load");
             }
         }
         {
@@ -564,6 +556,14 @@ async fn orphaned(w: &FlowWorker) -> Result<Option<(u16, String)>, braid_storage
     Ok(None)
 }
 
+/// The partitions of `topic` among `tps`.
+fn of_topic(tps: &[braid_bus::topics::TopicPartition], topic: &str) -> Vec<u16> {
+    tps.iter()
+        .filter(|t| &*t.topic == topic)
+        .map(|t| t.partition)
+        .collect()
+}
+
 /// Consumes the event topic as a member of the flow workers' group.
 pub(crate) async fn consume(w: FlowWorker, mut sub: Box<dyn Subscription>) {
     let c = w.inner.cluster.as_ref().expect("cluster mode");
@@ -610,21 +610,10 @@ pub(crate) async fn consume(w: FlowWorker, mut sub: Box<dyn Subscription>) {
         };
         match next {
             Ok(Delivery::Assigned(tps)) => {
-                let parts: Vec<u16> = tps
-                    .iter()
-                    .filter(|t| *t.topic == *topic)
-                    .map(|t| t.partition)
-                    .collect();
+                let parts = of_topic(&tps, &topic);
                 retry_until_ok("taking flow partitions over", || w.take_partitions(&parts)).await;
             }
-            Ok(Delivery::Revoked(tps)) => {
-                let parts: Vec<u16> = tps
-                    .iter()
-                    .filter(|t| *t.topic == *topic)
-                    .map(|t| t.partition)
-                    .collect();
-                w.drop_partitions(&parts);
-            }
+            Ok(Delivery::Revoked(tps)) => w.drop_partitions(&of_topic(&tps, &topic)),
             Ok(Delivery::Records(records)) => {
                 let mut last: BTreeMap<u16, i64> = BTreeMap::new();
                 let mut inputs = Vec::with_capacity(records.len());

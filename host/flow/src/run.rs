@@ -121,18 +121,7 @@ async fn load_input(
             .ok_or_else(|| anyhow::anyhow!("flow {id} belongs to unknown vnode {}", rec.holding))?;
         (rec, name)
     };
-    let pkg = match w.inner.runtime.cached(&rec.package) {
-        Some(p) => p,
-        None => {
-            let bytes = w
-                .inner
-                .store
-                .package_bytes(&rec.package)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("package {} missing", rec.package))?;
-            w.inner.runtime.load(rec.package, &bytes).await?
-        }
-    };
+    let pkg = w.compiled_package(&rec.package).await?;
     let journal = w.inner.store.journal(&id).await?;
     let inbox = w.inner.store.inbox(&id).await?;
     Ok((
@@ -250,6 +239,24 @@ async fn drive(
 }
 
 impl FlowWorker {
+    /// A package compiled: from the runtime's cache, else from its bytes in
+    /// the store.
+    pub(crate) async fn compiled_package(
+        &self,
+        checksum: &braid_types::Checksum,
+    ) -> anyhow::Result<Arc<Package>> {
+        if let Some(p) = self.inner.runtime.cached(checksum) {
+            return Ok(p);
+        }
+        let bytes = self
+            .inner
+            .store
+            .package_bytes(checksum)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("package {checksum} has metadata but no bytes"))?;
+        Ok(self.inner.runtime.load(*checksum, &bytes).await?)
+    }
+
     /// Commits a flow's end: its record (final status, result or failure),
     /// the last checkpoint, the removal of what is left in its inbox and of
     /// its kill request, all in one transaction. A kill requested before

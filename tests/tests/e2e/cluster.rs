@@ -71,6 +71,25 @@ impl Cluster {
         c
     }
 
+    /// One REST and two flow workers, Alice and Bob, and `n` pings from
+    /// Alice whose responders sleep `delay_ms`, all of them started (their
+    /// responders exist). Returns the cluster, the REST client, the two
+    /// holding ids and the client request ids.
+    fn with_pings(
+        pg: Option<braid_testkit::PrivatePostgres>,
+        prefix: &str,
+        n: usize,
+        delay_ms: u64,
+    ) -> (Cluster, braid_e2e::Api, String, String, Vec<String>) {
+        let c = Cluster::start_on(1, 2, pg);
+        let api = c.rest[0].api().clone();
+        let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
+        let bob = c.rest[0].vnode(BOB, Pkg::Ping);
+        let ids = start_pings(&api, &alice, BOB, prefix, n, delay_ms);
+        api.wait_responders(&bob, n, Duration::from_secs(120));
+        (c, api, alice, bob, ids)
+    }
+
     /// How many partitions flow worker `i` took at its last assignment
     /// (from its log line `took flow partitions over partitions={0: 2, ...}`).
     fn last_taken(&self, i: usize) -> usize {
@@ -111,6 +130,13 @@ fn a_cluster_of_separate_rest_and_flow_workers_runs_pings_and_the_three_party_fl
     // Vnodes made through one REST worker are usable through the other.
     let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
     let _bob = c.rest[1].vnode(BOB, Pkg::Ping);
+    // Both REST workers stream Alice's flows.
+    let stream = |api: &braid_e2e::Api| {
+        let path = format!("/api/v1/flow/{alice}/events");
+        crate::streams::open_stream(api, &path, None, Default::default())
+            .unwrap_or_else(|(status, body)| panic!("{path}: {status} {body}"))
+    };
+    let (sa, sb) = (stream(a), stream(b));
     let mut ids = start_pings(a, &alice, BOB, "a", 20, 0);
     ids.extend(start_pings(b, &alice, BOB, "b", 20, 0));
     let flows = b.wait_all_terminal(&alice, &ids, Duration::from_secs(120));
@@ -119,6 +145,25 @@ fn a_cluster_of_separate_rest_and_flow_workers_runs_pings_and_the_three_party_fl
         assert_eq!(st.status, "COMPLETED", "{}", st.describe());
         assert_eq!(st.client_request_id.as_deref(), Some(id.as_str()));
     }
+    // Both streamed the same changes of every flow, in the same order.
+    let seen = |rx: &std::sync::mpsc::Receiver<crate::streams::Item>| {
+        let mut per: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        while !ids.iter().all(|id| {
+            per.get(id)
+                .and_then(|v| v.last())
+                .is_some_and(|s| s == "COMPLETED")
+        }) {
+            let e = crate::streams::next_event(rx, Duration::from_secs(60), "a status change");
+            if e.event == "status" {
+                let st = e.status();
+                per.entry(st.client_request_id.unwrap_or_default())
+                    .or_default()
+                    .push(st.status);
+            }
+        }
+        per
+    };
+    assert_eq!(seen(&sa), seen(&sb), "the two REST workers' streams");
     // Both REST workers answer the same for every flow.
     for id in &ids {
         let (x, y) = (a.status(&alice, id), b.status(&alice, id));
@@ -191,14 +236,9 @@ fn a_cluster_of_separate_rest_and_flow_workers_runs_pings_and_the_three_party_fl
 #[test]
 fn a_sigkilled_flow_workers_partitions_are_taken_over_and_every_flow_completes_once() {
     const N: usize = 500;
-    let mut c = Cluster::start(1, 2);
-    let api = c.rest[0].api().clone();
-    let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
-    let bob = c.rest[0].vnode(BOB, Pkg::Ping);
     // Responders sleep 2 s, so the kill finds exchanges in flight on both
     // workers.
-    let ids = start_pings(&api, &alice, BOB, "k", N, 2000);
-    api.wait_responders(&bob, N, Duration::from_secs(120));
+    let (mut c, api, alice, bob, ids) = Cluster::with_pings(None, "k", N, 2000);
     assert!(c.takeovers(1) >= 1, "the worker to kill owns partitions");
     let before = c.takeovers(0);
     c.flow[1].kill();
@@ -217,13 +257,8 @@ fn a_sigkilled_flow_workers_partitions_are_taken_over_and_every_flow_completes_o
 #[test]
 fn the_cluster_carries_on_across_a_broker_restart() {
     const N: usize = 200;
-    let mut c = Cluster::start(1, 2);
-    let api = c.rest[0].api().clone();
-    let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
-    let bob = c.rest[0].vnode(BOB, Pkg::Ping);
     // Responders sleep 1 s: the restart finds exchanges in flight.
-    let ids = start_pings(&api, &alice, BOB, "r", N, 1000);
-    api.wait_responders(&bob, N, Duration::from_secs(120));
+    let (mut c, api, alice, bob, ids) = Cluster::with_pings(None, "r", N, 1000);
     // SIGKILL and start again on its durable storage.
     c.broker.restart();
     // Flows started while the broker is back, too.
@@ -244,12 +279,8 @@ fn the_cluster_carries_on_across_a_broker_restart() {
 #[test]
 fn the_cluster_carries_on_across_a_postgresql_restart() {
     const N: usize = 100;
-    let mut c = Cluster::start_on(1, 2, Some(braid_testkit::PrivatePostgres::start()));
-    let api = c.rest[0].api().clone();
-    let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
-    let bob = c.rest[0].vnode(BOB, Pkg::Ping);
-    let ids = start_pings(&api, &alice, BOB, "p", N, 1000);
-    api.wait_responders(&bob, N, Duration::from_secs(120));
+    let pg = braid_testkit::PrivatePostgres::start();
+    let (mut c, api, alice, bob, ids) = Cluster::with_pings(Some(pg), "p", N, 1000);
     c.pg.as_ref().expect("its own server").restart();
     let flows = api.wait_all_terminal(&alice, &ids, Duration::from_secs(300));
     assert_pings_ok(&flows, &ids, BOB);
@@ -268,12 +299,7 @@ fn the_cluster_carries_on_across_a_postgresql_restart() {
 #[test]
 fn a_flow_worker_paused_past_its_session_timeout_advances_no_flow_it_lost() {
     const N: usize = 300;
-    let mut c = Cluster::start(1, 2);
-    let api = c.rest[0].api().clone();
-    let alice = c.rest[0].vnode(ALICE, Pkg::Ping);
-    let bob = c.rest[0].vnode(BOB, Pkg::Ping);
-    let ids = start_pings(&api, &alice, BOB, "z", N, 2000);
-    api.wait_responders(&bob, N, Duration::from_secs(120));
+    let (mut c, api, alice, bob, ids) = Cluster::with_pings(None, "z", N, 2000);
     assert!(c.takeovers(1) >= 1, "the worker to pause owns partitions");
     let before = c.takeovers(0);
     braid_testkit::signal(c.flow[1].pid(), "STOP");

@@ -84,6 +84,18 @@ impl Cluster {
         .unwrap()
     }
 
+    /// A cluster with two flow workers that both own partitions.
+    async fn with_two_workers() -> (Cluster, FlowWorker, FlowWorker) {
+        let c = Cluster::new().await;
+        let w1 = c.worker("w1").await;
+        let w2 = c.worker("w2").await;
+        until("both workers own partitions", async || {
+            !w1.owned_partitions().is_empty() && !w2.owned_partitions().is_empty()
+        })
+        .await;
+        (c, w1, w2)
+    }
+
     async fn propose(&self, prefix: &str, n: usize) -> Vec<FlowId> {
         let mut ids = Vec::new();
         for i in 0..n {
@@ -182,13 +194,7 @@ async fn all_ended(c: &Cluster, ids: &[FlowId]) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_share_the_partitions_and_the_client_streams_every_change() {
-    let c = Cluster::new().await;
-    let w1 = c.worker("w1").await;
-    let w2 = c.worker("w2").await;
-    until("both workers own partitions", async || {
-        !w1.owned_partitions().is_empty() && !w2.owned_partitions().is_empty()
-    })
-    .await;
+    let (c, w1, w2) = Cluster::with_two_workers().await;
     let a: BTreeSet<u16> = w1.owned_partitions().into_iter().collect();
     let b: BTreeSet<u16> = w2.owned_partitions().into_iter().collect();
     assert!(a.is_disjoint(&b), "{a:?} {b:?}");
@@ -217,13 +223,7 @@ async fn two_workers_share_the_partitions_and_the_client_streams_every_change() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_that_leaves_hands_its_partitions_over_and_every_flow_completes_once() {
-    let c = Cluster::new().await;
-    let w1 = c.worker("w1").await;
-    let w2 = c.worker("w2").await;
-    until("both workers own partitions", async || {
-        !w1.owned_partitions().is_empty() && !w2.owned_partitions().is_empty()
-    })
-    .await;
+    let (c, w1, w2) = Cluster::with_two_workers().await;
     let ids = c.propose("t", 120).await;
     // Some have ended, the rest are in flight when w2 goes.
     until("some proposals ended", async || {
