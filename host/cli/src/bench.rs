@@ -58,6 +58,16 @@ pub struct BenchArgs {
     /// figures always use the embedded store.
     #[arg(long, default_value = "embedded")]
     pub store: String,
+    /// Cluster mode instead: N flow workers and one REST worker, each a
+    /// `braid node start` child, on `--store postgres://...` (an empty
+    /// database) and `--bus kafka://...`; `--flows` pings driven over
+    /// HTTPS, at most `--in-flight` unfinished, latency from each start to
+    /// its end on the REST worker's status stream.
+    #[arg(long, requires = "bus")]
+    pub cluster: Option<usize>,
+    /// The Kafka bus of `--cluster`.
+    #[arg(long)]
+    pub bus: Option<String>,
 }
 
 const ALICE: &str = "O=Alice, L=London, C=GB";
@@ -236,6 +246,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{out}");
         return Ok(());
     }
+    if let (Some(workers), Some(bus)) = (args.cluster, &args.bus) {
+        let (dir, wasm, store, bus) = (
+            dir.join("cluster"),
+            wasm.clone(),
+            args.store.clone(),
+            bus.clone(),
+        );
+        let (flows, in_flight) = (args.flows, args.in_flight.max(1));
+        let out = tokio::task::spawn_blocking(move || {
+            cluster_over_rest(&dir, &wasm, workers.max(1), flows, in_flight, &store, &bus)
+        })
+        .await??;
+        println!("{out}");
+        return Ok(());
+    }
     if let Some(points) = &args.soak {
         let out = soak(&dir.join("soak"), &wasm, points, args.in_flight).await?;
         println!("{out}");
@@ -321,6 +346,11 @@ struct ChildNode {
 
 impl ChildNode {
     fn start(dir: &Path) -> anyhow::Result<ChildNode> {
+        Self::start_with(dir, &[])
+    }
+
+    /// A node with extra `braid node start` arguments.
+    fn start_with(dir: &Path, extra: &[String]) -> anyhow::Result<ChildNode> {
         let exe = std::env::current_exe()?;
         let _ = std::fs::remove_file(dir.join("rest.url"));
         std::fs::create_dir_all(dir)?;
@@ -333,6 +363,7 @@ impl ChildNode {
             .args(["node", "start", "--data-dir"])
             .arg(dir)
             .args(["--rest-addr", "127.0.0.1:0"])
+            .args(extra)
             .env("BRAID_ADMIN_PASSWORD", SOAK_PASSWORD)
             .stderr(log)
             .spawn()?;
@@ -375,6 +406,211 @@ impl ChildNode {
         );
         Ok(())
     }
+}
+
+/// Pings through a cluster: `workers` flow workers and one REST worker as
+/// children on `store` and `bus`.
+fn cluster_over_rest(
+    dir: &Path,
+    wasm: &Path,
+    workers: usize,
+    flows: usize,
+    in_flight: usize,
+    store: &str,
+    bus: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    anyhow::ensure!(
+        store.starts_with("postgres"),
+        "--cluster needs --store postgres://... (an empty database the workers share)"
+    );
+    let common = |roles: &str| -> Vec<String> {
+        [
+            "--roles",
+            roles,
+            "--store",
+            store,
+            "--bus",
+            bus,
+            "--topic-prefix",
+            &format!("bench-{}.", std::process::id()),
+            "--flow-partitions",
+            "8",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let exe = std::env::current_exe()?;
+    let mut flow = Vec::new();
+    for i in 0..workers {
+        let d = dir.join(format!("flow-{i}"));
+        std::fs::create_dir_all(&d)?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(d.join("node.log"))?;
+        flow.push(
+            std::process::Command::new(&exe)
+                .args(["node", "start", "--data-dir"])
+                .arg(&d)
+                .args(common("flow"))
+                .stderr(log)
+                .spawn()?,
+        );
+    }
+    let rest_dir = dir.join("rest");
+    let rest = ChildNode::start_with(&rest_dir, &common("rest"))?;
+    let c = soak_client(&rest.url, &rest_dir)?;
+    let pkg = c.post_bytes("/api/v1/package", "application/wasm", std::fs::read(wasm)?)?;
+    let checksum = pkg["checksum"].as_str().context("checksum")?.to_string();
+    let mut alice = String::new();
+    for name in [ALICE, BOB] {
+        let v = c.post(
+            "/api/v1/virtualnode",
+            &serde_json::json!({"x500Name": name, "packageChecksum": checksum}),
+        )?;
+        if name == ALICE {
+            alice = v["holdingId"].as_str().context("holdingId")?.to_string();
+        }
+    }
+    // Start and end times by client request id.
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let ended: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
+    {
+        let (c, alice, ended) = (
+            soak_client(&rest.url, &rest_dir)?,
+            alice.clone(),
+            ended.clone(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let path = format!("/api/v1/flow/{alice}/events");
+            for ev in c.events(&path, None, Duration::from_secs(3600))? {
+                let Ok(ev) = ev else { return Ok(()) };
+                if ev.event != "status" {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(&ev.data)?;
+                let st = v["status"].as_str().unwrap_or_default();
+                if let (Some(id), true) = (
+                    v["clientRequestId"].as_str(),
+                    ["COMPLETED", "FAILED", "KILLED"].contains(&st),
+                ) {
+                    ended
+                        .lock()
+                        .expect("ends")
+                        .entry(id.to_string())
+                        .or_insert((Instant::now(), st == "COMPLETED"));
+                }
+            }
+            Ok(())
+        });
+    }
+    let run = |prefix: &str, n: usize| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let next = Arc::new(AtomicUsize::new(0));
+        fn done(ended: &Mutex<HashMap<String, (Instant, bool)>>, prefix: &str) -> usize {
+            ended
+                .lock()
+                .expect("ends")
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .count()
+        }
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (next, started, ended) = (next.clone(), started.clone(), ended.clone());
+                let (c, alice, prefix) = (
+                    soak_client(&rest.url, &rest_dir),
+                    alice.clone(),
+                    prefix.to_string(),
+                );
+                std::thread::spawn(move || -> anyhow::Result<()> {
+                    let c = c?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        while i >= done(&ended, &prefix) + in_flight {
+                            std::thread::sleep(Duration::from_micros(500));
+                        }
+                        let id = format!("{prefix}{i}");
+                        started
+                            .lock()
+                            .expect("starts")
+                            .insert(id.clone(), Instant::now());
+                        c.post(
+                            &format!("/api/v1/flow/{alice}"),
+                            &serde_json::json!({
+                                "clientRequestId": id,
+                                "flowName": "ping",
+                                "requestBody": {"counterparty": BOB, "n": i, "delayMs": 0},
+                            }),
+                        )?;
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join()
+                .map_err(|_| anyhow::anyhow!("a submitting thread panicked"))??;
+        }
+        while done(&ended, prefix) < n {
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(1800),
+                "only {} of {n} pings ended",
+                done(&ended, prefix)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(t.elapsed())
+    };
+    run("warmup-", 200.min(flows))?;
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds_of(*p)).sum::<f64>();
+    let flow_pids: Vec<u32> = flow.iter().map(std::process::Child::id).collect();
+    let (rest_cpu0, flow_cpu0) = (cpu(&[rest.child.id()]), cpu(&flow_pids));
+    let wall = run("bench-", flows)?;
+    let (rest_cpu, flow_cpu) = (
+        cpu(&[rest.child.id()]) - rest_cpu0,
+        cpu(&flow_pids) - flow_cpu0,
+    );
+    let (starts, ends) = (
+        started.lock().expect("starts").clone(),
+        ended.lock().expect("ends").clone(),
+    );
+    let mut lat: Vec<f64> = Vec::with_capacity(flows);
+    let mut failed = 0;
+    for (id, t0) in starts.iter().filter(|(k, _)| k.starts_with("bench-")) {
+        if let Some((t1, ok)) = ends.get(id) {
+            lat.push(t1.saturating_duration_since(*t0).as_secs_f64() * 1e3);
+            failed += usize::from(!ok);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    anyhow::ensure!(failed == 0, "{failed} pings did not complete");
+    rest.stop()?;
+    for mut f in flow {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(f.id() as libc::pid_t, libc::SIGTERM);
+        }
+        f.wait()?;
+    }
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let per_ping = |s: f64| (s / flows as f64 * 1e6).round() / 1e3;
+    Ok(serde_json::json!({
+        "mode": "cluster",
+        "flowWorkers": workers,
+        "flows": flows,
+        "inFlight": in_flight,
+        "completedFlowsPerSec": (flows as f64 / wall.as_secs_f64()).round(),
+        "latencyMs": {"p50": round2(percentile(&lat, 0.5)), "p99": round2(percentile(&lat, 0.99))},
+        "cpuMsPerPing": {"rest": per_ping(rest_cpu), "flowWorkers": per_ping(flow_cpu)},
+    }))
 }
 
 fn soak_client(url: &str, dir: &Path) -> anyhow::Result<crate::client::Client> {
