@@ -257,9 +257,31 @@ impl FlowWorker {
     /// them), loading packages this worker has not compiled yet.
     pub(crate) async fn reload_catalog(&self) -> anyhow::Result<()> {
         let (vnodes, packages) = self.inner.store.catalog().await?;
+        self.apply_catalog(vnodes, packages).await
+    }
+
+    /// Makes `vnodes` and `packages` (as read from the store) the catalog,
+    /// compiling the packages not compiled yet. A package whose bytes are
+    /// missing is an error; one that no longer loads is logged.
+    async fn apply_catalog(
+        &self,
+        vnodes: Vec<braid_storage::VnodeRecord>,
+        packages: Vec<braid_storage::PackageRecord>,
+    ) -> anyhow::Result<()> {
         for p in &packages {
-            if let Err(e) = self.compiled_package(&p.checksum).await {
-                tracing::error!(checksum = %p.checksum, cause = %e, "stored package does not load");
+            if self.inner.runtime.cached(&p.checksum).is_some() {
+                continue;
+            }
+            let bytes = self
+                .inner
+                .store
+                .package_bytes(&p.checksum)
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("package {} has metadata but no bytes", p.checksum)
+                })?;
+            if let Err(e) = self.inner.runtime.load(p.checksum, &bytes).await {
+                tracing::error!(checksum = %p.checksum, cause = %e, "stored package no longer loads");
             }
         }
         {
@@ -321,10 +343,14 @@ impl FlowWorker {
         for p in parts {
             epochs.insert(*p, self.inner.store.claim_partition(*p, &owner).await?);
         }
-        let snap = self.inner.store.load().await?;
+        let mut snap = self.inner.store.load().await?;
         // The flows loaded may belong to vnodes created since the catalog
-        // was last read.
-        self.reload_catalog().await?;
+        // was last read: the snapshot's catalog is as new as its flows.
+        self.apply_catalog(
+            std::mem::take(&mut snap.vnodes),
+            std::mem::take(&mut snap.packages),
+        )
+        .await?;
         let mine = |id: &FlowId| epochs.contains_key(&self.partition(id));
         let now = now_millis();
         let mut timers = Vec::new();
@@ -513,12 +539,16 @@ async fn heartbeat(w: FlowWorker) {
     let c = w.inner.cluster.as_ref().expect("cluster mode");
     let key = alive_key(&c.config.owner);
     let every = (c.config.liveness / 6).max(Duration::from_millis(200));
-    while !w.stopped() {
+    loop {
+        // The first record is written before the worker subscribes.
+        tokio::time::sleep(every).await;
+        if w.stopped() {
+            return;
+        }
         let op = Op::PutMeta(key.clone(), now_millis().to_be_bytes().to_vec());
         if let Err(e) = w.inner.store.write(vec![op]).await {
             tracing::warn!(cause = %e, "could not record that this flow worker is alive");
         }
-        tokio::time::sleep(every).await;
     }
 }
 

@@ -230,12 +230,13 @@ impl FlowWorker {
             Some(cluster::Cluster::new(cluster)),
         )
         .await?;
+        w.reload_catalog().await?;
         w.run_tasks(bus_rx);
         cluster::start(&w).await?;
         Ok(w)
     }
 
-    /// The worker with its catalog (vnodes, packages) loaded and no flows.
+    /// The worker, with no catalog (vnodes, packages) and no flows yet.
     async fn assemble(
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
@@ -264,9 +265,9 @@ impl FlowWorker {
             cluster,
             stopped: tokio::sync::watch::channel(false).0,
         });
-        let w = FlowWorker { inner };
-        w.reload_catalog().await?;
-        Ok(w)
+        // The catalog comes with the first partition's load (embedded) or
+        // from the store at cluster start.
+        Ok(FlowWorker { inner })
     }
 
     fn run_tasks(&self, bus_rx: BusReceiver) {
