@@ -463,133 +463,53 @@ fn cluster_over_rest(
     }
     let rest_dir = dir.join("rest");
     let rest = ChildNode::start_with(&rest_dir, &common("rest"))?;
-    let c = soak_client(&rest.url, &rest_dir)?;
-    let pkg = c.post_bytes("/api/v1/package", "application/wasm", std::fs::read(wasm)?)?;
-    let checksum = pkg["checksum"].as_str().context("checksum")?.to_string();
-    let mut alice = String::new();
-    for name in [ALICE, BOB] {
-        let v = c.post(
-            "/api/v1/virtualnode",
-            &serde_json::json!({"x500Name": name, "packageChecksum": checksum}),
-        )?;
-        if name == ALICE {
-            alice = v["holdingId"].as_str().context("holdingId")?.to_string();
-        }
-    }
-    // Start and end times by client request id.
+    let alice = ping_vnodes(&soak_client(&rest.url, &rest_dir)?, wasm)?;
+    // Start and end times by client request id; ends counted.
     let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let ended: Arc<Mutex<HashMap<String, (Instant, bool)>>> = Arc::default();
+    let ends: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (ended, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     {
-        let (c, alice, ended) = (
-            soak_client(&rest.url, &rest_dir)?,
-            alice.clone(),
-            ended.clone(),
-        );
-        std::thread::spawn(move || -> anyhow::Result<()> {
-            let path = format!("/api/v1/flow/{alice}/events");
-            for ev in c.events(&path, None, Duration::from_secs(3600))? {
-                let Ok(ev) = ev else { return Ok(()) };
-                if ev.event != "status" {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_str(&ev.data)?;
-                let st = v["status"].as_str().unwrap_or_default();
-                if let (Some(id), true) = (
-                    v["clientRequestId"].as_str(),
-                    ["COMPLETED", "FAILED", "KILLED"].contains(&st),
-                ) {
-                    ended
-                        .lock()
-                        .expect("ends")
-                        .entry(id.to_string())
-                        .or_insert((Instant::now(), st == "COMPLETED"));
-                }
-            }
-            Ok(())
-        });
+        let (c, alice) = (soak_client(&rest.url, &rest_dir)?, alice.clone());
+        let (ended, failed, ends) = (ended.clone(), failed.clone(), ends.clone());
+        std::thread::spawn(move || count_ends(&c, &alice, &ended, &failed, Some(&ends)));
     }
-    let run = |prefix: &str, n: usize| -> anyhow::Result<Duration> {
+    let warmup = 200.min(flows);
+    let run = |prefix: &str, from: usize, to: usize| -> anyhow::Result<Duration> {
         let t = Instant::now();
-        let next = Arc::new(AtomicUsize::new(0));
-        fn done(ended: &Mutex<HashMap<String, (Instant, bool)>>, prefix: &str) -> usize {
-            ended
-                .lock()
-                .expect("ends")
-                .keys()
-                .filter(|k| k.starts_with(prefix))
-                .count()
-        }
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let (next, started, ended) = (next.clone(), started.clone(), ended.clone());
-                let (c, alice, prefix) = (
-                    soak_client(&rest.url, &rest_dir),
-                    alice.clone(),
-                    prefix.to_string(),
-                );
-                std::thread::spawn(move || -> anyhow::Result<()> {
-                    let c = c?;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        while i >= done(&ended, &prefix) + in_flight {
-                            std::thread::sleep(Duration::from_micros(500));
-                        }
-                        let id = format!("{prefix}{i}");
-                        started
-                            .lock()
-                            .expect("starts")
-                            .insert(id.clone(), Instant::now());
-                        c.post(
-                            &format!("/api/v1/flow/{alice}"),
-                            &serde_json::json!({
-                                "clientRequestId": id,
-                                "flowName": "ping",
-                                "requestBody": {"counterparty": BOB, "n": i, "delayMs": 0},
-                            }),
-                        )?;
-                    }
-                })
-            })
-            .collect();
-        for th in threads {
-            th.join()
-                .map_err(|_| anyhow::anyhow!("a submitting thread panicked"))??;
-        }
-        while done(&ended, prefix) < n {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(1800),
-                "only {} of {n} pings ended",
-                done(&ended, prefix)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        submit_pings(
+            &rest.url,
+            &rest_dir,
+            &alice,
+            prefix,
+            from..to,
+            in_flight,
+            &ended,
+            Some(&started),
+        )?;
+        await_ends(&ended, to, t)?;
         Ok(t.elapsed())
     };
-    run("warmup-", 200.min(flows))?;
+    run("warmup-", 0, warmup)?;
     let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds_of(*p)).sum::<f64>();
     let flow_pids: Vec<u32> = flow.iter().map(std::process::Child::id).collect();
     let (rest_cpu0, flow_cpu0) = (cpu(&[rest.child.id()]), cpu(&flow_pids));
-    let wall = run("bench-", flows)?;
+    let wall = run("bench-", warmup, warmup + flows)?;
     let (rest_cpu, flow_cpu) = (
         cpu(&[rest.child.id()]) - rest_cpu0,
         cpu(&flow_pids) - flow_cpu0,
     );
     let (starts, ends) = (
         started.lock().expect("starts").clone(),
-        ended.lock().expect("ends").clone(),
+        ends.lock().expect("ends").clone(),
     );
-    let mut lat: Vec<f64> = Vec::with_capacity(flows);
-    let mut failed = 0;
-    for (id, t0) in starts.iter().filter(|(k, _)| k.starts_with("bench-")) {
-        if let Some((t1, ok)) = ends.get(id) {
-            lat.push(t1.saturating_duration_since(*t0).as_secs_f64() * 1e3);
-            failed += usize::from(!ok);
-        }
-    }
+    let mut lat: Vec<f64> = starts
+        .iter()
+        .filter(|(k, _)| k.starts_with("bench-"))
+        .filter_map(|(id, t0)| ends.get(id).map(|t1| t1.saturating_duration_since(*t0)))
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
     lat.sort_by(f64::total_cmp);
+    let failed = failed.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} pings did not complete");
     rest.stop()?;
     for mut f in flow {
@@ -631,6 +551,103 @@ fn cpu_seconds_of(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Uploads the ping package and creates Alice and Bob; returns Alice's
+/// holding id.
+fn ping_vnodes(c: &crate::client::Client, wasm: &Path) -> anyhow::Result<String> {
+    let pkg = c.post_bytes("/api/v1/package", "application/wasm", std::fs::read(wasm)?)?;
+    let checksum = pkg["checksum"].as_str().context("checksum")?.to_string();
+    let mut alice = String::new();
+    for name in [ALICE, BOB] {
+        let v = c.post(
+            "/api/v1/virtualnode",
+            &serde_json::json!({"x500Name": name, "packageChecksum": checksum}),
+        )?;
+        if name == ALICE {
+            alice = v["holdingId"].as_str().context("holdingId")?.to_string();
+        }
+    }
+    Ok(alice)
+}
+
+/// Starts pings `PREFIXi` for every `i` of `range` from a few threads
+/// (each request waits for its answer), keeping ping `i` back until no
+/// more than `in_flight` before it are unfinished (`ended` counts every
+/// end so far); notes each start time in `started` when given.
+#[allow(clippy::too_many_arguments)]
+fn submit_pings(
+    url: &str,
+    dir: &Path,
+    alice: &str,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    in_flight: usize,
+    ended: &Arc<std::sync::atomic::AtomicUsize>,
+    started: Option<&Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>>,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, ended, started) = (next.clone(), ended.clone(), started.cloned());
+            let (c, alice, prefix, end) = (
+                soak_client(url, dir),
+                alice.to_string(),
+                prefix.to_string(),
+                range.end,
+            );
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let c = c?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        return Ok(());
+                    }
+                    while i >= ended.load(Ordering::Relaxed) + in_flight {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    let id = format!("{prefix}{i}");
+                    if let Some(s) = &started {
+                        s.lock()
+                            .expect("start times")
+                            .insert(id.clone(), Instant::now());
+                    }
+                    c.post(
+                        &format!("/api/v1/flow/{alice}"),
+                        &serde_json::json!({
+                            "clientRequestId": id,
+                            "flowName": "ping",
+                            "requestBody": {"counterparty": BOB, "n": i, "delayMs": 0},
+                        }),
+                    )?;
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join()
+            .map_err(|_| anyhow::anyhow!("a submitting thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// Waits until `ended` reaches `n` (30 minutes at most from `since`).
+fn await_ends(
+    ended: &std::sync::atomic::AtomicUsize,
+    n: usize,
+    since: Instant,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    while ended.load(Ordering::Relaxed) < n {
+        anyhow::ensure!(
+            since.elapsed() < Duration::from_secs(1800),
+            "only {} of {n} pings ended",
+            ended.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// Counts Alice's pings that ended, from her vnode's status stream (a
 /// `resync` recounts from the listing).
 fn count_ends(
@@ -638,6 +655,7 @@ fn count_ends(
     alice: &str,
     ended: &std::sync::atomic::AtomicUsize,
     failed: &std::sync::atomic::AtomicUsize,
+    end_times: Option<&std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
 ) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering;
     let path = format!("/api/v1/flow/{alice}/events");
@@ -651,9 +669,15 @@ fn count_ends(
             "status" => {
                 let v: serde_json::Value = serde_json::from_str(&ev.data)?;
                 let st = v["status"].as_str().unwrap_or_default();
-                if v["clientRequestId"].is_string()
-                    && ["COMPLETED", "FAILED", "KILLED"].contains(&st)
-                {
+                if let (Some(id), true) = (
+                    v["clientRequestId"].as_str(),
+                    ["COMPLETED", "FAILED", "KILLED"].contains(&st),
+                ) {
+                    if let Some(t) = end_times {
+                        t.lock()
+                            .expect("end times")
+                            .insert(id.to_string(), Instant::now());
+                    }
                     ended.fetch_add(1, Ordering::Relaxed);
                     if st != "COMPLETED" {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -683,19 +707,7 @@ fn soak_over_rest(
 ) -> anyhow::Result<serde_json::Value> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let mut node = ChildNode::start(dir)?;
-    let c = soak_client(&node.url, dir)?;
-    let pkg = c.post_bytes("/api/v1/package", "application/wasm", std::fs::read(wasm)?)?;
-    let checksum = pkg["checksum"].as_str().context("checksum")?.to_string();
-    let mut alice = String::new();
-    for name in [ALICE, BOB] {
-        let v = c.post(
-            "/api/v1/virtualnode",
-            &serde_json::json!({"x500Name": name, "packageChecksum": checksum}),
-        )?;
-        if name == ALICE {
-            alice = v["holdingId"].as_str().context("holdingId")?.to_string();
-        }
-    }
+    let alice = ping_vnodes(&soak_client(&node.url, dir)?, wasm)?;
     let ended = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut out = Vec::new();
@@ -713,52 +725,22 @@ fn soak_over_rest(
                 ended.clone(),
                 failed.clone(),
             );
-            std::thread::spawn(move || count_ends(&c, &alice, &ended, &failed))
+            std::thread::spawn(move || count_ends(&c, &alice, &ended, &failed, None))
         };
         let pid = node.child.id();
         let cpu0 = cpu_seconds_of(pid);
         let t = Instant::now();
-        // Submit from a few threads (each request waits for its answer),
-        // keeping at most `in_flight` pings unfinished.
-        let next = Arc::new(AtomicUsize::new(submitted));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let (next, ended) = (next.clone(), ended.clone());
-                let (c, alice) = (soak_client(&node.url, dir), alice.clone());
-                std::thread::spawn(move || -> anyhow::Result<()> {
-                    let c = c?;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            return Ok(());
-                        }
-                        while i >= ended.load(Ordering::Relaxed) + in_flight {
-                            std::thread::sleep(Duration::from_micros(200));
-                        }
-                        c.post(
-                            &format!("/api/v1/flow/{alice}"),
-                            &serde_json::json!({
-                                "clientRequestId": format!("soak-{i}"),
-                                "flowName": "ping",
-                                "requestBody": {"counterparty": BOB, "n": i, "delayMs": 0},
-                            }),
-                        )?;
-                    }
-                })
-            })
-            .collect();
-        for th in threads {
-            th.join()
-                .map_err(|_| anyhow::anyhow!("a submitting thread panicked"))??;
-        }
-        while ended.load(Ordering::Relaxed) < n {
-            anyhow::ensure!(
-                t.elapsed() < Duration::from_secs(1800),
-                "only {} of {n} pings ended",
-                ended.load(Ordering::Relaxed)
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        submit_pings(
+            &node.url,
+            dir,
+            &alice,
+            "soak-",
+            submitted..n,
+            in_flight,
+            &ended,
+            None,
+        )?;
+        await_ends(&ended, n, t)?;
         let wall = t.elapsed().as_secs_f64();
         let cpu = cpu_seconds_of(pid) - cpu0;
         let pings = n - submitted;
