@@ -118,6 +118,19 @@ impl Shared {
 }
 
 impl Inner {
+    /// The id of a new member or watch of `topics`, which must all exist,
+    /// on a bus that is not closed.
+    fn new_reader(&mut self, topics: &[&str]) -> Result<u64, TopicError> {
+        if self.closed {
+            return Err(TopicError::Closed);
+        }
+        for t in topics {
+            self.spec(t)?;
+        }
+        self.next_id += 1;
+        Ok(self.next_id)
+    }
+
     fn spec(&self, topic: &str) -> Result<&TopicSpec, TopicError> {
         self.specs
             .iter()
@@ -346,14 +359,7 @@ impl MessageBus for MemoryBus {
     ) -> Result<Box<dyn Subscription>, TopicError> {
         let id = {
             let mut inner = self.shared.lock();
-            if inner.closed {
-                return Err(TopicError::Closed);
-            }
-            for t in topics {
-                inner.spec(t)?;
-            }
-            inner.next_id += 1;
-            let id = inner.next_id;
+            let id = inner.new_reader(topics)?;
             let g = inner.groups.entry(group.to_string()).or_default();
             for t in topics {
                 if !g.topics.iter().any(|x| x == t) {
@@ -379,14 +385,7 @@ impl MessageBus for MemoryBus {
         from: From,
     ) -> Result<Box<dyn Subscription>, TopicError> {
         let mut inner = self.shared.lock();
-        if inner.closed {
-            return Err(TopicError::Closed);
-        }
-        for t in topics {
-            inner.spec(t)?;
-        }
-        inner.next_id += 1;
-        let id = inner.next_id;
+        let id = inner.new_reader(topics)?;
         let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
         let parts = inner.all_partitions(&names);
         let mut pos = HashMap::new();
