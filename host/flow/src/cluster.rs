@@ -412,11 +412,18 @@ impl FlowWorker {
                 }
             }
         }
-        if !stale_kills.is_empty() {
-            self.inner
+        // From here on the partitions are this worker's: nothing below may
+        // fail the take-over (a retry would claim them again, under the
+        // feet of the flows just resumed).
+        if !stale_kills.is_empty()
+            && let Err(e) = self
+                .inner
                 .store
                 .write(stale_kills.into_iter().map(Op::DeleteKill).collect())
-                .await?;
+                .await
+        {
+            // Harmless: the next take-over finds them again.
+            tracing::warn!(cause = %e, "could not delete kill requests of ended flows");
         }
         for (id, at) in timers {
             self.wake_at(id, at);
@@ -434,10 +441,13 @@ impl FlowWorker {
             outbox = outbox.len(),
             "took flow partitions over"
         );
-        if !outbox.is_empty() {
-            crate::delivery::deliver(self, &outbox, false).await?;
-        }
         self.pump();
+        if !outbox.is_empty() {
+            crate::retry_until_ok("delivering the outbox of partitions taken over", || {
+                crate::delivery::deliver(self, &outbox, false)
+            })
+            .await;
+        }
         Ok(())
     }
 

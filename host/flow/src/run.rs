@@ -414,7 +414,11 @@ impl FlowWorker {
     /// checkpoints): in an embedded node that is every flow, so the worker
     /// stops; in a cluster the partition is given up.
     pub(crate) fn lost_partition(&self, partition: u16, epoch: u64, current: u64) {
-        if !self.inner.lock().owned.contains_key(&partition) {
+        // Only if the refused epoch is the one this worker holds: a commit
+        // begun before this worker claimed the partition again (after a
+        // rebalance) is refused by its own newer claim, and that flow
+        // merely runs again.
+        if self.inner.lock().owned.get(&partition) != Some(&epoch) {
             return;
         }
         if self.inner.cluster.is_some() {

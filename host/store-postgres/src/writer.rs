@@ -11,6 +11,15 @@
 //! again. A failure of the connection fails the group: every batch not
 //! refused is answered [`StoreError::Unavailable`] and the connection is
 //! dropped, not reused.
+//!
+//! A connection lost while its `COMMIT` was on the way leaves the outcome
+//! unknown: the server may have committed and the answer got lost. The
+//! writer never answers such a group with a guess (a caller told "not
+//! written" that was written would, for instance, never wake the receiver
+//! of a message it delivered). Each group asks for its transaction id
+//! (`txid_current()`, pipelined after `BEGIN`); after a lost `COMMIT` the
+//! writer asks the server, on a new connection, what became of it
+//! (`txid_status`), and answers from that.
 
 use crate::rows::{FlowRest, enc, status_text};
 use crate::{Shared, describe, is_connection_error, pool_err};
@@ -39,6 +48,8 @@ pub(crate) enum Msg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     Begin,
+    /// The group's transaction id (answered as the value, not a count).
+    Xid,
     Savepoint,
     Release,
     RollbackTo,
@@ -65,6 +76,7 @@ impl Kind {
     fn sql(self) -> &'static str {
         match self {
             Kind::Begin => "BEGIN",
+            Kind::Xid => "SELECT txid_current()",
             Kind::Savepoint => "SAVEPOINT b",
             Kind::Release => "RELEASE SAVEPOINT b",
             Kind::RollbackTo => "ROLLBACK TO SAVEPOINT b",
@@ -170,6 +182,7 @@ impl Stmt {
 }
 
 static BEGIN: Stmt = Stmt::bare(Kind::Begin);
+static XID: Stmt = Stmt::bare(Kind::Xid);
 static SAVEPOINT: Stmt = Stmt::bare(Kind::Savepoint);
 static RELEASE: Stmt = Stmt::bare(Kind::Release);
 static ROLLBACK_TO: Stmt = Stmt::bare(Kind::RollbackTo);
@@ -285,23 +298,91 @@ async fn commit_group(pool: &Pool, shared: &Shared, group: Vec<(Vec<Op>, Reply)>
     }
 }
 
+/// How far a group's transaction got: what the writer needs to find out,
+/// after a lost connection, whether it committed.
+#[derive(Default)]
+struct Progress {
+    /// The transaction's id, once the server said it.
+    xid: Option<i64>,
+    /// `COMMIT` was sent: from here on the outcome is the server's to say.
+    commit_sent: bool,
+}
+
+/// How long the writer keeps asking what became of a transaction whose
+/// `COMMIT` was lost, before it answers that the outcome is unknown.
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Gets a connection and commits the group on it; the connection is
 /// dropped (not pooled again) after a failure or a time-out.
 async fn run_group(pool: &Pool, shared: &Shared, batches: &mut [Batch]) -> Result<(), StoreError> {
     let timeout = shared.options.io_timeout;
     let client = pool.get().await.map_err(pool_err)?;
-    match tokio::time::timeout(timeout, transact(&client, batches)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            drop(deadpool_postgres::Object::take(client));
-            Err(e)
+    let mut progress = Progress::default();
+    let fault = match tokio::time::timeout(timeout, transact(&client, batches, &mut progress)).await
+    {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => StoreError::Unavailable(format!("PostgreSQL did not commit within {timeout:?}")),
+    };
+    drop(deadpool_postgres::Object::take(client));
+    match (progress.commit_sent, progress.xid) {
+        (true, Some(xid)) => resolve(pool, shared, xid, fault).await,
+        _ => Err(fault),
+    }
+}
+
+/// Finds out, on new connections, whether transaction `xid` (whose
+/// `COMMIT` was sent on a connection since lost) committed: `Ok` if it
+/// did, `fault` if it did not.
+async fn resolve(
+    pool: &Pool,
+    shared: &Shared,
+    xid: i64,
+    fault: StoreError,
+) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + RESOLVE_FOR;
+    let mut logged = false;
+    loop {
+        // `None`: no connection to ask on.
+        let asked = async {
+            let c = pool.get().await.map_err(|_| None)?;
+            let r = c.query_one("SELECT txid_status($1)", &[&xid]).await;
+            if r.is_err() {
+                drop(deadpool_postgres::Object::take(c));
+            }
+            r.map_err(Some)
+        };
+        match tokio::time::timeout(shared.options.io_timeout, asked).await {
+            Ok(Ok(row)) => match row.get::<_, Option<String>>(0).as_deref() {
+                Some("committed") => {
+                    tracing::info!(xid, "a transaction whose COMMIT was cut off had committed");
+                    return Ok(());
+                }
+                Some("aborted") => return Err(fault),
+                // Still in progress (its session not gone yet), or too
+                // old to say (cannot be: it is seconds old).
+                _ => {}
+            },
+            // After a crash, an id the server never made durable is "in
+            // the future": that transaction did not commit.
+            Ok(Err(Some(e))) if e.as_db_error().is_some_and(|d| d.code().code() == "22023") => {
+                return Err(fault);
+            }
+            Ok(Err(_)) | Err(_) => {}
         }
-        Err(_) => {
-            drop(deadpool_postgres::Object::take(client));
-            Err(StoreError::Unavailable(format!(
-                "PostgreSQL did not commit within {timeout:?}"
-            )))
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(xid, "could not find out whether a transaction committed");
+            return Err(StoreError::Unavailable(format!(
+                "PostgreSQL: the connection was lost while transaction {xid} committed, and \
+                 whether it did is still unknown after {RESOLVE_FOR:?}"
+            )));
         }
+        if !logged {
+            logged = true;
+            tracing::warn!(xid, cause = %fault,
+                "the connection was lost during a COMMIT; asking the server whether it committed");
+        }
+        tokio::time::sleep(shared.options.probe_interval).await;
     }
 }
 
@@ -312,9 +393,11 @@ fn fault(e: &tokio_postgres::Error) -> StoreError {
 async fn transact(
     client: &deadpool_postgres::Object,
     batches: &mut [Batch],
+    progress: &mut Progress,
 ) -> Result<(), StoreError> {
     let mut kinds: Vec<Kind> = vec![
         Kind::Begin,
+        Kind::Xid,
         Kind::Savepoint,
         Kind::Release,
         Kind::RollbackTo,
@@ -344,6 +427,8 @@ async fn transact(
         if !begun {
             items.push(&BEGIN);
             owners.push(None);
+            items.push(&XID);
+            owners.push(None);
         }
         for (bi, b) in batches.iter().enumerate().skip(from) {
             items.push(&SAVEPOINT);
@@ -359,6 +444,9 @@ async fn transact(
             break;
         }
         let results = pipeline(client, &prepared, &items).await;
+        if !begun && let Some(Ok(xid)) = results.get(1) {
+            progress.xid = i64::try_from(*xid).ok();
+        }
         begun = true;
         let Some(i) = results.iter().position(|r| r.is_err()) else {
             break;
@@ -403,6 +491,7 @@ async fn transact(
         batches[bi].refused = Some(refusal);
         from = bi + 1;
     }
+    progress.commit_sent = true;
     for r in pipeline(client, &prepared, &[&COMMIT]).await {
         r.map_err(|e| fault(&e))?;
     }
@@ -465,8 +554,15 @@ async fn pipeline(
         .map(|s| {
             let st = &prepared[&s.kind];
             let params = s.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync));
-            let f: Pin<Box<dyn Future<Output = ExecResult> + Send + '_>> =
-                Box::pin(client.execute_raw(st, params));
+            let f: Pin<Box<dyn Future<Output = ExecResult> + Send + '_>> = if s.kind == Kind::Xid {
+                // A value, not a count.
+                Box::pin(async move {
+                    let row = client.query_one(st, &[]).await?;
+                    Ok(row.get::<_, i64>(0) as u64)
+                })
+            } else {
+                Box::pin(client.execute_raw(st, params))
+            };
             Box::pin(maybe_done(f))
         })
         .collect();

@@ -440,3 +440,183 @@ async fn group_commit_throughput_with_64_writers() {
     store.close().await;
     cleanup.await;
 }
+
+/// Where a [`CommitCutter`] cuts the connection of the next `COMMIT`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Before the server sees the `COMMIT`: nothing is written.
+    Request,
+    /// After the server committed, before its answer reaches the store.
+    Answer,
+}
+
+/// A TCP proxy that, when armed, cuts the connection carrying the next
+/// `COMMIT`: either the request or its answer is dropped.
+struct CommitCutter {
+    addr: SocketAddr,
+    armed: Arc<std::sync::Mutex<Option<Cut>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl CommitCutter {
+    async fn start(target: SocketAddr) -> CommitCutter {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed: Arc<std::sync::Mutex<Option<Cut>>> = Arc::default();
+        let cuts: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (a, n) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(out) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (a, n) = (a.clone(), n.clone());
+                tokio::spawn(async move {
+                    let (mut ci, mut co) = inbound.into_split();
+                    let (mut si, mut so) = out.into_split();
+                    // The name of this connection's prepared COMMIT, from
+                    // its Parse message ('P', length, name\0, query\0).
+                    let name: Arc<std::sync::Mutex<Option<Vec<u8>>>> = Arc::default();
+                    let (a2, n2, name2) = (a.clone(), n.clone(), name.clone());
+                    let up = tokio::spawn(async move {
+                        let mut seen = Vec::new();
+                        let mut buf = vec![0u8; 65536];
+                        loop {
+                            let Ok(k) = ci.read(&mut buf).await else {
+                                return;
+                            };
+                            if k == 0 {
+                                return;
+                            }
+                            seen.extend_from_slice(&buf[..k]);
+                            if name2.lock().unwrap().is_none()
+                                && let Some(at) = find(&seen, b"\0COMMIT\0")
+                            {
+                                let start = seen[..at]
+                                    .iter()
+                                    .rposition(|b| *b == 0)
+                                    .map_or(0, |p| p + 1);
+                                // Skip the type byte and the length.
+                                let start = start.max(at.saturating_sub(64));
+                                let head = &seen[start..at];
+                                let nm = head
+                                    .iter()
+                                    .rposition(|b| !b.is_ascii_alphanumeric())
+                                    .map_or(head, |p| &head[p + 1..]);
+                                *name2.lock().unwrap() = Some(nm.to_vec());
+                                seen.clear();
+                            }
+                            let cut_here = {
+                                let mut g = a2.lock().unwrap();
+                                let bind = name2.lock().unwrap().clone().map(|nm| {
+                                    let mut p = b"\0".to_vec();
+                                    p.extend_from_slice(&nm);
+                                    p.push(0);
+                                    p
+                                });
+                                let hit = *g == Some(Cut::Request)
+                                    && bind.is_some_and(|p| find(&buf[..k], &p).is_some());
+                                if hit {
+                                    *g = None;
+                                }
+                                hit
+                            };
+                            if cut_here {
+                                n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                return;
+                            }
+                            if so.write_all(&buf[..k]).await.is_err() {
+                                return;
+                            }
+                            if seen.len() > 1 << 20 {
+                                seen.clear();
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let k = tokio::select! {
+                            r = si.read(&mut buf) => match r { Ok(k) if k > 0 => k, _ => break },
+                            _ = async { while !up.is_finished() { tokio::time::sleep(Duration::from_millis(5)).await } } => break,
+                        };
+                        // CommandComplete of a COMMIT: 'C', length 11, "COMMIT\0".
+                        let hit = {
+                            let mut g = a.lock().unwrap();
+                            let hit = *g == Some(Cut::Answer)
+                                && find(&buf[..k], b"C\0\0\0\x0bCOMMIT\0").is_some();
+                            if hit {
+                                *g = None;
+                            }
+                            hit
+                        };
+                        if hit {
+                            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            break;
+                        }
+                        if co.write_all(&buf[..k]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        CommitCutter { addr, armed, cuts }
+    }
+
+    fn arm(&self, cut: Cut) {
+        *self.armed.lock().unwrap() = Some(cut);
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A connection lost while its COMMIT was on the way: the store answers
+/// what the server did (written, or not), never a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_answered_by_what_the_server_did() {
+    let (url, cleanup) = fresh_database().await;
+    let hostport = url
+        .rsplit_once('@')
+        .and_then(|(_, r)| r.split_once('/'))
+        .map(|(hp, _)| hp.to_string())
+        .unwrap();
+    let proxy = CommitCutter::start(hostport.parse().unwrap()).await;
+    let via = url.replacen(&hostport, &proxy.addr.to_string(), 1);
+    let mut opts = PostgresOptions::default();
+    opts.probe_interval = Duration::from_millis(100);
+    let store = PostgresStore::connect(&via, opts).await.unwrap();
+    let put = |n: u32| vec![Op::PutMeta(format!("k{n}"), vec![n as u8])];
+    store.write(put(0)).await.unwrap();
+
+    // Committed, and the answer lost: the write went through.
+    proxy.arm(Cut::Answer);
+    store
+        .write(put(1))
+        .await
+        .expect("the server committed: the write is Ok");
+    assert_eq!(proxy.cuts(), 1, "the answer of the COMMIT was cut");
+    assert_eq!(store.meta("k1").await.unwrap(), Some(vec![1]));
+
+    // The COMMIT never reached the server: not written, and said so.
+    proxy.arm(Cut::Request);
+    match store.write(put(2)).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(proxy.cuts(), 2, "the COMMIT request was cut");
+    assert_eq!(store.meta("k2").await.unwrap(), None);
+
+    // And on it goes.
+    store.write(put(3)).await.unwrap();
+    assert_eq!(store.meta("k3").await.unwrap(), Some(vec![3]));
+    store.close().await;
+    cleanup.await;
+}
