@@ -436,7 +436,10 @@ impl Node {
             .expect("open node log");
         let mut marker = log.try_clone().expect("clone log handle");
         let _ = writeln!(marker, "\n===== [e2e] starting braid node =====");
-        let started = self.log_text().matches("flow worker started").count();
+        let started = self
+            .log_text()
+            .matches("worker started (no REST API in this process)")
+            .count();
         let mut cmd = Command::new(braid_bin());
         // Only the options the test asks for: no BRAID_* from the caller's
         // environment (they are clap fallbacks of the node's flags).
@@ -470,7 +473,12 @@ impl Node {
                         self.log_tail(60)
                     );
                 }
-                if self.log_text().matches("flow worker started").count() > started {
+                if self
+                    .log_text()
+                    .matches("worker started (no REST API in this process)")
+                    .count()
+                    > started
+                {
                     Ok(())
                 } else {
                     Err("no start line in the log yet".to_string())

@@ -111,7 +111,7 @@ pub struct Joining {
 /// The running network services; dropping them stops them.
 pub struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    _links: LinkManager,
+    _links: Option<LinkManager>,
 }
 
 impl Drop for Running {
@@ -360,8 +360,174 @@ impl Joining {
         }));
         Ok(Running {
             tasks,
-            _links: links,
+            _links: Some(links),
         })
+    }
+}
+
+/// The way of a cluster's flow workers to other nodes: who is a member,
+/// from the network map (polled, read-only: the link manager's process
+/// publishes the vnodes), and the `p2p.out` topic to the link manager.
+struct ClusterRemote {
+    map: Arc<MapClient>,
+    tx: mpsc::UnboundedSender<Vec<braid_types::SessionMessage>>,
+}
+
+impl Remote for ClusterRemote {
+    fn is_member(&self, name: &X500Name) -> bool {
+        Peers::is_member(&*self.map.current(), name.as_str())
+    }
+
+    fn send(&self, messages: Vec<braid_types::SessionMessage>) {
+        // Closed only while the process stops; the messages stay in the
+        // outbox.
+        let _ = self.tx.send(messages);
+    }
+}
+
+/// A cluster flow worker's [`Remote`] (see [`ClusterRemote`]) and the
+/// tasks that keep it (stopped when [`Running`] is dropped).
+pub fn cluster_remote(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+) -> anyhow::Result<(Arc<dyn Remote>, Running)> {
+    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
+    mc.persist_path = data_dir.join("network-map.bin");
+    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
+    map.load_persisted();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<braid_types::SessionMessage>>();
+    let mut tasks = vec![tokio::spawn(
+        map.clone().run_with(Vec::new, std::future::pending()),
+    )];
+    tasks.push(tokio::spawn(async move {
+        while let Some(mut batch) = rx.recv().await {
+            while let Ok(more) = rx.try_recv() {
+                batch.extend(more);
+                if batch.len() >= 4096 {
+                    break;
+                }
+            }
+            let records: Vec<_> = batch.iter().map(braid_flow::cluster::p2p_record).collect();
+            braid_flow::retry_until_ok("publishing messages for other nodes", || {
+                bus.publish(&topic, records.clone())
+            })
+            .await;
+        }
+    }));
+    Ok((
+        Arc::new(ClusterRemote { map, tx }),
+        Running {
+            tasks,
+            _links: None,
+        },
+    ))
+}
+
+/// How often a cluster's link manager reads the outbox for messages to
+/// other nodes it may not have (see [`feed_links`]).
+const OUTBOX_SWEEP: Duration = Duration::from_secs(5);
+
+/// Feeds a cluster's link manager: the messages for other nodes that
+/// flow workers publish on `topic` (read from its end, by this process
+/// alone), and every [`OUTBOX_SWEEP`] those in the outbox, which holds
+/// every such message until the peer acknowledges it. The sweep makes up
+/// for whatever the topic did not bring: messages published while this
+/// process was down, or before its reading began. A message the links
+/// already carry is not sent twice (they know it by its id).
+///
+/// One such process per cluster: two would each run a link to every
+/// peer for the same pair of vnodes.
+pub async fn feed_links(
+    worker: FlowWorker,
+    port: Arc<dyn Remote>,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use braid_bus::topics::{Delivery, From};
+    let mut sub = bus
+        .watch(&[topic.as_str()], From::End)
+        .await
+        .context("reading the messages for other nodes")?;
+    let reader = {
+        let port = port.clone();
+        tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(Delivery::Records(records)) => {
+                        let batch: Vec<_> = records
+                            .iter()
+                            .filter_map(|r| match braid_flow::cluster::decode_p2p(&r.value) {
+                                Ok(m) => Some(m),
+                                Err(e) => {
+                                    tracing::error!(
+                                        partition = r.partition,
+                                        offset = r.offset,
+                                        cause = %e,
+                                        "skipping a p2p.out record braid cannot read"
+                                    );
+                                    None
+                                }
+                            })
+                            .collect();
+                        port.send(batch);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "reading messages for other nodes failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        })
+    };
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(OUTBOX_SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
+        loop {
+            every.tick().await;
+            let outbox = match worker.store().outbox().await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "could not read the outbox; trying again");
+                    continue;
+                }
+            };
+            let local: std::collections::HashSet<_> =
+                worker.vnodes().iter().map(|v| v.holding).collect();
+            let pending: Vec<_> = outbox
+                .into_iter()
+                .filter(|m| !local.contains(&m.to.holding))
+                .collect();
+            if first {
+                first = false;
+                tracing::info!(
+                    messages = pending.len(),
+                    "link manager: messages for other nodes in the outbox"
+                );
+            }
+            if !pending.is_empty() {
+                port.send(pending);
+            }
+        }
+    });
+    Ok(vec![reader, sweeper])
+}
+
+impl Running {
+    /// Keeps `tasks` running as long as this does.
+    pub fn keep(&mut self, tasks: Vec<tokio::task::JoinHandle<()>>) {
+        self.tasks.extend(tasks);
+    }
+
+    /// Keeps `other`'s services running as long as this does.
+    pub fn absorb(&mut self, mut other: Running) {
+        self.tasks.append(&mut other.tasks);
+        if self._links.is_none() {
+            self._links = other._links.take();
+        }
     }
 }
 

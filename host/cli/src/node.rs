@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use braid_bus::InProcessBus;
+use braid_flow::cluster::ClusterRole;
 use braid_flow::{FlowWorker, WorkerConfig};
 use braid_http::Limits as ServerLimits;
 use braid_rest::Auth;
@@ -594,8 +595,24 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         (Some(n), None) => Some(crate::network::Joining::prepare(n, dir)?),
         _ => None,
     };
+    // In a cluster: the bus and topics the network services use, and the
+    // tasks that keep them.
+    let mut services: Option<crate::network::Running> = None;
+    let cluster_bus = cluster.as_ref().map(|c| (c.bus.clone(), c.topics.clone()));
     let worker = match cluster {
-        Some(c) => FlowWorker::start_cluster(store.clone(), runtime, config, c).await?,
+        Some(mut c) => {
+            if let (Some(n), ClusterRole::Flows) = (&net, c.role) {
+                let (remote, running) = crate::network::cluster_remote(
+                    n,
+                    dir,
+                    c.bus.clone(),
+                    c.topics.p2p_out.clone(),
+                )?;
+                c.remote = Some(remote);
+                services = Some(running);
+            }
+            FlowWorker::start_cluster(store.clone(), runtime, config, c).await?
+        }
         None => {
             let (bus, bus_rx) = InProcessBus::new();
             FlowWorker::start_with_remote(
@@ -609,16 +626,56 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             .await?
         }
     };
-    if !args.cluster.runs(Role::Rest) {
-        tracing::info!(
-            partitions = args.cluster.flow_partitions,
-            "flow worker started (no REST API in this process)"
+    let p2p_config = braid_p2p::P2pConfig {
+        ttl: Duration::from_secs(args.message_ttl_secs),
+        link: braid_link::LinkConfig {
+            rekey_after_packets: args.link_rekey_packets.max(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if let (Some((bus, topics)), Some(n), true) =
+        (&cluster_bus, &net, args.cluster.runs(Role::Link))
+    {
+        // This cluster's link manager, gateway and membership client: fed
+        // from the p2p.out topic; what arrives goes onto flow.event.
+        let j = crate::network::Joining::prepare(n, dir)?;
+        let port = j.remote();
+        let mut running = j
+            .start(
+                n,
+                worker.clone(),
+                gateway_limits.clone(),
+                p2p_config.clone(),
+            )
+            .await?;
+        running.keep(
+            crate::network::feed_links(worker.clone(), port, bus.clone(), topics.p2p_out.clone())
+                .await?,
         );
+        if let Some(s) = services.take() {
+            running.absorb(s);
+        }
+        services = Some(running);
+        tracing::info!("link manager, gateway and membership client started");
+    }
+    if !args.cluster.runs(Role::Rest) {
+        if args.cluster.runs(Role::Flow) {
+            tracing::info!(
+                partitions = args.cluster.flow_partitions,
+                "flow worker started (no REST API in this process)"
+            );
+        } else {
+            tracing::info!(
+                roles = ?args.cluster.roles,
+                "network worker started (no REST API in this process)"
+            );
+        }
         return Ok(Node {
             url: String::new(),
             worker,
             server: tokio::spawn(std::future::pending()),
-            _network: None,
+            _network: services,
             store,
             stop_rest: None,
             rest_drain,
@@ -626,22 +683,10 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     }
     let network = match (joining, &net) {
         (Some(j), Some(n)) => Some(
-            j.start(
-                n,
-                worker.clone(),
-                gateway_limits,
-                braid_p2p::P2pConfig {
-                    ttl: Duration::from_secs(args.message_ttl_secs),
-                    link: braid_link::LinkConfig {
-                        rekey_after_packets: args.link_rekey_packets.max(1),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                },
-            )
-            .await?,
+            j.start(n, worker.clone(), gateway_limits, p2p_config)
+                .await?,
         ),
-        _ => None,
+        _ => services,
     };
     let auth = Arc::new(
         Auth::init(
@@ -734,15 +779,25 @@ async fn cluster_config(
             c.bus
         );
     }
-    if networked
-        || c.roles
-            .iter()
-            .any(|r| matches!(r, Role::All | Role::Link | Role::Gateway | Role::Membership))
-    {
+    if c.roles.contains(&Role::All) {
         anyhow::bail!(
-            "in cluster mode (--bus kafka://...) only the `rest` and `flow` roles run so far; \
-             the link manager, gateway and membership still run only in an embedded node \
-             (see docs/cluster.md)"
+            "--roles all is the embedded node; with --bus {} name the workers this process \
+             runs: rest, flow, and (in a network) link,gateway,membership",
+            c.bus
+        );
+    }
+    let p2p = [Role::Link, Role::Gateway, Role::Membership];
+    let p2p_roles = p2p.iter().filter(|r| c.runs(**r)).count();
+    if p2p_roles != 0 && p2p_roles != p2p.len() {
+        anyhow::bail!(
+            "the link manager, the gateway and the membership client run together in one \
+             process so far: --roles link,gateway,membership (see docs/cluster.md)"
+        );
+    }
+    if p2p_roles != 0 && !networked {
+        anyhow::bail!(
+            "--roles link,gateway,membership connects this cluster to a network: it needs \
+             --network-config"
         );
     }
     kafka.options = c.bus_options.clone();
@@ -770,6 +825,7 @@ async fn cluster_config(
                 .as_ref()
                 .map_or_else(String::new, |d| d.display().to_string())
         ),
+        remote: None,
     }))
 }
 

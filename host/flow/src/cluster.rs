@@ -39,17 +39,26 @@ pub struct FlowTopics {
     pub status: String,
     /// Catalog notices: vnodes and packages changed (compacted).
     pub state: String,
+    /// Session messages for vnodes of other nodes, from flow workers to
+    /// the link manager (keyed by the pair of vnodes: a link's messages
+    /// stay in order, and link managers can share the pairs).
+    pub p2p_out: String,
     /// Partitions of the event topic: the unit of flow ownership.
     pub event_partitions: u16,
 }
 
+/// The consumer group of link managers on [`FlowTopics::p2p_out`].
+pub const LINK_GROUP: &str = "link";
+
 impl FlowTopics {
-    /// `PREFIXflow.event`, `PREFIXflow.status`, `PREFIXstate.catalog`.
+    /// `PREFIXflow.event`, `PREFIXflow.status`, `PREFIXstate.catalog`,
+    /// `PREFIXp2p.out`.
     pub fn with_prefix(prefix: &str, event_partitions: u16) -> FlowTopics {
         FlowTopics {
             event: format!("{prefix}flow.event"),
             status: format!("{prefix}flow.status"),
             state: format!("{prefix}state.catalog"),
+            p2p_out: format!("{prefix}p2p.out"),
             event_partitions: event_partitions.max(1),
         }
     }
@@ -71,6 +80,11 @@ impl FlowTopics {
                 name: self.state.clone(),
                 partitions: 1,
                 compacted: true,
+            },
+            TopicSpec {
+                name: self.p2p_out.clone(),
+                partitions: self.event_partitions,
+                compacted: false,
             },
         ]
     }
@@ -103,6 +117,24 @@ pub struct ClusterConfig {
     /// the group so that they are handed out again. Longer than the bus's
     /// session timeout.
     pub liveness: Duration,
+    /// Where messages for vnodes of other nodes go (in a network): the
+    /// membership and [`FlowTopics::p2p_out`].
+    pub remote: Option<Arc<dyn crate::Remote>>,
+}
+
+/// A record of [`FlowTopics::p2p_out`]: `m`, keyed by its pair of vnodes.
+pub fn p2p_record(m: &SessionMessage) -> Outgoing {
+    let mut key = m.from.holding.bytes().to_vec();
+    key.extend_from_slice(m.to.name.as_str().as_bytes());
+    Outgoing::new(
+        key,
+        postcard::to_allocvec(m).expect("a session message always encodes"),
+    )
+}
+
+/// A session message from a record of [`FlowTopics::p2p_out`].
+pub fn decode_p2p(bytes: &[u8]) -> Result<SessionMessage, postcard::Error> {
+    postcard::from_bytes(bytes)
 }
 
 /// The store setting under which flow worker `owner` says it is alive.

@@ -221,7 +221,37 @@ impl FlowWorker {
     /// all in one durable transaction. Returns once durable, so the link
     /// manager may then acknowledge them. Messages for vnodes this node
     /// does not host are refused.
+    ///
+    /// In a cluster they go, durably, onto the event topic, whose owners
+    /// deliver them.
     pub async fn deliver_inbound(&self, batch: &[SessionMessage]) -> Result<(), WorkerError> {
+        if let Some(c) = &self.inner.cluster {
+            if batch
+                .iter()
+                .any(|m| !self.inner.lock().vnodes.contains_key(&m.to.holding))
+            {
+                self.catch_up_catalog().await;
+            }
+            if let Some(m) = batch
+                .iter()
+                .find(|m| !self.inner.lock().vnodes.contains_key(&m.to.holding))
+            {
+                return Err(WorkerError::NotFound(format!(
+                    "no vnode {} ({}) on this node",
+                    m.to.name, m.to.holding
+                )));
+            }
+            let records = batch
+                .iter()
+                .map(|m| crate::cluster::Input::Message(Box::new(m.clone())).record())
+                .collect();
+            return c
+                .config
+                .bus
+                .publish(&c.config.topics.event, records)
+                .await
+                .map_err(|e| WorkerError::Store(StoreError::Unavailable(format!("the bus: {e}"))));
+        }
         self.learn_finished(batch).await?;
         let mut d = Delivery::default();
         {
@@ -279,6 +309,21 @@ impl FlowWorker {
                 m.to.name
             ))),
         };
+        if let Some(c) = &self.inner.cluster {
+            // To the sender's owner first; then out of the outbox (a crash
+            // between the two sends the message once more).
+            let record = crate::cluster::Input::Message(Box::new(notice)).record();
+            c.config
+                .bus
+                .publish(&c.config.topics.event, vec![record])
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("the bus: {e}")))?;
+            return self
+                .inner
+                .store
+                .write(vec![Op::DeleteOutbox(m.key())])
+                .await;
+        }
         let mut d = Delivery::default();
         d.ops.push(Op::DeleteOutbox(m.key()));
         {

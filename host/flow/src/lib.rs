@@ -221,12 +221,13 @@ impl FlowWorker {
         cluster: cluster::ClusterConfig,
     ) -> anyhow::Result<FlowWorker> {
         let (bus, bus_rx) = braid_bus::InProcessBus::new();
+        let remote = cluster.remote.clone();
         let w = Self::assemble(
             store,
             Arc::new(bus),
             runtime,
             config,
-            None,
+            remote,
             Some(cluster::Cluster::new(cluster)),
         )
         .await?;

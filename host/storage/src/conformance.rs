@@ -304,6 +304,11 @@ pub async fn every_op_round_trips(s: Arc<dyn Store>) {
     let snap = s.load().await.unwrap();
     assert_eq!(snap.vnodes, vec![vnode.clone()]);
     assert_eq!(snap.packages, vec![pkg.clone()]);
+    assert_eq!(
+        s.catalog().await.unwrap(),
+        (vec![vnode.clone()], vec![pkg.clone()]),
+        "the catalog is the snapshot's"
+    );
     let mut unfinished = vec![waiting.clone(), sleeping.clone()];
     unfinished.sort_by_key(|f| f.id);
     assert_eq!(snap.flows, unfinished);
@@ -348,8 +353,9 @@ pub async fn every_op_round_trips(s: Arc<dyn Store>) {
     assert_eq!(s.package_bytes(&pkg.checksum).await.unwrap(), None);
     assert_eq!(s.flow(&sleeping.id).await.unwrap(), Some(sleeping2));
     let snap = s.load().await.unwrap();
-    assert_eq!(snap.vnodes, vec![vnode2]);
+    assert_eq!(snap.vnodes, vec![vnode2.clone()]);
     assert!(snap.packages.is_empty());
+    assert_eq!(s.catalog().await.unwrap(), (vec![vnode2], Vec::new()));
     assert_eq!(snap.flows, vec![waiting]);
     assert_eq!(snap.outbox, vec![o2]);
     assert!(snap.inbox_flows.is_empty());
@@ -487,6 +493,7 @@ pub async fn load_returns_only_what_running_flows_need(s: Arc<dyn Store>) {
     assert_eq!(unfinished.len(), 11);
     assert_eq!(snap.flows, unfinished);
     assert_eq!(snap.outbox, sorted_by_key(outbox));
+    assert_eq!(s.outbox().await.unwrap(), snap.outbox, "the outbox alone");
     inbox_flows.sort();
     assert_eq!(snap.inbox_flows, inbox_flows);
     kills.sort();

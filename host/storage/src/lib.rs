@@ -369,6 +369,11 @@ pub trait Store: Send + Sync + 'static {
         let s = self.load().await?;
         Ok((s.vnodes, s.packages))
     }
+    /// Every message in the outbox (committed, not yet delivered or
+    /// acknowledged), in key order.
+    async fn outbox(&self) -> Result<Vec<SessionMessage>, StoreError> {
+        Ok(self.load().await?.outbox)
+    }
     /// A package's bytes.
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError>;
     /// A flow's committed journal.

@@ -534,6 +534,56 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn catalog(
+        &self,
+    ) -> Result<
+        (
+            Vec<braid_storage::VnodeRecord>,
+            Vec<braid_storage::PackageRecord>,
+        ),
+        StoreError,
+    > {
+        self.read(async |c| {
+            let c = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(pg_err)?;
+            let mut vnodes = Vec::new();
+            for row in Self::rows(
+                &c,
+                "SELECT holding, name, package, created_ms, flow_starts_enabled \
+                 FROM vnodes ORDER BY holding",
+                &[],
+            )
+            .await?
+            {
+                vnodes.push(rows::vnode(&row)?);
+            }
+            let mut packages = Vec::new();
+            for row in Self::rows(
+                &c,
+                "SELECT checksum, flows, size, uploaded_ms FROM packages ORDER BY checksum",
+                &[],
+            )
+            .await?
+            {
+                packages.push(rows::package(&row)?);
+            }
+            Ok((vnodes, packages))
+        })
+        .await
+    }
+
+    async fn outbox(&self) -> Result<Vec<braid_types::SessionMessage>, StoreError> {
+        let rows = self
+            .read(async |c| Self::rows(c, "SELECT message FROM outbox ORDER BY key", &[]).await)
+            .await?;
+        rows.iter().map(|r| rows::message("outbox", r)).collect()
+    }
+
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = self
             .read(async |c| {

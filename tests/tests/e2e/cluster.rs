@@ -348,3 +348,140 @@ fn a_flow_worker_paused_past_its_session_timeout_advances_no_flow_it_lost() {
     );
     c.flow[1].assert_running();
 }
+
+/// Starts `flow` with `body` on `from` (one at a time) until one
+/// completes: the workers poll the network map, so a name another node
+/// just published may not be a member to them yet.
+fn until_completes(api: &braid_e2e::Api, from: &str, flow: &str, body: &serde_json::Value) {
+    let mut n = 0;
+    braid_e2e::wait_until(
+        &format!("{flow} {body} to complete on {from}"),
+        Duration::from_secs(90),
+        || {
+            n += 1;
+            let id = format!("probe-{flow}-{n}");
+            api.start_flow(from, &id, flow, body);
+            let st = api.wait_terminal(from, &id);
+            if st.status == "COMPLETED" {
+                Ok(())
+            } else {
+                Err(st.describe())
+            }
+        },
+    );
+}
+
+#[test]
+fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
+    use braid_e2e::network::Network;
+    const CAROL: &str = "O=Carol, L=Paris, C=FR";
+    const DAVE: &str = "O=Dave, L=Berlin, C=DE";
+    const ERIN: &str = "O=Erin, L=Madrid, C=ES";
+    const N: usize = 20;
+    // alpha: an embedded node, the network's operator (map server).
+    // beta: a cluster (its own broker and database) whose link manager,
+    // gateway and map client run in a process of their own.
+    let net = Network::bootstrap(&["alpha", "beta"], &[]);
+    let alpha = net.start("alpha");
+    let broker = Broker::start();
+    let db = braid_testkit::fresh_database();
+    let beta = net.config_path("beta").to_string_lossy().into_owned();
+    let opts = |roles: &str| {
+        Node::options()
+            .arg("--store")
+            .arg(db.clone())
+            .arg("--bus")
+            .arg(broker.url())
+            .arg("--roles")
+            .arg(roles)
+            .arg("--flow-partitions")
+            .arg("8")
+            .arg("--network-config")
+            .arg(beta.clone())
+    };
+    let mut workers = vec![
+        opts("flow").no_rest().start(),
+        opts("flow").no_rest().start(),
+        opts("link,gateway,membership").no_rest().start(),
+    ];
+    let rest = opts("rest").start();
+    let api = rest.api().clone();
+
+    let alice = alpha.vnode(ALICE, Pkg::Ping);
+    alpha.vnode(DAVE, Pkg::Proposal);
+    let bob = rest.vnode(BOB, Pkg::Ping);
+    let carol = rest.vnode(CAROL, Pkg::Proposal);
+    rest.vnode(ERIN, Pkg::Proposal);
+    Network::wait_members(alpha.api(), &[ALICE, BOB, CAROL, DAVE, ERIN]);
+    until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
+    until_completes(&api, &bob, "ping", &crate::ping_body(ALICE, 0, 0));
+
+    // Both directions at once.
+    let to_bob = start_pings(alpha.api(), &alice, BOB, "to-bob", N, 0);
+    let to_alice = start_pings(&api, &bob, ALICE, "to-alice", N, 0);
+    let flows = alpha
+        .api()
+        .wait_all_terminal(&alice, &to_bob, Duration::from_secs(120));
+    assert_pings_ok(&flows, &to_bob, BOB);
+    let flows = api.wait_all_terminal(&bob, &to_alice, Duration::from_secs(120));
+    assert_pings_ok(&flows, &to_alice, ALICE);
+    // One responder per ping on each side (the probes' too), each done.
+    let probes_b = api.wait_responders_terminal(&bob, N + 1, Duration::from_secs(60));
+    braid_e2e::assert_all_completed(&probes_b, "Bob's responders (in the cluster)");
+    let on_alice = alpha
+        .api()
+        .wait_responders_terminal(&alice, N + 1, Duration::from_secs(60));
+    braid_e2e::assert_all_completed(&on_alice, "Alice's responders (embedded)");
+
+    // Three parties: Carol (cluster) asks Dave (embedded) and Erin
+    // (cluster).
+    until_completes(
+        &api,
+        &carol,
+        "propose",
+        &serde_json::json!({"counterparties": [DAVE, ERIN], "proposal": "a first one"}),
+    );
+    proposals_yes_and_no(&api, &carol, DAVE, ERIN);
+
+    // The network worker SIGKILLed with exchanges in flight both ways
+    // (responders sleep 1 s), and started again: every ping completes,
+    // exactly once (each responder insists on one message after its pong).
+    let k_bob = start_pings(alpha.api(), &alice, BOB, "k-bob", N, 1000);
+    let k_alice = start_pings(&api, &bob, ALICE, "k-alice", N, 1000);
+    api.wait_responders(&bob, 2 * N + 1, Duration::from_secs(60));
+    workers[2].restart();
+    let flows = alpha
+        .api()
+        .wait_all_terminal(&alice, &k_bob, Duration::from_secs(180));
+    assert_pings_ok(&flows, &k_bob, BOB);
+    let flows = api.wait_all_terminal(&bob, &k_alice, Duration::from_secs(180));
+    assert_pings_ok(&flows, &k_alice, ALICE);
+    let done = api.wait_responders_terminal(&bob, 2 * N + 1, Duration::from_secs(60));
+    braid_e2e::assert_all_completed(&done, "Bob's responders after the restart");
+    let done = alpha
+        .api()
+        .wait_responders_terminal(&alice, 2 * N + 1, Duration::from_secs(60));
+    braid_e2e::assert_all_completed(&done, "Alice's responders after the restart");
+
+    // Each worker did its own part: the network process carried the
+    // messages and ran no flow; the flow workers ran flows and no gateway.
+    let p2p = workers[2].log_text();
+    assert!(
+        p2p.contains("gateway listening"),
+        "{}",
+        workers[2].log_tail(40)
+    );
+    assert!(p2p.contains("link manager starting"));
+    assert!(!p2p.contains("took flow partitions over"));
+    for w in &workers[..2] {
+        let log = w.log_text();
+        assert!(log.contains("took flow partitions over"));
+        assert!(!log.contains("gateway listening"));
+    }
+    for n in workers.iter_mut() {
+        n.assert_running();
+    }
+    drop(workers);
+    drop(rest);
+    braid_testkit::drop_database(&db);
+}

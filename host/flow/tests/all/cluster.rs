@@ -48,6 +48,7 @@ impl Cluster {
                     role: ClusterRole::Client,
                     owner: "client".into(),
                     liveness: Duration::from_secs(3),
+                    remote: None,
                 },
             )
             .await
@@ -78,6 +79,7 @@ impl Cluster {
                 role: ClusterRole::Flows,
                 owner: name.into(),
                 liveness: Duration::from_secs(3),
+                remote: None,
             },
         )
         .await
