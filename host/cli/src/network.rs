@@ -177,181 +177,29 @@ impl Joining {
             port: _,
             outbound,
         } = self;
-        let mut tasks = Vec::new();
-        let tls = braid_gateway::TlsMaterial::from_pem_files(
-            &cfg.cert,
-            &cfg.key,
-            &cfg.network_ca,
-            Some(&cfg.crl),
-            revocation_mode(cfg.revocation),
-        )
-        .context("loading the gateway's TLS material")?;
+        let mut tasks = vec![follow_map(&map, peers_tx)];
         let counters = Arc::new(Counters::default());
-
-        // The map view, as the link manager sees it.
-        let mut views = map.view();
-        tasks.push(tokio::spawn(async move {
-            while views.changed().await.is_ok() {
-                let v: Arc<MapView> = views.borrow_and_update().clone();
-                tracing::info!(
-                    version = v.version(),
-                    members = v.members().len(),
-                    "network map updated"
-                );
-                let _ = peers_tx.send(v);
-            }
-        }));
-
-        // A client certificate we do not know may belong to a member that
-        // joined since our last poll: fetch the map now (at most once a
-        // second).
-        let refresh = Arc::new(Notify::new());
-        {
-            let (map, refresh) = (map.clone(), refresh.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    refresh.notified().await;
-                    if let Err(e) = map.fetch_once().await {
-                        tracing::debug!(cause = %e, "network map refresh failed");
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }));
-        }
-
-        // The operator's map server, on this node's gateway listener.
-        let map_server = match (cfg.map_server, &cfg.operator_key, &cfg.map_state_path) {
-            (true, Some(key), Some(state)) => {
-                let server = Arc::new(
-                    MapServer::open(MapServerConfig {
-                        state: Arc::new(StoreMapState::new(worker.store().clone(), state)),
-                        group: cfg.group.clone(),
-                        operator_key_pkcs8_der: pki::read_file(key)?,
-                        network_ca_der: pki::read_file(&cfg.network_ca)?,
-                        approval: cfg.approval,
-                        event_horizon: cfg.event_horizon(),
-                    })
-                    .context("opening the network-map server's state")?,
-                );
-                tasks.push(tokio::spawn(server.clone().run_expiry()));
-                Some(server)
-            }
-            (true, _, _) => anyhow::bail!(
-                "the network configuration says map_server but names no operator_key or \
-                 map_state_path"
-            ),
-            _ => None,
-        };
-        let extra = match &map_server {
-            Some(s) => s.clone().router(),
-            None => axum::Router::new(),
-        };
-
         // The gateway's server: packets go to the link manager.
-        let (gw_tx, mut gw_rx) = mpsc::channel::<braid_gateway::Inbound>(256);
         let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
-        tasks.push(tokio::spawn(async move {
-            while let Some(b) = gw_rx.recv().await {
-                let batch = InboundBatch {
-                    packets: b
-                        .envelopes
-                        .into_iter()
-                        .map(|e| Packet {
-                            from: e.from,
-                            to: e.to,
-                            bytes: e.packet,
-                        })
-                        .collect(),
-                    peer: b.peer_addr.to_string(),
-                    peer_leaf: b.peer_leaf,
-                };
-                if in_tx.send(batch).await.is_err() {
-                    return;
-                }
-            }
-        }));
-        let check = {
-            let (map, refresh) = (map.clone(), refresh.clone());
-            move |leaf: Option<&[u8]>| -> Result<(), String> {
-                let Some(leaf) = leaf else {
-                    return Ok(()); // one-way TLS: the link layer authenticates
-                };
-                if map.current().is_member_tls_cert(leaf).is_some() {
-                    return Ok(());
-                }
-                refresh.notify_one();
-                Err(format!(
-                    "client certificate {} is not a current member's",
-                    braid_gateway::tls::describe_certificate(leaf)
-                ))
-            }
-        };
-        let listener = tokio::net::TcpListener::bind(cfg.gateway_addr)
-            .await
-            .with_context(|| format!("binding the gateway to {}", cfg.gateway_addr))?;
-        let server = GatewayServer::new(
-            ServerConfig {
-                limits: gateway_limits,
-                ..ServerConfig::new(tls.clone(), cfg.mutual_tls)
-            },
-            gw_tx,
-            Arc::new(check),
-            extra,
-        )
-        .context("configuring the gateway's HTTPS server")?;
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = server.run(listener).await {
-                tracing::error!(cause = %e, "the gateway stopped");
-            }
-        }));
-        tracing::info!(addr = %cfg.gateway_addr, endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");
-
-        // The link manager.
-        let client = GatewayClient::new(ClientConfig::new(tls, cfg.mutual_tls))
+        let (map_server, more) =
+            serve_gateway(cfg, &map, worker.store().clone(), gateway_limits, in_tx).await?;
+        tasks.extend(more);
+        let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
             .context("configuring the gateway's HTTPS client")?;
-        let keys = KeyStore::new(worker.clone());
-        let links = LinkManager::spawn(
-            Deps {
-                worker: worker.clone(),
-                keys: keys.clone(),
-                peers,
-                transport: Arc::new(GatewayTransport::new(client, counters.clone())),
-                inbound: in_rx,
-                outbound,
-                counters: counters.clone(),
-            },
+        let transport = Arc::new(GatewayTransport::new(client, counters.clone()));
+        let (links, more) = start_links(
+            cfg,
+            &map,
+            peers,
+            worker.clone(),
+            transport,
+            in_rx,
+            outbound,
             p2p,
+            counters.clone(),
         )
         .await?;
-
-        // Our vnodes as members: published now, on every new vnode, and by
-        // the map client daily.
-        let chain = pki::certs_from_pem_or_der(&pki::read_file(&cfg.cert)?)?;
-        let tls_key = pki::pkcs8_from_pem_or_der(&pki::read_file(&cfg.key)?)?;
-        let publisher = Publisher {
-            worker: worker.clone(),
-            keys,
-            endpoint: cfg.gateway_endpoint.clone(),
-            group: cfg.group.clone(),
-            chain,
-            tls_key,
-        };
-        map.set_own(publisher.records().await?);
-        {
-            let (map, mut vnodes) = (map.clone(), worker.subscribe_vnodes());
-            tasks.push(tokio::spawn(async move {
-                while vnodes.changed().await.is_ok() {
-                    match publisher.records().await {
-                        Ok(r) => map.set_own(r),
-                        Err(e) => {
-                            tracing::error!(cause = %e, "cannot publish the vnodes' member records")
-                        }
-                    }
-                }
-            }));
-        }
-        tasks.push(tokio::spawn(map.clone().run(std::future::pending())));
-
+        tasks.extend(more);
         worker.set_network(Arc::new(NodeNetwork {
             map,
             server: map_server,
@@ -363,6 +211,457 @@ impl Joining {
             _links: Some(links),
         })
     }
+
+    /// A cluster's link manager and map client without the gateway: the
+    /// packets go out on the `link.out` topic and come in on `link.in`
+    /// (see [`run_gateway`]).
+    pub async fn start_links_on_bus(
+        self,
+        cfg: &NodeNetworkConfig,
+        worker: FlowWorker,
+        p2p: P2pConfig,
+        bus: Arc<dyn braid_bus::topics::MessageBus>,
+        topics: &braid_flow::cluster::FlowTopics,
+    ) -> anyhow::Result<Running> {
+        use braid_bus::topics::{Delivery, From};
+        let Joining {
+            map,
+            peers,
+            peers_tx,
+            port: _,
+            outbound,
+        } = self;
+        let mut tasks = vec![follow_map(&map, peers_tx)];
+        let counters = Arc::new(Counters::default());
+        let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
+        // What the gateways received: read from the end (packets that
+        // arrived while this process was down are resent by their links).
+        let mut sub = bus
+            .watch(&[topics.link_in.as_str()], From::End)
+            .await
+            .context("reading the packets the gateways receive")?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(Delivery::Records(records)) => {
+                        for r in records {
+                            match postcard::from_bytes::<ArrivedPackets>(&r.value) {
+                                Ok(a) => {
+                                    if in_tx.send(a.into_batch()).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => tracing::error!(cause = %e,
+                                    "skipping a link.in record braid cannot read"),
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "reading arrived packets failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }));
+        let transport = Arc::new(BusTransport {
+            bus,
+            topic: topics.link_out.clone(),
+            counters: counters.clone(),
+        });
+        let (links, more) = start_links(
+            cfg, &map, peers, worker, transport, in_rx, outbound, p2p, counters,
+        )
+        .await?;
+        tasks.extend(more);
+        Ok(Running {
+            tasks,
+            _links: Some(links),
+        })
+    }
+}
+
+/// The gateway's TLS material, from the node's network configuration.
+fn tls_material(cfg: &NodeNetworkConfig) -> anyhow::Result<braid_gateway::TlsMaterial> {
+    braid_gateway::TlsMaterial::from_pem_files(
+        &cfg.cert,
+        &cfg.key,
+        &cfg.network_ca,
+        Some(&cfg.crl),
+        revocation_mode(cfg.revocation),
+    )
+    .context("loading the gateway's TLS material")
+}
+
+/// Passes every new map view on to the link manager's `peers`.
+fn follow_map(
+    map: &Arc<MapClient>,
+    peers_tx: watch::Sender<Arc<dyn Peers>>,
+) -> tokio::task::JoinHandle<()> {
+    let mut views = map.view();
+    tokio::spawn(async move {
+        while views.changed().await.is_ok() {
+            let v: Arc<MapView> = views.borrow_and_update().clone();
+            tracing::info!(
+                version = v.version(),
+                members = v.members().len(),
+                "network map updated"
+            );
+            let _ = peers_tx.send(v);
+        }
+    })
+}
+
+/// Starts the gateway's HTTPS server (and, on the operator's node, the
+/// map server on its listener): packets that arrive go to `to_links`.
+async fn serve_gateway(
+    cfg: &NodeNetworkConfig,
+    map: &Arc<MapClient>,
+    store: Arc<dyn braid_storage::Store>,
+    gateway_limits: braid_http::Limits,
+    to_links: mpsc::Sender<InboundBatch>,
+) -> anyhow::Result<(Option<Arc<MapServer>>, Vec<tokio::task::JoinHandle<()>>)> {
+    let mut tasks = Vec::new();
+    let tls = tls_material(cfg)?;
+    // A client certificate we do not know may belong to a member that
+    // joined since our last poll: fetch the map now (at most once a
+    // second).
+    let refresh = Arc::new(Notify::new());
+    {
+        let (map, refresh) = (map.clone(), refresh.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                refresh.notified().await;
+                if let Err(e) = map.fetch_once().await {
+                    tracing::debug!(cause = %e, "network map refresh failed");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }));
+    }
+
+    // The operator's map server, on this node's gateway listener.
+    let map_server = match (cfg.map_server, &cfg.operator_key, &cfg.map_state_path) {
+        (true, Some(key), Some(state)) => {
+            let server = Arc::new(
+                MapServer::open(MapServerConfig {
+                    state: Arc::new(StoreMapState::new(store, state)),
+                    group: cfg.group.clone(),
+                    operator_key_pkcs8_der: pki::read_file(key)?,
+                    network_ca_der: pki::read_file(&cfg.network_ca)?,
+                    approval: cfg.approval,
+                    event_horizon: cfg.event_horizon(),
+                })
+                .context("opening the network-map server's state")?,
+            );
+            tasks.push(tokio::spawn(server.clone().run_expiry()));
+            Some(server)
+        }
+        (true, _, _) => anyhow::bail!(
+            "the network configuration says map_server but names no operator_key or \
+             map_state_path"
+        ),
+        _ => None,
+    };
+    let extra = match &map_server {
+        Some(s) => s.clone().router(),
+        None => axum::Router::new(),
+    };
+
+    let (gw_tx, mut gw_rx) = mpsc::channel::<braid_gateway::Inbound>(256);
+    tasks.push(tokio::spawn(async move {
+        while let Some(b) = gw_rx.recv().await {
+            let batch = InboundBatch {
+                packets: b
+                    .envelopes
+                    .into_iter()
+                    .map(|e| Packet {
+                        from: e.from,
+                        to: e.to,
+                        bytes: e.packet,
+                    })
+                    .collect(),
+                peer: b.peer_addr.to_string(),
+                peer_leaf: b.peer_leaf,
+            };
+            if to_links.send(batch).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let check = {
+        let (map, refresh) = (map.clone(), refresh.clone());
+        move |leaf: Option<&[u8]>| -> Result<(), String> {
+            let Some(leaf) = leaf else {
+                return Ok(()); // one-way TLS: the link layer authenticates
+            };
+            if map.current().is_member_tls_cert(leaf).is_some() {
+                return Ok(());
+            }
+            refresh.notify_one();
+            Err(format!(
+                "client certificate {} is not a current member's",
+                braid_gateway::tls::describe_certificate(leaf)
+            ))
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.gateway_addr)
+        .await
+        .with_context(|| format!("binding the gateway to {}", cfg.gateway_addr))?;
+    let server = GatewayServer::new(
+        ServerConfig {
+            limits: gateway_limits,
+            ..ServerConfig::new(tls, cfg.mutual_tls)
+        },
+        gw_tx,
+        Arc::new(check),
+        extra,
+    )
+    .context("configuring the gateway's HTTPS server")?;
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = server.run(listener).await {
+            tracing::error!(cause = %e, "the gateway stopped");
+        }
+    }));
+    tracing::info!(addr = %cfg.gateway_addr, endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");
+    Ok((map_server, tasks))
+}
+
+/// Starts the link manager and publishes the node's vnodes as members
+/// (now, on every new vnode, and by the map client daily).
+#[allow(clippy::too_many_arguments)]
+async fn start_links(
+    cfg: &NodeNetworkConfig,
+    map: &Arc<MapClient>,
+    peers: watch::Receiver<Arc<dyn Peers>>,
+    worker: FlowWorker,
+    transport: Arc<dyn braid_p2p::Transport>,
+    inbound: mpsc::Receiver<InboundBatch>,
+    outbound: Outbound,
+    p2p: P2pConfig,
+    counters: Arc<Counters>,
+) -> anyhow::Result<(LinkManager, Vec<tokio::task::JoinHandle<()>>)> {
+    let mut tasks = Vec::new();
+    let keys = KeyStore::new(worker.clone());
+    let links = LinkManager::spawn(
+        Deps {
+            worker: worker.clone(),
+            keys: keys.clone(),
+            peers,
+            transport,
+            inbound,
+            outbound,
+            counters,
+        },
+        p2p,
+    )
+    .await?;
+    let chain = pki::certs_from_pem_or_der(&pki::read_file(&cfg.cert)?)?;
+    let tls_key = pki::pkcs8_from_pem_or_der(&pki::read_file(&cfg.key)?)?;
+    let publisher = Publisher {
+        worker: worker.clone(),
+        keys,
+        endpoint: cfg.gateway_endpoint.clone(),
+        group: cfg.group.clone(),
+        chain,
+        tls_key,
+    };
+    map.set_own(publisher.records().await?);
+    {
+        let (map, mut vnodes) = (map.clone(), worker.subscribe_vnodes());
+        tasks.push(tokio::spawn(async move {
+            while vnodes.changed().await.is_ok() {
+                match publisher.records().await {
+                    Ok(r) => map.set_own(r),
+                    Err(e) => {
+                        tracing::error!(cause = %e, "cannot publish the vnodes' member records")
+                    }
+                }
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(map.clone().run(std::future::pending())));
+    Ok((links, tasks))
+}
+
+/// Packets for one peer gateway, on the `link.out` topic (link manager
+/// to gateway).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PacketsOut {
+    endpoint: String,
+    tls_leaf: Option<Vec<u8>>,
+    /// (from, to, sealed packet).
+    packets: Vec<(String, String, Vec<u8>)>,
+}
+
+/// Packets one POST brought, on the `link.in` topic (gateway to link
+/// manager).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ArrivedPackets {
+    peer: String,
+    peer_leaf: Option<Vec<u8>>,
+    packets: Vec<(String, String, Vec<u8>)>,
+}
+
+impl ArrivedPackets {
+    fn into_batch(self) -> InboundBatch {
+        InboundBatch {
+            packets: self
+                .packets
+                .into_iter()
+                .map(|(from, to, bytes)| Packet { from, to, bytes })
+                .collect(),
+            peer: self.peer,
+            peer_leaf: self.peer_leaf,
+        }
+    }
+}
+
+/// The link manager's transport in a cluster whose gateway runs apart:
+/// batches go onto `link.out` for the gateways to POST. Sent means
+/// published; what the peer answers is the gateway's to handle (the links
+/// resend what is lost).
+struct BusTransport {
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+    counters: Arc<Counters>,
+}
+
+#[async_trait::async_trait]
+impl braid_p2p::Transport for BusTransport {
+    async fn send(
+        &self,
+        to: &braid_p2p::PeerAddr,
+        batch: Vec<Packet>,
+    ) -> Result<(), braid_p2p::TransportError> {
+        use std::sync::atomic::Ordering;
+        let n = batch.len() as u64;
+        let rec = PacketsOut {
+            endpoint: to.endpoint.clone(),
+            tls_leaf: to.tls_leaf.clone(),
+            packets: batch.into_iter().map(|p| (p.from, p.to, p.bytes)).collect(),
+        };
+        let value = postcard::to_allocvec(&rec)
+            .map_err(|e| braid_p2p::TransportError::Failed(format!("encoding packets: {e}")))?;
+        let out = braid_bus::topics::Outgoing::new(to.endpoint.as_bytes().to_vec(), value);
+        match self.bus.publish(&self.topic, vec![out]).await {
+            Ok(()) => {
+                self.counters.packets_sent.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                Err(braid_p2p::TransportError::Failed(format!("the bus: {e}")))
+            }
+        }
+    }
+}
+
+/// A cluster's gateway, in a process of its own: serves peer gateways
+/// (packets that arrive go onto `link.in`, and, on the operator's node,
+/// the map server) and POSTs what the link manager puts on `link.out`.
+/// Stateless: it keeps nothing but a read-only network map for its TLS
+/// checks.
+pub async fn run_gateway(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    store: Arc<dyn braid_storage::Store>,
+    gateway_limits: braid_http::Limits,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topics: &braid_flow::cluster::FlowTopics,
+) -> anyhow::Result<Running> {
+    use braid_bus::topics::{Delivery, From};
+    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
+    mc.persist_path = data_dir.join("network-map.bin");
+    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
+    map.load_persisted();
+    let mut tasks = vec![tokio::spawn(
+        map.clone().run_with(Vec::new, std::future::pending()),
+    )];
+    let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
+    let (_server, more) = serve_gateway(cfg, &map, store, gateway_limits, in_tx).await?;
+    tasks.extend(more);
+    {
+        let (bus, topic) = (bus.clone(), topics.link_in.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = in_rx.recv().await {
+                let key = b
+                    .packets
+                    .first()
+                    .map(|p| format!("{}|{}", p.from, p.to))
+                    .unwrap_or_default();
+                let rec = ArrivedPackets {
+                    peer: b.peer,
+                    peer_leaf: b.peer_leaf,
+                    packets: b.packets.into_iter().map(|p| (p.from, p.to, p.bytes)).collect(),
+                };
+                let Ok(value) = postcard::to_allocvec(&rec) else {
+                    continue;
+                };
+                // Lost if the bus refuses them: their links resend.
+                if let Err(e) = bus
+                    .publish(&topic, vec![braid_bus::topics::Outgoing::new(key, value)])
+                    .await
+                {
+                    tracing::warn!(cause = %e, "could not pass arrived packets on; their links resend");
+                }
+            }
+        }));
+    }
+    let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
+        .context("configuring the gateway's HTTPS client")?;
+    let transport = Arc::new(GatewayTransport::new(client, Arc::new(Counters::default())));
+    let mut sub = bus
+        .watch(&[topics.link_out.as_str()], From::End)
+        .await
+        .context("reading the packets to send")?;
+    // POSTs in flight at once, over all peers.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    tasks.push(tokio::spawn(async move {
+        loop {
+            match sub.next().await {
+                Ok(Delivery::Records(records)) => {
+                    for r in records {
+                        let out = match postcard::from_bytes::<PacketsOut>(&r.value) {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::error!(cause = %e, "skipping a link.out record braid cannot read");
+                                continue;
+                            }
+                        };
+                        let Ok(slot) = slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let transport = transport.clone();
+                        tokio::spawn(async move {
+                            let to = braid_p2p::PeerAddr {
+                                endpoint: out.endpoint,
+                                tls_leaf: out.tls_leaf,
+                            };
+                            let batch = out
+                                .packets
+                                .into_iter()
+                                .map(|(from, to, bytes)| Packet { from, to, bytes })
+                                .collect();
+                            // Failures are the links' to repair (they
+                            // resend); the transport logs them.
+                            let _ = braid_p2p::Transport::send(&*transport, &to, batch).await;
+                            drop(slot);
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(cause = %e, "reading packets to send failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }));
+    Ok(Running {
+        tasks,
+        _links: None,
+    })
 }
 
 /// The way of a cluster's flow workers to other nodes: who is a member,

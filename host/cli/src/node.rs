@@ -634,30 +634,57 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         },
         ..Default::default()
     };
-    if let (Some((bus, topics)), Some(n), true) =
-        (&cluster_bus, &net, args.cluster.runs(Role::Link))
+    if let (Some((bus, topics)), Some(n)) = (&cluster_bus, &net)
+        && (args.cluster.runs(Role::Link) || args.cluster.runs(Role::Gateway))
     {
-        // This cluster's link manager, gateway and membership client: fed
-        // from the p2p.out topic; what arrives goes onto flow.event.
-        let j = crate::network::Joining::prepare(n, dir)?;
-        let port = j.remote();
-        let mut running = j
-            .start(
+        // This cluster's link manager and membership client (fed from the
+        // p2p.out topic; what arrives goes onto flow.event) and gateway:
+        // in one process, or the gateway apart (they meet on link.out and
+        // link.in).
+        let gateway = args.cluster.runs(Role::Gateway);
+        let mut running = if !args.cluster.runs(Role::Link) {
+            let r = crate::network::run_gateway(
                 n,
-                worker.clone(),
+                dir,
+                store.clone(),
                 gateway_limits.clone(),
-                p2p_config.clone(),
+                bus.clone(),
+                topics,
             )
             .await?;
-        running.keep(
-            crate::network::feed_links(worker.clone(), port, bus.clone(), topics.p2p_out.clone())
+            tracing::info!("gateway started");
+            r
+        } else {
+            let j = crate::network::Joining::prepare(n, dir)?;
+            let port = j.remote();
+            let mut r = if gateway {
+                j.start(
+                    n,
+                    worker.clone(),
+                    gateway_limits.clone(),
+                    p2p_config.clone(),
+                )
+                .await?
+            } else {
+                j.start_links_on_bus(n, worker.clone(), p2p_config.clone(), bus.clone(), topics)
+                    .await?
+            };
+            r.keep(
+                crate::network::feed_links(
+                    worker.clone(),
+                    port,
+                    bus.clone(),
+                    topics.p2p_out.clone(),
+                )
                 .await?,
-        );
+            );
+            tracing::info!(gateway, "link manager and membership client started");
+            r
+        };
         if let Some(s) = services.take() {
             running.absorb(s);
         }
         services = Some(running);
-        tracing::info!("link manager, gateway and membership client started");
     }
     if !args.cluster.runs(Role::Rest) {
         if args.cluster.runs(Role::Flow) {
@@ -786,18 +813,16 @@ async fn cluster_config(
             c.bus
         );
     }
-    let p2p = [Role::Link, Role::Gateway, Role::Membership];
-    let p2p_roles = p2p.iter().filter(|r| c.runs(**r)).count();
-    if p2p_roles != 0 && p2p_roles != p2p.len() {
+    if c.runs(Role::Link) != c.runs(Role::Membership) {
         anyhow::bail!(
-            "the link manager, the gateway and the membership client run together in one \
-             process so far: --roles link,gateway,membership (see docs/cluster.md)"
+            "the link manager and the membership client (which publishes the vnodes' session \
+             keys) run in one process: --roles link,membership (see docs/cluster.md)"
         );
     }
-    if p2p_roles != 0 && !networked {
+    if (c.runs(Role::Link) || c.runs(Role::Gateway)) && !networked {
         anyhow::bail!(
-            "--roles link,gateway,membership connects this cluster to a network: it needs \
-             --network-config"
+            "--roles link,membership and --roles gateway connect this cluster to a network: \
+             they need --network-config"
         );
     }
     kafka.options = c.bus_options.clone();
@@ -919,6 +944,41 @@ mod tests {
         };
         assert_eq!(args.rest(1 << 20).max_connections, 10);
         assert_eq!(args.gateway(1 << 20).max_connections, 4096);
+    }
+
+    #[tokio::test]
+    async fn worker_roles_that_cannot_run_together_are_refused_with_the_reason() {
+        let dir = std::env::temp_dir();
+        let refused = async |bus: &str, store: &str, roles: &[Role], networked: bool| {
+            let mut args = NodeArgs::local(dir.clone());
+            args.cluster.bus = bus.into();
+            args.store = store.into();
+            args.cluster.roles = roles.to_vec();
+            match cluster_config(&args, networked).await {
+                Ok(_) => panic!("{roles:?} on {bus} was accepted"),
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        let kafka = "kafka://127.0.0.1:1";
+        let pg = "postgres://braid@127.0.0.1:1/braid";
+        let e = refused("embedded", "embedded", &[Role::Rest], false).await;
+        assert!(e.contains("need a bus"), "{e}");
+        let e = refused(kafka, "embedded", &[Role::Flow], false).await;
+        assert!(e.contains("--store postgres://"), "{e}");
+        let e = refused(kafka, pg, &[Role::All], false).await;
+        assert!(e.contains("--roles all is the embedded node"), "{e}");
+        for roles in [
+            &[Role::Link][..],
+            &[Role::Membership],
+            &[Role::Link, Role::Gateway],
+        ] {
+            let e = refused(kafka, pg, roles, true).await;
+            assert!(e.contains("--roles link,membership"), "{roles:?}: {e}");
+        }
+        for roles in [&[Role::Gateway][..], &[Role::Link, Role::Membership]] {
+            let e = refused(kafka, pg, roles, false).await;
+            assert!(e.contains("need --network-config"), "{roles:?}: {e}");
+        }
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub struct FlowTopics {
     /// the link manager (keyed by the pair of vnodes: a link's messages
     /// stay in order, and link managers can share the pairs).
     pub p2p_out: String,
+    /// Sealed packets from the link manager to the gateways, to POST to
+    /// peer gateways (keyed by the peer's endpoint).
+    pub link_out: String,
+    /// Sealed packets the gateways received, to the link manager.
+    pub link_in: String,
     /// Partitions of the event topic: the unit of flow ownership.
     pub event_partitions: u16,
 }
@@ -52,13 +57,15 @@ pub const LINK_GROUP: &str = "link";
 
 impl FlowTopics {
     /// `PREFIXflow.event`, `PREFIXflow.status`, `PREFIXstate.catalog`,
-    /// `PREFIXp2p.out`.
+    /// `PREFIXp2p.out`, `PREFIXlink.out`, `PREFIXlink.in`.
     pub fn with_prefix(prefix: &str, event_partitions: u16) -> FlowTopics {
         FlowTopics {
             event: format!("{prefix}flow.event"),
             status: format!("{prefix}flow.status"),
             state: format!("{prefix}state.catalog"),
             p2p_out: format!("{prefix}p2p.out"),
+            link_out: format!("{prefix}link.out"),
+            link_in: format!("{prefix}link.in"),
             event_partitions: event_partitions.max(1),
         }
     }
@@ -83,6 +90,16 @@ impl FlowTopics {
             },
             TopicSpec {
                 name: self.p2p_out.clone(),
+                partitions: self.event_partitions,
+                compacted: false,
+            },
+            TopicSpec {
+                name: self.link_out.clone(),
+                partitions: self.event_partitions,
+                compacted: false,
+            },
+            TopicSpec {
+                name: self.link_in.clone(),
                 partitions: self.event_partitions,
                 compacted: false,
             },

@@ -123,6 +123,30 @@ impl Drop for Cluster {
     }
 }
 
+/// The status changes a stream shows for each of the client request ids
+/// `ids`, read until every one of them has completed.
+fn streamed(
+    rx: &std::sync::mpsc::Receiver<crate::streams::Item>,
+    ids: &[String],
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut per: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    while !ids.iter().all(|id| {
+        per.get(id)
+            .and_then(|v| v.last())
+            .is_some_and(|s| s == "COMPLETED")
+    }) {
+        let e = crate::streams::next_event(rx, Duration::from_secs(60), "a status change");
+        if e.event == "status" {
+            let st = e.status();
+            per.entry(st.client_request_id.unwrap_or_default())
+                .or_default()
+                .push(st.status);
+        }
+    }
+    per.retain(|id, _| ids.contains(id));
+    per
+}
+
 #[test]
 fn a_cluster_of_separate_rest_and_flow_workers_runs_pings_and_the_three_party_flow() {
     let c = Cluster::start(2, 2);
@@ -146,24 +170,11 @@ fn a_cluster_of_separate_rest_and_flow_workers_runs_pings_and_the_three_party_fl
         assert_eq!(st.client_request_id.as_deref(), Some(id.as_str()));
     }
     // Both streamed the same changes of every flow, in the same order.
-    let seen = |rx: &std::sync::mpsc::Receiver<crate::streams::Item>| {
-        let mut per: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        while !ids.iter().all(|id| {
-            per.get(id)
-                .and_then(|v| v.last())
-                .is_some_and(|s| s == "COMPLETED")
-        }) {
-            let e = crate::streams::next_event(rx, Duration::from_secs(60), "a status change");
-            if e.event == "status" {
-                let st = e.status();
-                per.entry(st.client_request_id.unwrap_or_default())
-                    .or_default()
-                    .push(st.status);
-            }
-        }
-        per
-    };
-    assert_eq!(seen(&sa), seen(&sb), "the two REST workers' streams");
+    assert_eq!(
+        streamed(&sa, &ids),
+        streamed(&sb, &ids),
+        "the two REST workers' streams"
+    );
     // Both REST workers answer the same for every flow.
     for id in &ids {
         let (x, y) = (a.status(&alice, id), b.status(&alice, id));
@@ -372,15 +383,16 @@ fn until_completes(api: &braid_e2e::Api, from: &str, flow: &str, body: &serde_js
 }
 
 #[test]
-fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
+fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_each_other() {
     use braid_e2e::network::Network;
     const CAROL: &str = "O=Carol, L=Paris, C=FR";
     const DAVE: &str = "O=Dave, L=Berlin, C=DE";
     const ERIN: &str = "O=Erin, L=Madrid, C=ES";
     const N: usize = 20;
     // alpha: an embedded node, the network's operator (map server).
-    // beta: a cluster (its own broker and database) whose link manager,
-    // gateway and map client run in a process of their own.
+    // beta: a cluster (its own broker and database) of two REST workers,
+    // two flow workers, a link manager (with the map client) and a gateway,
+    // each its own process.
     let net = Network::bootstrap(&["alpha", "beta"], &[]);
     let alpha = net.start("alpha");
     let broker = Broker::start();
@@ -402,9 +414,11 @@ fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
     let mut workers = vec![
         opts("flow").no_rest().start(),
         opts("flow").no_rest().start(),
-        opts("link,gateway,membership").no_rest().start(),
+        opts("link,membership").no_rest().start(),
+        opts("gateway").no_rest().start(),
     ];
     let rest = opts("rest").start();
+    let rest2 = opts("rest").start();
     let api = rest.api().clone();
 
     let alice = alpha.vnode(ALICE, Pkg::Ping);
@@ -416,7 +430,13 @@ fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
     until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
     until_completes(&api, &bob, "ping", &crate::ping_body(ALICE, 0, 0));
 
-    // Both directions at once.
+    // Both directions at once; both REST workers stream Bob's flows.
+    let stream = |api: &braid_e2e::Api| {
+        let path = format!("/api/v1/flow/{bob}/events");
+        crate::streams::open_stream(api, &path, None, Default::default())
+            .unwrap_or_else(|(status, body)| panic!("{path}: {status} {body}"))
+    };
+    let (sa, sb) = (stream(&api), stream(rest2.api()));
     let to_bob = start_pings(alpha.api(), &alice, BOB, "to-bob", N, 0);
     let to_alice = start_pings(&api, &bob, ALICE, "to-alice", N, 0);
     let flows = alpha
@@ -425,6 +445,19 @@ fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
     assert_pings_ok(&flows, &to_bob, BOB);
     let flows = api.wait_all_terminal(&bob, &to_alice, Duration::from_secs(120));
     assert_pings_ok(&flows, &to_alice, ALICE);
+    assert_eq!(
+        streamed(&sa, &to_alice),
+        streamed(&sb, &to_alice),
+        "the two REST workers' streams"
+    );
+    for id in &to_alice {
+        let (x, y) = (api.status(&bob, id), rest2.api().status(&bob, id));
+        assert_eq!(
+            (x.status, x.result, x.flow_id),
+            (y.status, y.result, y.flow_id),
+            "{id}"
+        );
+    }
     // One responder per ping on each side (the probes' too), each done.
     let probes_b = api.wait_responders_terminal(&bob, N + 1, Duration::from_secs(60));
     braid_e2e::assert_all_completed(&probes_b, "Bob's responders (in the cluster)");
@@ -443,13 +476,15 @@ fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
     );
     proposals_yes_and_no(&api, &carol, DAVE, ERIN);
 
-    // The network worker SIGKILLed with exchanges in flight both ways
-    // (responders sleep 1 s), and started again: every ping completes,
-    // exactly once (each responder insists on one message after its pong).
+    // The link manager, then the gateway, SIGKILLed with exchanges in
+    // flight both ways (responders sleep 1 s), and started again: every
+    // ping completes, exactly once (each responder insists on one message
+    // after its pong).
     let k_bob = start_pings(alpha.api(), &alice, BOB, "k-bob", N, 1000);
     let k_alice = start_pings(&api, &bob, ALICE, "k-alice", N, 1000);
     api.wait_responders(&bob, 2 * N + 1, Duration::from_secs(60));
     workers[2].restart();
+    workers[3].restart();
     let flows = alpha
         .api()
         .wait_all_terminal(&alice, &k_bob, Duration::from_secs(180));
@@ -463,25 +498,32 @@ fn a_cluster_and_an_embedded_node_ping_each_other_across_their_gateways() {
         .wait_responders_terminal(&alice, 2 * N + 1, Duration::from_secs(60));
     braid_e2e::assert_all_completed(&done, "Alice's responders after the restart");
 
-    // Each worker did its own part: the network process carried the
-    // messages and ran no flow; the flow workers ran flows and no gateway.
-    let p2p = workers[2].log_text();
+    // Each worker did its own part: the link manager ran no gateway and
+    // no flow, the gateway no link, the flow workers neither.
+    let links = workers[2].log_text();
     assert!(
-        p2p.contains("gateway listening"),
+        links.contains("link manager starting"),
         "{}",
         workers[2].log_tail(40)
     );
-    assert!(p2p.contains("link manager starting"));
-    assert!(!p2p.contains("took flow partitions over"));
+    assert!(!links.contains("gateway listening"));
+    assert!(!links.contains("took flow partitions over"));
+    let gateway = workers[3].log_text();
+    assert!(
+        gateway.contains("gateway listening"),
+        "{}",
+        workers[3].log_tail(40)
+    );
+    assert!(!gateway.contains("link manager starting"));
     for w in &workers[..2] {
         let log = w.log_text();
         assert!(log.contains("took flow partitions over"));
-        assert!(!log.contains("gateway listening"));
+        assert!(!log.contains("gateway listening") && !log.contains("link manager starting"));
     }
     for n in workers.iter_mut() {
         n.assert_running();
     }
     drop(workers);
-    drop(rest);
+    drop((rest, rest2));
     braid_testkit::drop_database(&db);
 }
