@@ -7,6 +7,7 @@ mod client;
 mod commands;
 mod network;
 mod node;
+mod p2p_adapters;
 mod package;
 
 use anyhow::Context as _;

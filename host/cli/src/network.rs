@@ -2,6 +2,7 @@
 //! the map server), the gateway's HTTPS server and client, and the link
 //! manager; plus `braid network bootstrap|revoke`.
 
+use crate::p2p_adapters::{GatewayTransport, MapPeers};
 use anyhow::Context as _;
 use braid_flow::{FlowWorker, MemberSummary, Network, NetworkSummary, Remote, WorkerError};
 use braid_gateway::{ClientConfig, GatewayClient, GatewayServer, RevocationMode, ServerConfig};
@@ -9,7 +10,6 @@ use braid_membership::{
     MapClient, MapClientConfig, MapServer, MapServerConfig, MapView, MemberInfo, NodeNetworkConfig,
     Revocation, SignedMemberInfo, pki,
 };
-use braid_p2p::adapters::GatewayTransport;
 use braid_p2p::{
     Counters, Deps, InboundBatch, KeyStore, LinkManager, Outbound, P2pConfig, Packet, Peers,
     RemotePort,
@@ -144,7 +144,7 @@ impl Joining {
                 "loaded the persisted network map"
             );
         }
-        let current: Arc<dyn Peers> = map.current();
+        let current: Arc<dyn Peers> = Arc::new(MapPeers(map.current()));
         let (peers_tx, peers) = watch::channel(current);
         let (port, outbound) = braid_p2p::remote_port(peers.clone());
         Ok(Joining {
@@ -158,7 +158,7 @@ impl Joining {
 
     /// The flow worker's port to the link manager.
     pub fn remote(&self) -> Arc<dyn Remote> {
-        Arc::new(self.port.clone())
+        Arc::new(LinkPort(self.port.clone()))
     }
 
     /// Starts the gateway, the link manager, the map client (and server),
@@ -307,7 +307,7 @@ fn follow_map(
                 members = v.members().len(),
                 "network map updated"
             );
-            let _ = peers_tx.send(v);
+            let _ = peers_tx.send(Arc::new(MapPeers(v)));
         }
     })
 }
@@ -442,10 +442,10 @@ async fn start_links(
     counters: Arc<Counters>,
 ) -> anyhow::Result<(LinkManager, Vec<tokio::task::JoinHandle<()>>)> {
     let mut tasks = Vec::new();
-    let keys = KeyStore::new(worker.clone());
+    let keys = KeyStore::new(worker.store().clone());
     let links = LinkManager::spawn(
         Deps {
-            worker: worker.clone(),
+            worker: Arc::new(FlowPort(worker.clone())),
             keys: keys.clone(),
             peers,
             transport,
@@ -674,7 +674,7 @@ struct ClusterRemote {
 
 impl Remote for ClusterRemote {
     fn is_member(&self, name: &X500Name) -> bool {
-        Peers::is_member(&*self.map.current(), name.as_str())
+        self.map.current().member(name).is_some()
     }
 
     fn send(&self, messages: Vec<braid_types::SessionMessage>) {
@@ -827,6 +827,71 @@ impl Running {
         if self._links.is_none() {
             self._links = other._links.take();
         }
+    }
+}
+
+/// The flow worker as the link manager sees it ([`braid_p2p::FlowSide`]):
+/// the two meet here, not in each other's crates.
+struct FlowPort(FlowWorker);
+
+#[async_trait::async_trait]
+impl braid_p2p::FlowSide for FlowPort {
+    fn store(&self) -> Arc<dyn braid_storage::Store> {
+        self.0.store().clone()
+    }
+
+    fn group(&self) -> String {
+        self.0.group().to_owned()
+    }
+
+    fn local_vnodes(&self) -> Vec<(String, braid_types::HoldingId)> {
+        self.0
+            .vnodes()
+            .into_iter()
+            .map(|v| (v.name.as_str().to_owned(), v.holding))
+            .collect()
+    }
+
+    fn vnodes_changed(&self) -> watch::Receiver<u64> {
+        self.0.subscribe_vnodes()
+    }
+
+    async fn deliver(
+        &self,
+        batch: &[braid_types::SessionMessage],
+    ) -> Result<(), braid_p2p::DeliverError> {
+        match self.0.deliver_inbound(batch).await {
+            Ok(()) => Ok(()),
+            Err(e @ (WorkerError::Store(_) | WorkerError::Busy(_))) => {
+                Err(braid_p2p::DeliverError::Retry(e.to_string()))
+            }
+            Err(e) => Err(braid_p2p::DeliverError::Refused(e.to_string())),
+        }
+    }
+
+    async fn delivered(&self, keys: Vec<Vec<u8>>) -> Result<(), braid_storage::StoreError> {
+        self.0.remote_delivered(keys).await
+    }
+
+    async fn failed(
+        &self,
+        m: &braid_types::SessionMessage,
+        reason: String,
+    ) -> Result<(), braid_storage::StoreError> {
+        self.0.remote_failed(m, reason).await
+    }
+}
+
+/// The link manager as the flow worker sees it ([`braid_flow::Remote`]).
+struct LinkPort(RemotePort);
+
+impl Remote for LinkPort {
+    fn is_member(&self, name: &X500Name) -> bool {
+        self.0.is_member(name)
+    }
+
+    fn send(&self, messages: Vec<braid_types::SessionMessage>) {
+        self.0.send(messages);
     }
 }
 

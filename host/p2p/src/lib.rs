@@ -4,32 +4,34 @@
 //!
 //! The order of things that makes crashes harmless:
 //! - a message for a remote vnode is durable in the sender's outbox before
-//!   the flow worker hands it here ([`braid_flow::Remote::send`]); its link
+//!   the flow worker hands it here ([`RemotePort::send`]); its link
 //!   message id is a hash of its outbox key, so the copy republished after a
 //!   restart is the same message to the peer;
-//! - an arriving message is written to the receiver's inbox
-//!   ([`FlowWorker::deliver_inbound`], one transaction per batch) before
-//!   [`Link::mark_durable`] lets the link acknowledge it;
+//! - an arriving message is made durable where its receiver reads it
+//!   ([`FlowSide::deliver`]: the receiver's inbox, one transaction per
+//!   batch, or a cluster's event topic) before [`Link::mark_durable`] lets
+//!   the link acknowledge it;
 //! - the sender deletes it from its outbox only when the acknowledgement
-//!   arrives ([`FlowWorker::remote_delivered`]); a message past its
-//!   time-to-live ends the sending flow's session
-//!   ([`FlowWorker::remote_failed`]).
+//!   arrives ([`FlowSide::delivered`]); a message past its time-to-live
+//!   ends the sending flow's session ([`FlowSide::failed`]).
+//!
+//! The link manager knows the flows only through [`FlowSide`] (this crate
+//! does not depend on the flow worker's).
 //!
 //! Each node start takes the next value of a persisted boot counter and
 //! starts every link's epochs above `boot << 16`, so a peer that kept its
 //! session state never mistakes a new handshake for a replay.
 //!
 //! The driver talks to the membership through [`Peers`] and to the gateway
-//! through [`Transport`]; [`adapters`] implements them over the network map
-//! and the HTTPS gateway.
+//! through [`Transport`]; the `braid` binary implements them over the
+//! network map and the HTTPS gateway.
 
-pub mod adapters;
-
-use braid_flow::{FlowWorker, Remote, WorkerError, retry_until_ok};
 use braid_link::{
     Event, Identity, Link, LinkConfig, Membership, MessageId, PublicKey, SendError, StaticKeypair,
 };
+use braid_storage::Store;
 use braid_storage::{Op, StoreError};
+use braid_types::retry::retry_until_ok;
 use braid_types::{HoldingId, SessionMessage, X500Name};
 use sha2::Digest as _;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -38,6 +40,41 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+/// Arrived messages could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliverError {
+    /// Not now (the store is unavailable, the receivers are busy): the
+    /// link manager tries again.
+    #[error("{0}")]
+    Retry(String),
+    /// Never (for instance: no such vnode here): they are dropped, not
+    /// acknowledged.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The flows' side of the link manager: which vnodes are this node's,
+/// where arrived messages go, and where acknowledgements and failures of
+/// sent ones are recorded.
+#[async_trait::async_trait]
+pub trait FlowSide: Send + Sync + 'static {
+    /// The store (session keys, the boot counter).
+    fn store(&self) -> Arc<dyn Store>;
+    /// The application network's group (holding ids derive from it).
+    fn group(&self) -> String;
+    /// This node's vnodes: X.500 name and holding id.
+    fn local_vnodes(&self) -> Vec<(String, HoldingId)>;
+    /// Changes whenever the vnodes may have changed.
+    fn vnodes_changed(&self) -> watch::Receiver<u64>;
+    /// Makes arrived messages durable where their receivers read them;
+    /// returns once they are.
+    async fn deliver(&self, batch: &[SessionMessage]) -> Result<(), DeliverError>;
+    /// The peer holds these sent messages (outbox keys): forget them.
+    async fn delivered(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError>;
+    /// `m` was given up on: its sender's session ends with `reason`.
+    async fn failed(&self, m: &SessionMessage, reason: String) -> Result<(), StoreError>;
+}
 
 /// Where a member's gateway is, as the membership lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,18 +292,21 @@ impl Membership for SharedPeers {
     }
 }
 
-/// The flow worker's side of the link manager ([`braid_flow::Remote`]).
+/// The flow worker's way into the link manager.
 #[derive(Clone)]
 pub struct RemotePort {
     tx: mpsc::UnboundedSender<Vec<SessionMessage>>,
     peers: watch::Receiver<Arc<dyn Peers>>,
 }
 
-impl Remote for RemotePort {
-    fn is_member(&self, name: &X500Name) -> bool {
+impl RemotePort {
+    /// Whether `name` is a current member.
+    pub fn is_member(&self, name: &X500Name) -> bool {
         self.peers.borrow().is_member(name.as_str())
     }
-    fn send(&self, messages: Vec<SessionMessage>) {
+
+    /// Hands messages (durable in their senders' outbox) to the links.
+    pub fn send(&self, messages: Vec<SessionMessage>) {
         // Closed only while the node stops; the messages stay in the outbox.
         let _ = self.tx.send(messages);
     }
@@ -284,15 +324,15 @@ pub fn remote_port(peers: watch::Receiver<Arc<dyn Peers>>) -> (RemotePort, Outbo
 /// The vnodes' session key pairs, kept in the store (`p2p/session-key/…`).
 #[derive(Clone)]
 pub struct KeyStore {
-    worker: FlowWorker,
+    store: Arc<dyn Store>,
     keys: Arc<tokio::sync::Mutex<HashMap<HoldingId, StaticKeypair>>>,
 }
 
 impl KeyStore {
-    /// Keys of `worker`'s vnodes.
-    pub fn new(worker: FlowWorker) -> Self {
+    /// Keys kept in `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
-            worker,
+            store,
             keys: Default::default(),
         }
     }
@@ -304,7 +344,7 @@ impl KeyStore {
             return Ok(k.clone());
         }
         let name = format!("p2p/session-key/{holding}");
-        let store = self.worker.store();
+        let store = &self.store;
         let kp = match store.meta(&name).await? {
             Some(b) if b.len() == 64 => StaticKeypair::from_parts(&b[..32], &b[32..])
                 .ok_or_else(|| anyhow::anyhow!("stored session key {name} is malformed"))?,
@@ -324,8 +364,7 @@ impl KeyStore {
 }
 
 /// Takes the next boot number (persisted before use).
-pub async fn next_boot(worker: &FlowWorker) -> Result<u32, StoreError> {
-    let store = worker.store();
+pub async fn next_boot(store: &dyn Store) -> Result<u32, StoreError> {
     let prev = store
         .meta("p2p/boot")
         .await?
@@ -355,8 +394,8 @@ type Pair = (String, String);
 
 /// What the link manager works with.
 pub struct Deps {
-    /// The flow worker whose messages it carries.
-    pub worker: FlowWorker,
+    /// The flows whose messages it carries.
+    pub worker: Arc<dyn FlowSide>,
     /// The vnodes' session keys.
     pub keys: KeyStore,
     /// The membership, updated as the map changes.
@@ -500,7 +539,7 @@ static INBOUND_LOGS: braid_types::log_limit::LogLimiter =
     braid_types::log_limit::LogLimiter::new(10, std::time::Duration::from_secs(60));
 
 struct Driver {
-    worker: FlowWorker,
+    worker: Arc<dyn FlowSide>,
     keys: KeyStore,
     config: P2pConfig,
     shared: Arc<SharedPeers>,
@@ -531,12 +570,12 @@ impl LinkManager {
             outbound,
             counters,
         } = deps;
-        let boot = next_boot(&worker).await?;
+        let boot = next_boot(&*worker.store()).await?;
         config.link.initial_epoch = boot << 16;
         tracing::info!(boot, "link manager starting");
         let shared = Arc::new(SharedPeers(RwLock::new(peers.borrow_and_update().clone())));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-        let mut vnodes = worker.subscribe_vnodes();
+        let mut vnodes = worker.vnodes_changed();
         let mut d = Driver {
             worker,
             keys,
@@ -597,12 +636,7 @@ async fn sleep_until(t: Option<Instant>) {
 
 impl Driver {
     fn refresh_local(&mut self) {
-        self.local = self
-            .worker
-            .vnodes()
-            .into_iter()
-            .map(|v| (v.name.as_str().to_owned(), v.holding))
-            .collect();
+        self.local = self.worker.local_vnodes().into_iter().collect();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -667,7 +701,7 @@ impl Driver {
         let w = self.worker.clone();
         tokio::spawn(async move {
             retry_until_ok("recording an undeliverable message", || {
-                w.remote_failed(&m, reason.clone())
+                w.failed(&m, reason.clone())
             })
             .await;
         });
@@ -817,7 +851,7 @@ impl Driver {
                 self.timer_of.insert(pair.clone(), t);
             }
         }
-        let group = self.worker.group().to_owned();
+        let group = self.worker.group();
         delivered.retain(|(pair, _, m)| {
             let ok = self.local.get(&pair.0) == Some(&m.to.holding)
                 && m.from.holding == HoldingId::derive(&m.from.name, &group);
@@ -839,8 +873,8 @@ impl Driver {
                 // with messages waiting for their init) are retried; a
                 // refusal is final.
                 let outcome = retry_until_ok("storing arrived messages", || async {
-                    match w.deliver_inbound(&msgs).await {
-                        Err(e @ (WorkerError::Store(_) | WorkerError::Busy(_))) => Err(e),
+                    match w.deliver(&msgs).await {
+                        Err(DeliverError::Retry(e)) => Err(e),
                         other => Ok(other),
                     }
                 })
@@ -867,7 +901,7 @@ impl Driver {
                 // If this never succeeds the messages stay in the outbox and
                 // are sent again after a restart; the peer drops them.
                 retry_until_ok("removing acknowledged messages from the outbox", || {
-                    w.remote_delivered(keys.clone())
+                    w.delivered(keys.clone())
                 })
                 .await;
             });

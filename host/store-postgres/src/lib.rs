@@ -337,6 +337,40 @@ impl PostgresStore {
     }
 
     /// The rows of `sql` with `params`, as a prepared statement.
+    /// Every vnode and package record, read on `c`.
+    async fn catalog_in(
+        c: &impl deadpool_postgres::GenericClient,
+    ) -> Result<
+        (
+            Vec<braid_storage::VnodeRecord>,
+            Vec<braid_storage::PackageRecord>,
+        ),
+        StoreError,
+    > {
+        let mut vnodes = Vec::new();
+        for row in Self::rows(
+            c,
+            "SELECT holding, name, package, created_ms, flow_starts_enabled \
+             FROM vnodes ORDER BY holding",
+            &[],
+        )
+        .await?
+        {
+            vnodes.push(rows::vnode(&row)?);
+        }
+        let mut packages = Vec::new();
+        for row in Self::rows(
+            c,
+            "SELECT checksum, flows, size, uploaded_ms FROM packages ORDER BY checksum",
+            &[],
+        )
+        .await?
+        {
+            packages.push(rows::package(&row)?);
+        }
+        Ok((vnodes, packages))
+    }
+
     async fn rows(
         c: &impl deadpool_postgres::GenericClient,
         sql: &str,
@@ -482,25 +516,7 @@ impl Store for PostgresStore {
             let c = &c;
             {
                 let mut snap = Snapshot::default();
-                for row in Self::rows(
-                    c,
-                    "SELECT holding, name, package, created_ms, flow_starts_enabled \
-                     FROM vnodes ORDER BY holding",
-                    &[],
-                )
-                .await?
-                {
-                    snap.vnodes.push(rows::vnode(&row)?);
-                }
-                for row in Self::rows(
-                    c,
-                    "SELECT checksum, flows, size, uploaded_ms FROM packages ORDER BY checksum",
-                    &[],
-                )
-                .await?
-                {
-                    snap.packages.push(rows::package(&row)?);
-                }
+                (snap.vnodes, snap.packages) = Self::catalog_in(c).await?;
                 let sql = format!(
                     "SELECT {FLOW_COLUMNS} FROM flows WHERE ended_ms IS NULL ORDER BY flow_id"
                 );
@@ -551,28 +567,7 @@ impl Store for PostgresStore {
                 .start()
                 .await
                 .map_err(pg_err)?;
-            let mut vnodes = Vec::new();
-            for row in Self::rows(
-                &c,
-                "SELECT holding, name, package, created_ms, flow_starts_enabled \
-                 FROM vnodes ORDER BY holding",
-                &[],
-            )
-            .await?
-            {
-                vnodes.push(rows::vnode(&row)?);
-            }
-            let mut packages = Vec::new();
-            for row in Self::rows(
-                &c,
-                "SELECT checksum, flows, size, uploaded_ms FROM packages ORDER BY checksum",
-                &[],
-            )
-            .await?
-            {
-                packages.push(rows::package(&row)?);
-            }
-            Ok((vnodes, packages))
+            Self::catalog_in(&c).await
         })
         .await
     }

@@ -6,6 +6,7 @@
 //! the servers that face the network.
 
 pub mod log_limit;
+pub mod retry;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

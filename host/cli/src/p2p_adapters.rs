@@ -1,9 +1,11 @@
-//! [`Peers`] over the verified network map and [`Transport`] over the
-//! HTTPS gateway client.
+//! The link manager's membership over the verified network map, and its
+//! transport over the HTTPS gateway client: where `braid-p2p` meets
+//! `braid-membership` and `braid-gateway` (none of them depends on
+//! another).
 
-use crate::{Counters, Packet, PeerAddr, Peers, Transport, TransportError};
 use braid_gateway::{Envelope, GatewayClient, SendError};
 use braid_membership::{MapView, MemberInfo};
+use braid_p2p::{Counters, Packet, PeerAddr, Peers, Transport, TransportError};
 use braid_types::X500Name;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,20 +15,33 @@ fn member<'a>(view: &'a MapView, name: &str) -> Option<&'a MemberInfo> {
     view.member(&name)
 }
 
-impl Peers for MapView {
+/// The verified network map as the link manager's membership.
+pub struct MapPeers(pub Arc<MapView>);
+
+impl braid_link::Membership for MapPeers {
+    fn session_key(&self, identity: &braid_link::Identity) -> Option<braid_link::PublicKey> {
+        self.0.session_key(identity)
+    }
+
+    fn identity_of(&self, key: &braid_link::PublicKey) -> Option<braid_link::Identity> {
+        self.0.identity_of(key)
+    }
+}
+
+impl Peers for MapPeers {
     fn is_member(&self, name: &str) -> bool {
-        member(self, name).is_some()
+        member(&self.0, name).is_some()
     }
 
     fn address(&self, name: &str) -> Option<PeerAddr> {
-        member(self, name).map(|m| PeerAddr {
+        member(&self.0, name).map(|m| PeerAddr {
             endpoint: m.endpoint.clone(),
             tls_leaf: m.tls_leaf().map(<[u8]>::to_vec),
         })
     }
 
     fn tls_matches(&self, name: &str, leaf: &[u8]) -> bool {
-        member(self, name).is_some_and(|m| m.tls_leaf() == Some(leaf))
+        member(&self.0, name).is_some_and(|m| m.tls_leaf() == Some(leaf))
     }
 }
 
