@@ -203,7 +203,7 @@ impl Joining {
         worker.set_network(Arc::new(NodeNetwork {
             map,
             server: map_server,
-            counters,
+            counters: Some(counters),
             group: cfg.group.clone(),
         }));
         Ok(Running {
@@ -571,13 +571,8 @@ pub async fn run_gateway(
     topics: &braid_flow::cluster::FlowTopics,
 ) -> anyhow::Result<Running> {
     use braid_bus::topics::{Delivery, From};
-    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
-    mc.persist_path = data_dir.join("network-map.bin");
-    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
-    map.load_persisted();
-    let mut tasks = vec![tokio::spawn(
-        map.clone().run_with(Vec::new, std::future::pending()),
-    )];
+    let (map, poll) = read_only_map(cfg, data_dir)?;
+    let mut tasks = vec![poll];
     let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
     let (_server, more) = serve_gateway(cfg, &map, store, gateway_limits, in_tx).await?;
     tasks.extend(more);
@@ -684,6 +679,44 @@ impl Remote for ClusterRemote {
     }
 }
 
+/// A copy of the network map that is only read (polled like the
+/// embedded node's, kept in `data_dir`, publishing nothing): for the
+/// workers of a cluster other than the link manager's process. Returns
+/// the client and its polling task.
+fn read_only_map(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+) -> anyhow::Result<(Arc<MapClient>, tokio::task::JoinHandle<()>)> {
+    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
+    mc.persist_path = data_dir.join("network-map.bin");
+    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
+    map.load_persisted();
+    let poll = tokio::spawn(map.clone().run_with(Vec::new, std::future::pending()));
+    Ok((map, poll))
+}
+
+/// The network as a cluster's REST worker shows it (`GET
+/// /api/v1/network`, the map's gauges on `/metrics`): a read-only copy of
+/// the map. It is not the operator here: members are approved where the
+/// map server runs.
+pub fn cluster_rest_network(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    worker: &FlowWorker,
+) -> anyhow::Result<Running> {
+    let (map, poll) = read_only_map(cfg, data_dir)?;
+    worker.set_network(Arc::new(NodeNetwork {
+        map,
+        server: None,
+        counters: None,
+        group: cfg.group.clone(),
+    }));
+    Ok(Running {
+        tasks: vec![poll],
+        _links: None,
+    })
+}
+
 /// A cluster flow worker's [`Remote`] (see [`ClusterRemote`]) and the
 /// tasks that keep it (stopped when [`Running`] is dropped).
 pub fn cluster_remote(
@@ -692,14 +725,9 @@ pub fn cluster_remote(
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topic: String,
 ) -> anyhow::Result<(Arc<dyn Remote>, Running)> {
-    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
-    mc.persist_path = data_dir.join("network-map.bin");
-    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
-    map.load_persisted();
+    let (map, poll) = read_only_map(cfg, data_dir)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<braid_types::SessionMessage>>();
-    let mut tasks = vec![tokio::spawn(
-        map.clone().run_with(Vec::new, std::future::pending()),
-    )];
+    let mut tasks = vec![poll];
     tasks.push(tokio::spawn(async move {
         while let Some(mut batch) = rx.recv().await {
             while let Ok(more) = rx.try_recv() {
@@ -933,7 +961,8 @@ impl Publisher {
 struct NodeNetwork {
     map: Arc<MapClient>,
     server: Option<Arc<MapServer>>,
-    counters: Arc<Counters>,
+    /// The link manager's and gateway's, where they run in this process.
+    counters: Option<Arc<Counters>>,
     group: String,
 }
 
@@ -978,7 +1007,9 @@ impl Network for NodeNetwork {
 
     fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
-        self.counters.render(out);
+        if let Some(c) = &self.counters {
+            c.render(out);
+        }
         let v = self.map.current();
         let _ = writeln!(
             out,

@@ -686,6 +686,18 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         }
         services = Some(running);
     }
+    if let (Some(_), Some(n), true, None) = (
+        &cluster_bus,
+        &net,
+        args.cluster.runs(Role::Rest),
+        worker.network(),
+    ) {
+        let r = crate::network::cluster_rest_network(n, dir, &worker)?;
+        match services.as_mut() {
+            Some(s) => s.absorb(r),
+            None => services = Some(r),
+        }
+    }
     if !args.cluster.runs(Role::Rest) {
         if args.cluster.runs(Role::Flow) {
             tracing::info!(

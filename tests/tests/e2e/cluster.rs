@@ -426,7 +426,16 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     let bob = rest.vnode(BOB, Pkg::Ping);
     let carol = rest.vnode(CAROL, Pkg::Proposal);
     rest.vnode(ERIN, Pkg::Proposal);
-    Network::wait_members(alpha.api(), &[ALICE, BOB, CAROL, DAVE, ERIN]);
+    let everyone = [ALICE, BOB, CAROL, DAVE, ERIN];
+    Network::wait_members(alpha.api(), &everyone);
+    // The cluster's REST workers show the map too (a read-only copy: the
+    // operator is the embedded node).
+    for r in [&api, rest2.api()] {
+        Network::wait_members(r, &everyone);
+        let view = r.get("/api/v1/network").expect("GET network");
+        assert_eq!(view.json["configured"], true, "{}", view.text);
+        assert_eq!(view.json["operator"], false, "{}", view.text);
+    }
     until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
     until_completes(&api, &bob, "ping", &crate::ping_body(ALICE, 0, 0));
 
