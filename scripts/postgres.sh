@@ -12,6 +12,9 @@
 # port chosen at the first start and reused after, with password
 # (SCRAM) authentication for the superuser `braid`.
 #
+# With BRAID_PG_TLS_CERT and BRAID_PG_TLS_KEY (PEM files) when the server is
+# initialised, it also speaks TLS with that certificate (ssl = on).
+#
 # Where: ${BRAID_PG_DIR}, by default ${BRAID_CACHE:-$HOME/.cache/braid}/pg.
 # PostgreSQL refuses to run as root, so as root the server runs as the
 # system user `braid-pg` (created once), and its default directory is
@@ -151,6 +154,14 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = ''
 max_connections = 300
 EOF
+    if [[ -n "${BRAID_PG_TLS_CERT:-}" ]]; then
+        [[ -n "${BRAID_PG_TLS_KEY:-}" ]] || die "BRAID_PG_TLS_CERT needs BRAID_PG_TLS_KEY"
+        cp "$BRAID_PG_TLS_CERT" "$data/server.crt"
+        cp "$BRAID_PG_TLS_KEY" "$data/server.key"
+        chmod 600 "$data/server.key"
+        [[ -z "$run_user" ]] || chown "$run_user" "$data/server.crt" "$data/server.key"
+        echo "ssl = on" >>"$data/postgresql.conf"
+    fi
 fi
 
 if running; then

@@ -47,7 +47,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::NoTls;
 
 pub use migrate::MIGRATIONS;
 
@@ -118,6 +117,86 @@ impl Shared {
         h.ok = ok;
         h.error = error;
     }
+}
+
+/// Splits libpq's `sslrootcert=PATH` off the URL's parameters (the driver
+/// does not know it): the URL without it, and the path.
+fn take_root_cert(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), None);
+    };
+    let mut root = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.strip_prefix("sslrootcert=") {
+            Some(path) => {
+                root = Some(path.to_string());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_string(), root)
+    } else {
+        (format!("{base}?{}", rest.join("&")), root)
+    }
+}
+
+/// How the store talks to its server. With `sslrootcert=PATH` it speaks
+/// TLS (rustls) and verifies the server's certificate against the CA
+/// certificates in PATH and its name against the URL's host, whatever
+/// `sslmode` says short of `disable` (`prefer`, the default, then insists
+/// like `require`: a store that was given a CA wants it used). Without
+/// one: plain, and `sslmode=require` is refused (braid does not speak TLS
+/// to a server it cannot verify).
+fn tls_connector(
+    config: &mut tokio_postgres::Config,
+    root_cert: Option<&str>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    use tokio_postgres::config::SslMode;
+    let mut roots = rustls::RootCertStore::empty();
+    match (root_cert, config.get_ssl_mode()) {
+        (_, SslMode::Disable) => {}
+        (None, SslMode::Require) => {
+            return Err(StoreError::Config(
+                "the PostgreSQL URL says sslmode=require but names no sslrootcert=PATH: braid \
+                 verifies the server's certificate, so it needs the CA that signed it (PEM)"
+                    .into(),
+            ));
+        }
+        (None, _) => {
+            config.ssl_mode(SslMode::Disable);
+        }
+        (Some(path), _) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| StoreError::Config(format!("reading sslrootcert {path}: {e}")))?;
+            if certs.is_empty() {
+                return Err(StoreError::Config(format!(
+                    "sslrootcert {path} holds no PEM certificate"
+                )));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| {
+                    StoreError::Config(format!(
+                        "sslrootcert {path}: a certificate rustls refuses: {e}"
+                    ))
+                })?;
+            }
+            config.ssl_mode(SslMode::Require);
+        }
+    }
+    let client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Config(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(client))
 }
 
 /// A driver error as text: the server's SQLSTATE and message when it has
@@ -211,9 +290,10 @@ impl PostgresStore {
     /// naming host, port and database; a database whose schema is newer
     /// than this build is [`StoreError::Config`].
     pub async fn connect(url: &str, options: PostgresOptions) -> Result<PostgresStore, StoreError> {
+        let (url, root_cert) = take_root_cert(url);
         // The driver's message says what is wrong without echoing the URL
         // (which may hold a password).
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| {
             StoreError::Config(format!(
                 "invalid PostgreSQL URL ({e}); expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"
             ))
@@ -241,6 +321,7 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("braid");
         }
+        let tls = tls_connector(&mut config, root_cert.as_deref())?;
         let where_ = target(&config);
         let unavailable = |e: tokio_postgres::Error| {
             StoreError::Unavailable(format!(
@@ -251,7 +332,7 @@ impl PostgresStore {
         // Migrate on a connection of its own: the advisory lock is the
         // connection's.
         {
-            let (mut client, conn) = config.connect(NoTls).await.map_err(unavailable)?;
+            let (mut client, conn) = config.connect(tls.clone()).await.map_err(unavailable)?;
             let driver = tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(cause = %e, "migration connection ended");
@@ -264,7 +345,7 @@ impl PostgresStore {
         }
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 // A connection the server closed is dropped when handed
                 // back; a group commit that fails drops its connection.

@@ -340,6 +340,17 @@ pub struct PrivatePostgres {
 impl PrivatePostgres {
     /// Initialises and starts a server (a few seconds).
     pub fn start() -> PrivatePostgres {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start), the server also speaking TLS with the
+    /// certificate and key in these PEM files.
+    pub fn start_tls(cert: &Path, key: &Path) -> PrivatePostgres {
+        let (c, k) = (cert.to_string_lossy(), key.to_string_lossy());
+        Self::start_with(&[("BRAID_PG_TLS_CERT", &c), ("BRAID_PG_TLS_KEY", &k)])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> PrivatePostgres {
         // Readable by the server's user when the tests run as root.
         let dir = PathBuf::from("/var/tmp").join(format!(
             "braid-pg-private-{}-{}",
@@ -347,7 +358,9 @@ impl PrivatePostgres {
             free_port()
         ));
         let d = dir.to_string_lossy().to_string();
-        let out = script_with("postgres.sh", &["up"], &[("BRAID_PG_DIR", &d)]);
+        let mut vars = vec![("BRAID_PG_DIR", d.as_str())];
+        vars.extend_from_slice(env);
+        let out = script_with("postgres.sh", &["up"], &vars);
         let base = out
             .lines()
             .rev()

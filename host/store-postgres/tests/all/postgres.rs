@@ -7,6 +7,7 @@ use braid_storage::{FlowRecord, Op, Store, StoreError};
 use braid_store_postgres::{MIGRATIONS, PostgresOptions, PostgresStore};
 use braid_types::{Checksum, FlowId, FlowStart, FlowStatus, HoldingId, X500Name};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -619,4 +620,121 @@ async fn a_commit_whose_answer_is_lost_is_answered_by_what_the_server_did() {
     assert_eq!(store.meta("k3").await.unwrap(), Some(vec![3]));
     store.close().await;
     cleanup.await;
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM files in `dir`:
+/// (CA, certificate, key).
+fn tls_files(dir: &std::path::Path, ca_name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SanType,
+    };
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    params.subject_alt_names = vec![SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let (c, s, k) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&c, issuer.pem()).unwrap();
+    std::fs::write(&s, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, s, k)
+}
+
+/// `sslrootcert=` makes the store speak TLS and verify the server against
+/// that CA; a server it cannot verify, a missing CA file and
+/// `sslmode=require` without a CA are clear errors, and nothing is sent in
+/// the clear when TLS was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_server_is_verified_against_the_ca_it_is_given() {
+    let dir = std::env::temp_dir().join(format!("braid-pg-tls-{}", std::process::id()));
+    let (ca, cert, key) = tls_files(&dir, "braid test CA");
+    let (other_ca, _, _) = tls_files(&dir.join("other"), "another CA");
+    let pg = braid_testkit::PrivatePostgres::start_tls(&cert, &key);
+    let url = |q: &str| format!("{}?{q}", pg.url());
+
+    let store = PostgresStore::connect(
+        &url(&format!("sslmode=require&sslrootcert={}", ca.display())),
+        PostgresOptions::default(),
+    )
+    .await
+    .expect("a TLS connection to the server its CA vouches for");
+    store
+        .write(vec![Op::PutMeta("k".into(), vec![1])])
+        .await
+        .unwrap();
+    assert_eq!(store.meta("k").await.unwrap(), Some(vec![1]));
+    store.close().await;
+    // The server saw TLS on the store's sessions.
+    let (admin, conn) = tokio_postgres::connect(pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let store = PostgresStore::connect(
+        &url(&format!("sslrootcert={}", ca.display())),
+        PostgresOptions::default(),
+    )
+    .await
+    .expect("sslrootcert alone asks for TLS");
+    store
+        .write(vec![Op::PutMeta("k".into(), vec![2])])
+        .await
+        .unwrap();
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'braid'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (tls, clear): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        tls >= 1 && clear == 0,
+        "tls sessions {tls}, in the clear {clear}"
+    );
+    store.close().await;
+
+    // A CA that did not sign the server's certificate: refused, saying why.
+    match PostgresStore::connect(
+        &url(&format!(
+            "sslmode=require&sslrootcert={}",
+            other_ca.display()
+        )),
+        PostgresOptions::default(),
+    )
+    .await
+    {
+        Err(StoreError::Unavailable(m)) => assert!(m.to_lowercase().contains("certificate"), "{m}"),
+        Err(e) => panic!("expected Unavailable naming the certificate, got {e}"),
+        Ok(_) => panic!("connected to a server its CA does not vouch for"),
+    }
+    // sslmode=require without a CA, and a CA file that is not there.
+    match PostgresStore::connect(&url("sslmode=require"), PostgresOptions::default()).await {
+        Err(StoreError::Config(m)) => assert!(m.contains("sslrootcert"), "{m}"),
+        Err(e) => panic!("expected Config, got {e}"),
+        Ok(_) => panic!("sslmode=require without a CA was accepted"),
+    }
+    match PostgresStore::connect(
+        &url("sslrootcert=/nonexistent/ca.pem"),
+        PostgresOptions::default(),
+    )
+    .await
+    {
+        Err(StoreError::Config(m)) => assert!(m.contains("/nonexistent/ca.pem"), "{m}"),
+        Err(e) => panic!("expected Config, got {e}"),
+        Ok(_) => panic!("a missing CA file was accepted"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
