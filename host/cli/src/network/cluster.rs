@@ -1,0 +1,435 @@
+//! A cluster's network workers: the link manager and the gateway apart,
+//! meeting on `link.out` and `link.in`; the flow workers' way to other
+//! nodes (`p2p.out`); the feed of the link manager (that topic and the
+//! outbox); read-only copies of the map for the other workers.
+
+use super::*;
+
+impl Joining {
+    /// A cluster's link manager and map client without the gateway: the
+    /// packets go out on the `link.out` topic and come in on `link.in`
+    /// (see [`run_gateway`]).
+    pub async fn start_links_on_bus(
+        self,
+        cfg: &NodeNetworkConfig,
+        worker: FlowWorker,
+        p2p: P2pConfig,
+        bus: Arc<dyn braid_bus::topics::MessageBus>,
+        topics: &braid_flow::cluster::FlowTopics,
+    ) -> anyhow::Result<Running> {
+        use braid_bus::topics::{Delivery, From};
+        let Joining {
+            map,
+            peers,
+            peers_tx,
+            port: _,
+            outbound,
+        } = self;
+        let mut tasks = vec![follow_map(&map, peers_tx)];
+        let counters = Arc::new(Counters::default());
+        let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
+        // What the gateways received: read from the end (packets that
+        // arrived while this process was down are resent by their links).
+        let mut sub = bus
+            .watch(&[topics.link_in.as_str()], From::End)
+            .await
+            .context("reading the packets the gateways receive")?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(Delivery::Records(records)) => {
+                        for r in records {
+                            match postcard::from_bytes::<ArrivedPackets>(&r.value) {
+                                Ok(a) => {
+                                    if in_tx.send(a.into_batch()).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => tracing::error!(cause = %e,
+                                    "skipping a link.in record braid cannot read"),
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "reading arrived packets failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }));
+        let transport = Arc::new(BusTransport {
+            bus,
+            topic: topics.link_out.clone(),
+            counters: counters.clone(),
+        });
+        let (links, more) = start_links(
+            cfg, &map, peers, worker, transport, in_rx, outbound, p2p, counters,
+        )
+        .await?;
+        tasks.extend(more);
+        Ok(Running {
+            tasks,
+            _links: Some(links),
+        })
+    }
+}
+
+/// Packets for one peer gateway, on the `link.out` topic (link manager
+/// to gateway).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PacketsOut {
+    endpoint: String,
+    tls_leaf: Option<Vec<u8>>,
+    /// (from, to, sealed packet).
+    packets: Vec<(String, String, Vec<u8>)>,
+}
+
+/// Packets one POST brought, on the `link.in` topic (gateway to link
+/// manager).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ArrivedPackets {
+    peer: String,
+    peer_leaf: Option<Vec<u8>>,
+    packets: Vec<(String, String, Vec<u8>)>,
+}
+
+impl ArrivedPackets {
+    fn into_batch(self) -> InboundBatch {
+        InboundBatch {
+            packets: self
+                .packets
+                .into_iter()
+                .map(|(from, to, bytes)| Packet { from, to, bytes })
+                .collect(),
+            peer: self.peer,
+            peer_leaf: self.peer_leaf,
+        }
+    }
+}
+
+/// The link manager's transport in a cluster whose gateway runs apart:
+/// batches go onto `link.out` for the gateways to POST. Sent means
+/// published; what the peer answers is the gateway's to handle (the links
+/// resend what is lost).
+struct BusTransport {
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+    counters: Arc<Counters>,
+}
+
+#[async_trait::async_trait]
+impl braid_p2p::Transport for BusTransport {
+    async fn send(
+        &self,
+        to: &braid_p2p::PeerAddr,
+        batch: Vec<Packet>,
+    ) -> Result<(), braid_p2p::TransportError> {
+        use std::sync::atomic::Ordering;
+        let n = batch.len() as u64;
+        let rec = PacketsOut {
+            endpoint: to.endpoint.clone(),
+            tls_leaf: to.tls_leaf.clone(),
+            packets: batch.into_iter().map(|p| (p.from, p.to, p.bytes)).collect(),
+        };
+        let value = postcard::to_allocvec(&rec)
+            .map_err(|e| braid_p2p::TransportError::Failed(format!("encoding packets: {e}")))?;
+        let out = braid_bus::topics::Outgoing::new(to.endpoint.as_bytes().to_vec(), value);
+        match self.bus.publish(&self.topic, vec![out]).await {
+            Ok(()) => {
+                self.counters.packets_sent.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                Err(braid_p2p::TransportError::Failed(format!("the bus: {e}")))
+            }
+        }
+    }
+}
+
+/// A cluster's gateway, in a process of its own: serves peer gateways
+/// (packets that arrive go onto `link.in`, and, on the operator's node,
+/// the map server) and POSTs what the link manager puts on `link.out`.
+/// Stateless: it keeps nothing but a read-only network map for its TLS
+/// checks.
+pub async fn run_gateway(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    store: Arc<dyn braid_storage::Store>,
+    gateway_limits: braid_http::Limits,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topics: &braid_flow::cluster::FlowTopics,
+) -> anyhow::Result<Running> {
+    use braid_bus::topics::{Delivery, From};
+    let (map, poll) = read_only_map(cfg, data_dir)?;
+    let mut tasks = vec![poll];
+    let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
+    let (_server, more) = serve_gateway(cfg, &map, store, gateway_limits, in_tx).await?;
+    tasks.extend(more);
+    {
+        let (bus, topic) = (bus.clone(), topics.link_in.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Some(b) = in_rx.recv().await {
+                let key = b
+                    .packets
+                    .first()
+                    .map(|p| format!("{}|{}", p.from, p.to))
+                    .unwrap_or_default();
+                let rec = ArrivedPackets {
+                    peer: b.peer,
+                    peer_leaf: b.peer_leaf,
+                    packets: b.packets.into_iter().map(|p| (p.from, p.to, p.bytes)).collect(),
+                };
+                let Ok(value) = postcard::to_allocvec(&rec) else {
+                    continue;
+                };
+                // Lost if the bus refuses them: their links resend.
+                if let Err(e) = bus
+                    .publish(&topic, vec![braid_bus::topics::Outgoing::new(key, value)])
+                    .await
+                {
+                    tracing::warn!(cause = %e, "could not pass arrived packets on; their links resend");
+                }
+            }
+        }));
+    }
+    let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
+        .context("configuring the gateway's HTTPS client")?;
+    let transport = Arc::new(GatewayTransport::new(client, Arc::new(Counters::default())));
+    let mut sub = bus
+        .watch(&[topics.link_out.as_str()], From::End)
+        .await
+        .context("reading the packets to send")?;
+    // POSTs in flight at once, over all peers.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    tasks.push(tokio::spawn(async move {
+        loop {
+            match sub.next().await {
+                Ok(Delivery::Records(records)) => {
+                    for r in records {
+                        let out = match postcard::from_bytes::<PacketsOut>(&r.value) {
+                            Ok(o) => o,
+                            Err(e) => {
+                                tracing::error!(cause = %e, "skipping a link.out record braid cannot read");
+                                continue;
+                            }
+                        };
+                        let Ok(slot) = slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let transport = transport.clone();
+                        tokio::spawn(async move {
+                            let to = braid_p2p::PeerAddr {
+                                endpoint: out.endpoint,
+                                tls_leaf: out.tls_leaf,
+                            };
+                            let batch = out
+                                .packets
+                                .into_iter()
+                                .map(|(from, to, bytes)| Packet { from, to, bytes })
+                                .collect();
+                            // Failures are the links' to repair (they
+                            // resend); the transport logs them.
+                            let _ = braid_p2p::Transport::send(&*transport, &to, batch).await;
+                            drop(slot);
+                        });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(cause = %e, "reading packets to send failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }));
+    Ok(Running {
+        tasks,
+        _links: None,
+    })
+}
+
+/// The way of a cluster's flow workers to other nodes: who is a member,
+/// from the network map (polled, read-only: the link manager's process
+/// publishes the vnodes), and the `p2p.out` topic to the link manager.
+struct ClusterRemote {
+    map: Arc<MapClient>,
+    tx: mpsc::UnboundedSender<Vec<braid_types::SessionMessage>>,
+}
+
+impl Remote for ClusterRemote {
+    fn is_member(&self, name: &X500Name) -> bool {
+        self.map.current().member(name).is_some()
+    }
+
+    fn send(&self, messages: Vec<braid_types::SessionMessage>) {
+        // Closed only while the process stops; the messages stay in the
+        // outbox.
+        let _ = self.tx.send(messages);
+    }
+}
+
+/// A copy of the network map that is only read (polled like the
+/// embedded node's, kept in `data_dir`, publishing nothing): for the
+/// workers of a cluster other than the link manager's process. Returns
+/// the client and its polling task.
+fn read_only_map(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+) -> anyhow::Result<(Arc<MapClient>, tokio::task::JoinHandle<()>)> {
+    let mut mc = MapClientConfig::from_node(cfg).context("loading the network credentials")?;
+    mc.persist_path = data_dir.join("network-map.bin");
+    let map = Arc::new(MapClient::new(mc).context("configuring the network-map client")?);
+    map.load_persisted();
+    let poll = tokio::spawn(map.clone().run_with(Vec::new, std::future::pending()));
+    Ok((map, poll))
+}
+
+/// The network as a cluster's REST worker shows it (`GET
+/// /api/v1/network`, the map's gauges on `/metrics`): a read-only copy of
+/// the map. It is not the operator here: members are approved where the
+/// map server runs.
+pub fn cluster_rest_network(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    worker: &FlowWorker,
+) -> anyhow::Result<Running> {
+    let (map, poll) = read_only_map(cfg, data_dir)?;
+    worker.set_network(Arc::new(NodeNetwork {
+        map,
+        server: None,
+        counters: None,
+        group: cfg.group.clone(),
+    }));
+    Ok(Running {
+        tasks: vec![poll],
+        _links: None,
+    })
+}
+
+/// A cluster flow worker's [`Remote`] (see [`ClusterRemote`]) and the
+/// tasks that keep it (stopped when [`Running`] is dropped).
+pub fn cluster_remote(
+    cfg: &NodeNetworkConfig,
+    data_dir: &Path,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+) -> anyhow::Result<(Arc<dyn Remote>, Running)> {
+    let (map, poll) = read_only_map(cfg, data_dir)?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<braid_types::SessionMessage>>();
+    let mut tasks = vec![poll];
+    tasks.push(tokio::spawn(async move {
+        while let Some(mut batch) = rx.recv().await {
+            while let Ok(more) = rx.try_recv() {
+                batch.extend(more);
+                if batch.len() >= 4096 {
+                    break;
+                }
+            }
+            let records: Vec<_> = batch.iter().map(braid_flow::cluster::p2p_record).collect();
+            braid_flow::retry_until_ok("publishing messages for other nodes", || {
+                bus.publish(&topic, records.clone())
+            })
+            .await;
+        }
+    }));
+    Ok((
+        Arc::new(ClusterRemote { map, tx }),
+        Running {
+            tasks,
+            _links: None,
+        },
+    ))
+}
+
+/// How often a cluster's link manager reads the outbox for messages to
+/// other nodes it may not have (see [`feed_links`]).
+const OUTBOX_SWEEP: Duration = Duration::from_secs(5);
+
+/// Feeds a cluster's link manager: the messages for other nodes that
+/// flow workers publish on `topic` (read from its end, by this process
+/// alone), and every [`OUTBOX_SWEEP`] those in the outbox, which holds
+/// every such message until the peer acknowledges it. The sweep makes up
+/// for whatever the topic did not bring: messages published while this
+/// process was down, or before its reading began. A message the links
+/// already carry is not sent twice (they know it by its id).
+///
+/// One such process per cluster: two would each run a link to every
+/// peer for the same pair of vnodes.
+pub async fn feed_links(
+    worker: FlowWorker,
+    port: Arc<dyn Remote>,
+    bus: Arc<dyn braid_bus::topics::MessageBus>,
+    topic: String,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    use braid_bus::topics::{Delivery, From};
+    let mut sub = bus
+        .watch(&[topic.as_str()], From::End)
+        .await
+        .context("reading the messages for other nodes")?;
+    let reader = {
+        let port = port.clone();
+        tokio::spawn(async move {
+            loop {
+                match sub.next().await {
+                    Ok(Delivery::Records(records)) => {
+                        let batch: Vec<_> = records
+                            .iter()
+                            .filter_map(|r| match braid_flow::cluster::decode_p2p(&r.value) {
+                                Ok(m) => Some(m),
+                                Err(e) => {
+                                    tracing::error!(
+                                        partition = r.partition,
+                                        offset = r.offset,
+                                        cause = %e,
+                                        "skipping a p2p.out record braid cannot read"
+                                    );
+                                    None
+                                }
+                            })
+                            .collect();
+                        port.send(batch);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "reading messages for other nodes failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        })
+    };
+    let sweeper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(OUTBOX_SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut first = true;
+        loop {
+            every.tick().await;
+            let outbox = match worker.store().outbox().await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(cause = %e, "could not read the outbox; trying again");
+                    continue;
+                }
+            };
+            let local: std::collections::HashSet<_> =
+                worker.vnodes().iter().map(|v| v.holding).collect();
+            let pending: Vec<_> = outbox
+                .into_iter()
+                .filter(|m| !local.contains(&m.to.holding))
+                .collect();
+            if first {
+                first = false;
+                tracing::info!(
+                    messages = pending.len(),
+                    "link manager: messages for other nodes in the outbox"
+                );
+            }
+            if !pending.is_empty() {
+                port.send(pending);
+            }
+        }
+    });
+    Ok(vec![reader, sweeper])
+}
