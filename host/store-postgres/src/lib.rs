@@ -418,6 +418,19 @@ impl PostgresStore {
     }
 
     /// The rows of `sql` with `params`, as a prepared statement.
+    /// A read-only transaction that sees one snapshot of every table
+    /// (rolled back when dropped).
+    async fn snapshot(
+        c: &mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+        c.build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_err)
+    }
+
     /// Every vnode and package record, read on `c`.
     async fn catalog_in(
         c: &impl deadpool_postgres::GenericClient,
@@ -587,14 +600,7 @@ impl Store for PostgresStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
         self.read(async |c| {
             // One snapshot of every table (rolled back when dropped).
-            let c = c
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(pg_err)?;
-            let c = &c;
+            let c = &Self::snapshot(c).await?;
             {
                 let mut snap = Snapshot::default();
                 (snap.vnodes, snap.packages) = Self::catalog_in(c).await?;
@@ -640,17 +646,8 @@ impl Store for PostgresStore {
         ),
         StoreError,
     > {
-        self.read(async |c| {
-            let c = c
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(pg_err)?;
-            Self::catalog_in(&c).await
-        })
-        .await
+        self.read(async |c| Self::catalog_in(&Self::snapshot(c).await?).await)
+            .await
     }
 
     async fn outbox(&self) -> Result<Vec<braid_types::SessionMessage>, StoreError> {

@@ -459,6 +459,17 @@ struct CommitCutter {
     cuts: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Whether the cutter is armed for `cut` and `seen()` says this is the
+/// place; if so it is disarmed (one cut per arming).
+fn disarm(armed: &std::sync::Mutex<Option<Cut>>, cut: Cut, seen: impl FnOnce() -> bool) -> bool {
+    let mut g = armed.lock().unwrap();
+    let hit = *g == Some(cut) && seen();
+    if hit {
+        *g = None;
+    }
+    hit
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -512,21 +523,15 @@ impl CommitCutter {
                                 *name2.lock().unwrap() = Some(nm.to_vec());
                                 seen.clear();
                             }
-                            let cut_here = {
-                                let mut g = a2.lock().unwrap();
-                                let bind = name2.lock().unwrap().clone().map(|nm| {
-                                    let mut p = b"\0".to_vec();
-                                    p.extend_from_slice(&nm);
-                                    p.push(0);
-                                    p
-                                });
-                                let hit = *g == Some(Cut::Request)
-                                    && bind.is_some_and(|p| find(&buf[..k], &p).is_some());
-                                if hit {
-                                    *g = None;
-                                }
-                                hit
-                            };
+                            let bind = name2.lock().unwrap().clone().map(|nm| {
+                                let mut p = b"\0".to_vec();
+                                p.extend_from_slice(&nm);
+                                p.push(0);
+                                p
+                            });
+                            let cut_here = disarm(&a2, Cut::Request, || {
+                                bind.is_some_and(|p| find(&buf[..k], &p).is_some())
+                            });
                             if cut_here {
                                 n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                 return;
@@ -546,15 +551,9 @@ impl CommitCutter {
                             _ = async { while !up.is_finished() { tokio::time::sleep(Duration::from_millis(5)).await } } => break,
                         };
                         // CommandComplete of a COMMIT: 'C', length 11, "COMMIT\0".
-                        let hit = {
-                            let mut g = a.lock().unwrap();
-                            let hit = *g == Some(Cut::Answer)
-                                && find(&buf[..k], b"C\0\0\0\x0bCOMMIT\0").is_some();
-                            if hit {
-                                *g = None;
-                            }
-                            hit
-                        };
+                        let hit = disarm(&a, Cut::Answer, || {
+                            find(&buf[..k], b"C\0\0\0\x0bCOMMIT\0").is_some()
+                        });
                         if hit {
                             n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             break;
