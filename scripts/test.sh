@@ -22,8 +22,12 @@ export BRAID_WASM_TARGET_DIR="${BRAID_WASM_TARGET_DIR:-$HOME/.cache/braid/wasm-t
 bash scripts/ensure-wasm-target.sh
 bash scripts/ensure-build-deps.sh
 # The Kafka-API broker the cluster-mode tests start (built once per machine,
-# ~8 min cold); built here so that no test waits on it under a timeout.
-bash scripts/ensure-tansu.sh >/dev/null
+# ~8 min cold): built in the background while the checks and the build below
+# run, and waited for before the tests, so that no test waits on it under a
+# timeout.
+TANSU_LOG="$(mktemp "${TMPDIR:-/tmp}/braid-tansu.XXXXXX")"
+bash scripts/ensure-tansu.sh >"$TANSU_LOG" 2>&1 &
+TANSU_PID=$!
 
 echo "==> host: fmt and clippy" >&2
 cargo fmt --all --check
@@ -47,6 +51,14 @@ fi
 
 echo "==> build braid" >&2
 cargo build -p braid-cli
+
+echo "==> the broker for the tests (scripts/ensure-tansu.sh)" >&2
+if ! wait "$TANSU_PID"; then
+    cat "$TANSU_LOG" >&2
+    echo "test.sh: building the Kafka-API broker failed (log above)" >&2
+    exit 1
+fi
+rm -f "$TANSU_LOG"
 
 echo "==> tests" >&2
 TEST_LOG="$(mktemp "${TMPDIR:-/tmp}/braid-test.XXXXXX")"
