@@ -139,7 +139,8 @@ pub struct ClusterConfig {
     pub remote: Option<Arc<dyn crate::Remote>>,
 }
 
-/// A record of [`FlowTopics::p2p_out`]: `m`, keyed by its pair of vnodes.
+/// A record of [`FlowTopics::p2p_out`]: `m` (postcard), keyed by its pair
+/// of vnodes.
 pub fn p2p_record(m: &SessionMessage) -> Outgoing {
     let mut key = m.from.holding.bytes().to_vec();
     key.extend_from_slice(m.to.name.as_str().as_bytes());
@@ -147,11 +148,6 @@ pub fn p2p_record(m: &SessionMessage) -> Outgoing {
         key,
         postcard::to_allocvec(m).expect("a session message always encodes"),
     )
-}
-
-/// A session message from a record of [`FlowTopics::p2p_out`].
-pub fn decode_p2p(bytes: &[u8]) -> Result<SessionMessage, postcard::Error> {
-    postcard::from_bytes(bytes)
 }
 
 /// The store setting under which flow worker `owner` says it is alive.

@@ -17,7 +17,7 @@ impl Joining {
         bus: Arc<dyn braid_bus::topics::MessageBus>,
         topics: &braid_flow::cluster::FlowTopics,
     ) -> anyhow::Result<Running> {
-        use braid_bus::topics::{Delivery, From};
+        use braid_bus::topics::From;
         let Joining {
             map,
             peers,
@@ -30,34 +30,22 @@ impl Joining {
         let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
         // What the gateways received: read from the end (packets that
         // arrived while this process was down are resent by their links).
-        let mut sub = bus
+        let sub = bus
             .watch(&[topics.link_in.as_str()], From::End)
             .await
             .context("reading the packets the gateways receive")?;
-        tasks.push(tokio::spawn(async move {
-            loop {
-                match sub.next().await {
-                    Ok(Delivery::Records(records)) => {
-                        for r in records {
-                            match postcard::from_bytes::<ArrivedPackets>(&r.value) {
-                                Ok(a) => {
-                                    if in_tx.send(a.into_batch()).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) => tracing::error!(cause = %e,
-                                    "skipping a link.in record braid cannot read"),
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(cause = %e, "reading arrived packets failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+        tasks.push(tokio::spawn(read_records(
+            sub,
+            "link.in",
+            async move |batch: Vec<ArrivedPackets>| {
+                for a in batch {
+                    if in_tx.send(a.into_batch()).await.is_err() {
+                        return false;
                     }
                 }
-            }
-        }));
+                true
+            },
+        )));
         let transport = Arc::new(BusTransport {
             bus,
             topic: topics.link_out.clone(),
@@ -161,7 +149,7 @@ pub async fn run_gateway(
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topics: &braid_flow::cluster::FlowTopics,
 ) -> anyhow::Result<Running> {
-    use braid_bus::topics::{Delivery, From};
+    use braid_bus::topics::From;
     let (map, poll) = read_only_map(cfg, data_dir)?;
     let mut tasks = vec![poll];
     let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
@@ -197,53 +185,40 @@ pub async fn run_gateway(
     let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
         .context("configuring the gateway's HTTPS client")?;
     let transport = Arc::new(GatewayTransport::new(client, Arc::new(Counters::default())));
-    let mut sub = bus
+    let sub = bus
         .watch(&[topics.link_out.as_str()], From::End)
         .await
         .context("reading the packets to send")?;
     // POSTs in flight at once, over all peers.
     let slots = Arc::new(tokio::sync::Semaphore::new(64));
-    tasks.push(tokio::spawn(async move {
-        loop {
-            match sub.next().await {
-                Ok(Delivery::Records(records)) => {
-                    for r in records {
-                        let out = match postcard::from_bytes::<PacketsOut>(&r.value) {
-                            Ok(o) => o,
-                            Err(e) => {
-                                tracing::error!(cause = %e, "skipping a link.out record braid cannot read");
-                                continue;
-                            }
-                        };
-                        let Ok(slot) = slots.clone().acquire_owned().await else {
-                            return;
-                        };
-                        let transport = transport.clone();
-                        tokio::spawn(async move {
-                            let to = braid_p2p::PeerAddr {
-                                endpoint: out.endpoint,
-                                tls_leaf: out.tls_leaf,
-                            };
-                            let batch = out
-                                .packets
-                                .into_iter()
-                                .map(|(from, to, bytes)| Packet { from, to, bytes })
-                                .collect();
-                            // Failures are the links' to repair (they
-                            // resend); the transport logs them.
-                            let _ = braid_p2p::Transport::send(&*transport, &to, batch).await;
-                            drop(slot);
-                        });
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(cause = %e, "reading packets to send failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
+    tasks.push(tokio::spawn(read_records(
+        sub,
+        "link.out",
+        async move |batch: Vec<PacketsOut>| {
+            for out in batch {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return false;
+                };
+                let transport = transport.clone();
+                tokio::spawn(async move {
+                    let to = braid_p2p::PeerAddr {
+                        endpoint: out.endpoint,
+                        tls_leaf: out.tls_leaf,
+                    };
+                    let batch = out
+                        .packets
+                        .into_iter()
+                        .map(|(from, to, bytes)| Packet { from, to, bytes })
+                        .collect();
+                    // Failures are the links' to repair (they resend); the
+                    // transport logs them.
+                    let _ = braid_p2p::Transport::send(&*transport, &to, batch).await;
+                    drop(slot);
+                });
             }
-        }
-    }));
+            true
+        },
+    )));
     Ok(Running {
         tasks,
         _links: None,
@@ -363,42 +338,21 @@ pub async fn feed_links(
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topic: String,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    use braid_bus::topics::{Delivery, From};
-    let mut sub = bus
+    use braid_bus::topics::From;
+    let sub = bus
         .watch(&[topic.as_str()], From::End)
         .await
         .context("reading the messages for other nodes")?;
     let reader = {
         let port = port.clone();
-        tokio::spawn(async move {
-            loop {
-                match sub.next().await {
-                    Ok(Delivery::Records(records)) => {
-                        let batch: Vec<_> = records
-                            .iter()
-                            .filter_map(|r| match braid_flow::cluster::decode_p2p(&r.value) {
-                                Ok(m) => Some(m),
-                                Err(e) => {
-                                    tracing::error!(
-                                        partition = r.partition,
-                                        offset = r.offset,
-                                        cause = %e,
-                                        "skipping a p2p.out record braid cannot read"
-                                    );
-                                    None
-                                }
-                            })
-                            .collect();
-                        port.send(batch);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(cause = %e, "reading messages for other nodes failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        })
+        tokio::spawn(read_records(
+            sub,
+            "p2p.out",
+            async move |batch: Vec<braid_types::SessionMessage>| {
+                port.send(batch);
+                true
+            },
+        ))
     };
     let sweeper = tokio::spawn(async move {
         let mut every = tokio::time::interval(OUTBOX_SWEEP);
@@ -432,4 +386,39 @@ pub async fn feed_links(
         }
     });
     Ok(vec![reader, sweeper])
+}
+
+/// Reads `sub` until `each` returns false: every batch of records, each
+/// decoded as a `T` (one braid cannot read is logged and skipped), in
+/// order; a failed read is logged and retried after half a second.
+async fn read_records<T: serde::de::DeserializeOwned>(
+    mut sub: Box<dyn braid_bus::topics::Subscription>,
+    topic: &'static str,
+    mut each: impl AsyncFnMut(Vec<T>) -> bool,
+) {
+    loop {
+        match sub.next().await {
+            Ok(braid_bus::topics::Delivery::Records(records)) => {
+                let batch = records
+                    .iter()
+                    .filter_map(|r| match postcard::from_bytes::<T>(&r.value) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            tracing::error!(topic, partition = r.partition, offset = r.offset,
+                                cause = %e, "skipping a record braid cannot read");
+                            None
+                        }
+                    })
+                    .collect();
+                if !each(batch).await {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(topic, cause = %e, "reading the topic failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }
