@@ -137,7 +137,13 @@ pub struct ClusterConfig {
     /// Where messages for vnodes of other nodes go (in a network): the
     /// membership and [`FlowTopics::p2p_out`].
     pub remote: Option<Arc<dyn crate::Remote>>,
+    /// How often a flow worker looks in the store for work of its
+    /// partitions that the event topic did not bring (see `sweeper`).
+    pub sweep: Duration,
 }
+
+/// The usual [`ClusterConfig::sweep`].
+pub const SWEEP: Duration = Duration::from_secs(5);
 
 /// A record of [`FlowTopics::p2p_out`]: `m` (postcard), keyed by its pair
 /// of vnodes.
@@ -588,6 +594,103 @@ impl FlowWorker {
     }
 }
 
+/// What a sweep saw in the outbox, to deliver at the next one if still
+/// there.
+#[derive(Default)]
+struct Seen {
+    messages: HashSet<Vec<u8>>,
+}
+
+/// Every [`ClusterConfig::sweep`], looks in the store for work of this
+/// worker's partitions that the event topic did not bring, and does it:
+///
+/// - messages in an outbox for flows of its partitions, still there at two
+///   sweeps in a row (their record on the event topic was lost: the
+///   process that committed them died before publishing it, or the bus
+///   lost it);
+/// - flows still `START_REQUESTED` older than a sweep that it does not
+///   know (the REST worker died between writing the start and publishing
+///   it).
+///
+/// Doing one twice is harmless: receivers drop duplicate messages by
+/// sequence number, and a flow already known is not started again.
+async fn sweeper(w: FlowWorker) {
+    let every = w.inner.cluster.as_ref().expect("cluster mode").config.sweep;
+    let mut seen = Seen::default();
+    loop {
+        tokio::time::sleep(every).await;
+        if w.stopped() {
+            return;
+        }
+        if let Err(e) = w.sweep_once(&mut seen, every).await
+            && let Some(note) = crate::FAULT_LOGS.allow("sweep")
+        {
+            tracing::warn!(cause = %e, "could not look for work the event topic did not bring{note}");
+        }
+    }
+}
+
+impl FlowWorker {
+    async fn sweep_once(
+        &self,
+        seen: &mut Seen,
+        every: Duration,
+    ) -> Result<(), braid_storage::StoreError> {
+        let owned: HashSet<u16> = self.inner.lock().owned.keys().copied().collect();
+        if owned.is_empty() {
+            *seen = Seen::default();
+            return Ok(());
+        }
+        let outbox = self.inner.store.outbox().await?;
+        let mut messages = HashSet::new();
+        let mut due = Vec::new();
+        {
+            let st = self.inner.lock();
+            for m in outbox {
+                // Messages for other nodes are the link manager's.
+                if !st.vnodes.contains_key(&m.to.holding)
+                    || !owned.contains(&self.partition(&m.destination_flow()))
+                {
+                    continue;
+                }
+                let key = m.key();
+                if seen.messages.contains(&key) {
+                    due.push(m);
+                }
+                messages.insert(key);
+            }
+        }
+        seen.messages = messages;
+        if !due.is_empty() {
+            tracing::info!(
+                messages = due.len(),
+                "delivering messages from the outbox that the event topic did not bring"
+            );
+            crate::delivery::deliver(self, &due, false).await?;
+        }
+        let cutoff = now_millis().saturating_sub(every.as_millis() as u64);
+        let mut started = 0usize;
+        for r in self.inner.store.stale_starts(cutoff, 10_000).await? {
+            if !owned.contains(&self.partition(&r.id))
+                || self.inner.lock().flows.contains_key(&r.id)
+            {
+                continue;
+            }
+            if self.adopt(r.id).await? {
+                self.schedule(r.id);
+                started += 1;
+            }
+        }
+        if started > 0 {
+            tracing::info!(
+                flows = started,
+                "starting flows whose start the event topic did not bring"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Says, in the store, that this flow worker is alive, every sixth of the
 /// liveness period.
 async fn heartbeat(w: FlowWorker) {
@@ -801,6 +904,7 @@ pub(crate) async fn start(w: &FlowWorker) -> anyhow::Result<()> {
         );
         w.inner.store.write(vec![op]).await?;
         tokio::spawn(heartbeat(w.clone()));
+        tokio::spawn(sweeper(w.clone()));
         let sub = bus.subscribe(FLOW_GROUP, &[t.event.as_str()]).await?;
         tokio::spawn(consume(w.clone(), sub));
     }

@@ -19,28 +19,38 @@
 //!
 //! Modules: `state` (the in-memory state), `run` (scheduling, eviction,
 //! checkpoints), `delivery` (messages into flows), `flows` (client
-//! requests), `vnodes` (packages and vnodes), `retention`, [`events`]
-//! (the status-change log streams read), [`metrics`].
+//! requests), `vnodes` (packages and vnodes), `retention`, [`metrics`],
+//! [`cluster`] (cluster mode), `lifecycle` ([`run`]: the worker on its
+//! own), `service` (the worker as the REST worker's
+//! [`braid_api::FlowService`]), `settings` ([`FlowArgs`]). The status-change
+//! log streams read, [`events`], is in `braid-api`.
 
 use braid_bus::{Bus, BusReceiver};
 use braid_runtime::Runtime;
-use braid_storage::{Store, StoreError};
+use braid_storage::Store;
 use braid_types::{SessionMessage, X500Name};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 pub mod cluster;
 mod delivery;
-pub mod events;
 mod flows;
+mod lifecycle;
 pub mod metrics;
 mod retention;
 mod run;
+mod service;
+mod settings;
 mod state;
 mod vnodes;
 
-pub use events::{EventLog, StatusChange, StatusEvent};
+pub use braid_api::{
+    EventLog, MemberSummary, Network, NetworkSummary, StatusChange, StatusEvent, WorkerError,
+    events,
+};
+pub use lifecycle::{DRAIN, FlowBus, FlowDeps, run, start};
 pub use metrics::{FlowEvent, Histogram, Metrics};
+pub use settings::FlowArgs;
 use state::State;
 
 /// Lines about store faults the worker retries through: one per flow and
@@ -48,27 +58,6 @@ use state::State;
 /// minute, saying how many were left out.
 static FAULT_LOGS: braid_types::log_limit::LogLimiter =
     braid_types::log_limit::LogLimiter::new(10, Duration::from_secs(60));
-
-/// A request the worker refuses; each maps to a 4xx.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WorkerError {
-    /// Something named does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// It exists already.
-    #[error("{0}")]
-    Conflict(String),
-    /// The request is not acceptable as it stands.
-    #[error("{0}")]
-    Invalid(String),
-    /// The store failed; retry later.
-    #[error("{0}")]
-    Store(#[from] StoreError),
-    /// The worker cannot take this now; retry later.
-    #[error("{0}")]
-    Busy(String),
-}
 
 /// The link manager, as the flow worker sees it: who is a member of the
 /// network beyond this node, and where messages for vnodes of other nodes go.
@@ -79,45 +68,6 @@ pub trait Remote: Send + Sync + 'static {
     /// nodes. The link manager calls [`FlowWorker::remote_delivered`] once
     /// the peer holds them durably, or [`FlowWorker::remote_failed`].
     fn send(&self, messages: Vec<SessionMessage>);
-}
-
-/// One member of the network map, as the REST API shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemberSummary {
-    /// X.500 name.
-    pub name: String,
-    /// Its gateway.
-    pub endpoint: String,
-    /// Its record's serial.
-    pub serial: u64,
-    /// Its platform version.
-    pub platform_version: u32,
-}
-
-/// This node's view of its application network.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkSummary {
-    /// The network's name.
-    pub group: String,
-    /// Version of the network map this node holds (0: none yet).
-    pub map_version: u64,
-    /// Members in that map.
-    pub members: Vec<MemberSummary>,
-    /// Whether this node runs the network-map (operator) role.
-    pub operator: bool,
-}
-
-/// The node's network services, for the REST API and metrics.
-#[async_trait::async_trait]
-pub trait Network: Send + Sync + 'static {
-    /// The map as this node holds it.
-    fn summary(&self) -> NetworkSummary;
-    /// Registrations waiting for the operator's approval (operator only).
-    fn pending(&self) -> Result<Vec<MemberSummary>, WorkerError>;
-    /// Approves a pending registration (operator only).
-    async fn approve(&self, name: &X500Name) -> Result<(), WorkerError>;
-    /// Appends Prometheus metrics of the link manager and the gateway.
-    fn render_metrics(&self, out: &mut String);
 }
 
 /// Flow worker settings.

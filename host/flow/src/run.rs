@@ -386,7 +386,11 @@ impl FlowWorker {
             }
             st.instances += 1;
             let instance = st.instances;
-            st.live.insert(
+            // An instance of a partition given up and taken again may
+            // still be on its way out: it can no longer commit (it is not
+            // the flow's instance any more), and its eviction no longer
+            // counts.
+            if let Some(old) = st.live.insert(
                 id,
                 Live {
                     events: tx,
@@ -394,7 +398,10 @@ impl FlowWorker {
                     kill: kill.clone(),
                     instance,
                 },
-            );
+            ) && old.evicting
+            {
+                st.evicting -= 1;
+            }
             tokio::spawn(drive(self.clone(), id, instance, rx, kill));
         }
         let mut want = st.queue.len().saturating_sub(st.evicting);

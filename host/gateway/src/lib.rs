@@ -21,10 +21,12 @@
 
 pub mod client;
 pub mod server;
+pub mod settings;
 pub mod tls;
 pub mod wire;
 
 pub use client::{ClientConfig, GatewayClient, SendError};
 pub use server::{GatewayServer, Inbound, PeerCheck, PeerInfo, ServerConfig};
+pub use settings::GatewayArgs;
 pub use tls::{RevocationMode, TlsError, TlsMaterial};
 pub use wire::{Envelope, WireError, decode_batch, encode_batch};

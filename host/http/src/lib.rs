@@ -104,6 +104,18 @@ impl Limits {
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 }
 
+/// File descriptors a process keeps back for everything but client
+/// connections (the store, compiled packages, outgoing connections, logs).
+pub const RESERVED_FDS: u64 = 256;
+
+/// The default connection limit of each server in a process allowed
+/// `fd_limit` open files: a quarter of what is left after
+/// [`RESERVED_FDS`], between 64 and 4096 (a few KiB of buffers per
+/// connection; past that, memory rather than descriptors is the bound).
+pub fn default_max_connections(fd_limit: u64) -> u64 {
+    (fd_limit.saturating_sub(RESERVED_FDS) / 4).clamp(64, 4096)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

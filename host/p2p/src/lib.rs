@@ -265,11 +265,54 @@ impl Default for P2pConfig {
     fn default() -> Self {
         Self {
             link: LinkConfig::default(),
-            ttl: Duration::from_secs(24 * 3600),
+            ttl: Duration::from_secs(DEFAULT_TTL_SECS),
             max_batch_bytes: 1 << 20,
             max_batch_packets: 256,
             per_peer_requests: 8,
             per_peer_queue: 65536,
+        }
+    }
+}
+
+/// A message's default time to live, seconds (a day).
+pub const DEFAULT_TTL_SECS: u64 = 86_400;
+
+/// The link manager's settings (flags of `braid node start`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct LinkArgs {
+    /// A message to another node not acknowledged within this many seconds
+    /// is given up on and its flow's session fails.
+    #[arg(long, env = "BRAID_MESSAGE_TTL_SECS", default_value_t = DEFAULT_TTL_SECS)]
+    pub message_ttl_secs: u64,
+    /// Re-key a link session after sealing this many packets (it is also
+    /// re-keyed after an hour).
+    #[arg(long, env = "BRAID_LINK_REKEY_PACKETS", default_value_t = 1 << 20)]
+    pub link_rekey_packets: u64,
+}
+
+impl Default for LinkArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        braid_types::settings::defaults()
+    }
+}
+
+impl LinkArgs {
+    /// A message's time to live.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.message_ttl_secs)
+    }
+
+    /// The link manager's config: these settings, the rest at their
+    /// defaults.
+    pub fn config(&self) -> P2pConfig {
+        P2pConfig {
+            ttl: self.ttl(),
+            link: LinkConfig {
+                rekey_after_packets: self.link_rekey_packets.max(1),
+                ..LinkConfig::default()
+            },
+            ..P2pConfig::default()
         }
     }
 }

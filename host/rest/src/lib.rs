@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use braid_flow::{FlowWorker, StatusChange, WorkerError};
+use braid_api::{FlowService, StatusChange, WorkerError};
 use braid_storage::{FlowRecord, PackageRecord, VnodeRecord};
 use braid_types::{
     Checksum, ClientRequestId, FlowFailure, FlowId, FlowStart, FlowStatus, HoldingId, X500Name,
@@ -38,11 +38,15 @@ mod packages;
 pub mod page;
 mod rbac;
 mod server;
+mod settings;
 mod stream;
 pub mod tls;
 mod vnodes;
+mod worker;
 pub use auth::{Auth, AuthStore, Principal};
-pub use server::{NAMES, ServerLimits, run, run_tls};
+pub use server::{NAMES, ServerLimits, serve, serve_tls};
+pub use settings::RestArgs;
+pub use worker::{DEFAULT_ADDR, RestDeps, run};
 
 /// Largest package upload.
 pub const MAX_PACKAGE_BYTES: usize = 32 << 20;
@@ -146,7 +150,7 @@ fn body_error(r: BytesRejection) -> ApiError {
 
 #[derive(Clone)]
 struct Ctx {
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     auth: Arc<Auth>,
 }
 
@@ -186,7 +190,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
 /// (`404`, `405`), then authorization of the matched operation (`403`).
 /// Serve it with connect info (`into_make_service_with_connect_info::<SocketAddr>`)
 /// so that failed logins are throttled per source address.
-pub fn router(worker: FlowWorker, auth: Arc<Auth>) -> Router {
+pub fn router(worker: Arc<dyn FlowService>, auth: Arc<Auth>) -> Router {
     let ctx = Ctx { worker, auth };
     let (routes, _) = api_routes().split_for_parts();
     routes
@@ -255,8 +259,8 @@ fn timestamp(ms: u64) -> String {
         .unwrap_or_else(|| format!("{ms} ms after 1970"))
 }
 
-static REST_LATENCY: std::sync::LazyLock<braid_flow::Histogram> =
-    std::sync::LazyLock::new(braid_flow::Histogram::default);
+static REST_LATENCY: std::sync::LazyLock<braid_api::Histogram> =
+    std::sync::LazyLock::new(braid_api::Histogram::default);
 
 async fn observe_latency(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let t = std::time::Instant::now();

@@ -6,7 +6,7 @@ use crate::{ApiError, Ctx};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use braid_flow::MemberSummary;
+use braid_api::MemberSummary;
 use braid_types::X500Name;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -82,7 +82,7 @@ fn page_of(
 }
 
 /// The node's network services if it runs the network-map role.
-fn operator(c: &Ctx) -> Result<&std::sync::Arc<dyn braid_flow::Network>, ApiError> {
+fn operator(c: &Ctx) -> Result<&std::sync::Arc<dyn braid_api::Network>, ApiError> {
     c.worker
         .network()
         .filter(|n| n.summary().operator)

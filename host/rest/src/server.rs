@@ -1,5 +1,5 @@
-//! Serving the API: [`run`] (plain HTTP, loopback only by the binary's
-//! rule) and [`run_tls`] on [`braid_http`], which bounds the connections
+//! Serving the API on a listener: [`serve`] (plain HTTP, loopback only by
+//! [`crate::run`]'s rule) and [`serve_tls`] on [`braid_http`], which bounds the connections
 //! and times out clients that stall (TLS handshake, request header, idle
 //! keep-alive, request body, writes); see [`ServerLimits`].
 //!
@@ -13,7 +13,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use axum::response::IntoResponse as _;
-use braid_flow::FlowWorker;
+use braid_api::FlowService;
 use braid_http::{Handler, Names, Peer, RequestBody, Server};
 use tokio::net::TcpListener;
 
@@ -41,10 +41,10 @@ impl Handler for Api {
 
 /// Serves the API over plain HTTP on `listener` until `shutdown`
 /// completes, then shuts down gracefully (see [`braid_http`]).
-pub async fn run(
+pub async fn serve(
     listener: TcpListener,
     limits: ServerLimits,
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     auth: Arc<Auth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -56,11 +56,11 @@ pub async fn run(
 /// Serves the API over HTTPS on `listener` until `shutdown` completes,
 /// then shuts down gracefully; `tls` comes from
 /// [`crate::tls::server_config`].
-pub async fn run_tls(
+pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     limits: ServerLimits,
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     auth: Arc<Auth>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -10,11 +10,12 @@ use crate::flows::change_view;
 use axum::http::HeaderMap;
 use axum::response::Sse;
 use axum::response::sse::{Event, KeepAlive, KeepAliveStream};
-use braid_flow::{EventLog, FlowWorker, StatusChange};
+use braid_api::{EventLog, FlowService, StatusChange};
 use braid_storage::FlowRecord;
 use braid_types::{FlowId, HoldingId};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 /// The boxed event stream the handlers return.
 pub(crate) type SseStream =
@@ -83,7 +84,7 @@ enum Target {
 }
 
 struct Follow {
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     target: Target,
     cursor: u64,
     pending: VecDeque<Event>,
@@ -173,7 +174,7 @@ impl Follow {
 }
 
 impl Follow {
-    fn new(worker: &FlowWorker, target: Target) -> Follow {
+    fn new(worker: &Arc<dyn FlowService>, target: Target) -> Follow {
         Follow {
             target,
             cursor: 0,
@@ -198,7 +199,7 @@ fn into_sse(f: Follow) -> Sse<KeepAliveStream<SseStream>> {
 /// A stream of one flow's changes, starting with its current status
 /// (unless resuming), ending when it ends.
 pub(crate) fn follow_flow(
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     current: FlowRecord,
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {
@@ -233,7 +234,7 @@ pub(crate) fn follow_flow(
 
 /// A stream of a vnode's flows' changes; it never ends.
 pub(crate) fn follow_vnode(
-    worker: FlowWorker,
+    worker: Arc<dyn FlowService>,
     holding: HoldingId,
     resume: Resume,
 ) -> Sse<KeepAliveStream<SseStream>> {

@@ -41,6 +41,7 @@ macro_rules! conformance_tests {
             pages_cover_every_flow_once_in_creation_order,
             pages_and_cursors_are_exact,
             finished_before_lists_ended_flows_by_end_time,
+            stale_starts_are_the_old_unstarted_flows,
             flow_by_client_finds_client_started_flows,
             delete_flow_removes_everything_and_frees_the_client_id,
             a_client_request_id_belongs_to_one_flow,
@@ -667,6 +668,39 @@ pub async fn finished_before_lists_ended_flows_by_end_time(s: Arc<dyn Store>) {
     assert_eq!(s.finished_before(300, 100).await.unwrap(), ended[..1]);
     assert!(s.finished_before(100, 100).await.unwrap().is_empty());
     assert!(s.finished_before(u64::MAX, 0).await.unwrap().is_empty());
+}
+
+/// `stale_starts` lists the flows still `START_REQUESTED` created before
+/// the cutoff, oldest first, of every vnode, responders included; nothing
+/// that ran or ended.
+pub async fn stale_starts_are_the_old_unstarted_flows(s: Arc<dyn Store>) {
+    let (a, b) = (holding("A"), holding("B"));
+    let mut flows = Vec::new();
+    for (i, (h, status, created)) in [
+        (a, FlowStatus::StartRequested, 40),
+        (b, FlowStatus::StartRequested, 10),
+        (a, FlowStatus::Running, 5),
+        (a, FlowStatus::Completed, 7),
+        (b, FlowStatus::StartRequested, 90),
+        (a, FlowStatus::Failed, 8),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        flows.push(flow(h, created, status, &format!("c{i}")));
+    }
+    let mut r = responder(b, 20);
+    r.status = FlowStatus::StartRequested;
+    flows.push(r.clone());
+    ok(&s, flows.iter().map(put).collect()).await;
+    let want = vec![flows[1].clone(), r, flows[0].clone()];
+    assert_eq!(s.stale_starts(50, 100).await.unwrap(), want);
+    assert_eq!(s.stale_starts(50, 2).await.unwrap(), want[..2]);
+    assert_eq!(s.stale_starts(11, 100).await.unwrap(), want[..1]);
+    assert!(s.stale_starts(10, 100).await.unwrap().is_empty());
+    let all = s.stale_starts(u64::MAX, 100).await.unwrap();
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(all[3], flows[4]);
 }
 
 /// `flow_by_client` finds a client-started flow by vnode and client

@@ -374,6 +374,26 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox(&self) -> Result<Vec<SessionMessage>, StoreError> {
         Ok(self.load().await?.outbox)
     }
+    /// Up to `limit` flows still `START_REQUESTED` that were created
+    /// before `before_ms`, oldest first: starts a flow worker may not have
+    /// heard of (the notice on the bus was lost with the process that
+    /// wrote the flow).
+    async fn stale_starts(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<FlowRecord>, StoreError> {
+        let mut v: Vec<FlowRecord> = self
+            .load()
+            .await?
+            .flows
+            .into_iter()
+            .filter(|r| r.status == FlowStatus::StartRequested && r.created_ms < before_ms)
+            .collect();
+        v.sort_by_key(|r| (r.created_ms, r.id));
+        v.truncate(limit);
+        Ok(v)
+    }
     /// A package's bytes.
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError>;
     /// A flow's committed journal.

@@ -657,6 +657,26 @@ impl Store for PostgresStore {
         rows.iter().map(|r| rows::message("outbox", r)).collect()
     }
 
+    async fn stale_starts(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<FlowRecord>, StoreError> {
+        // Among unfinished flows only (their partial index): as many as
+        // are in flight, not every flow kept.
+        let sql = format!(
+            "SELECT {FLOW_COLUMNS} FROM flows WHERE ended_ms IS NULL \
+             AND status = 'START_REQUESTED' AND created_ms < $1 \
+             ORDER BY created_ms, flow_id LIMIT $2"
+        );
+        let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .read(async |c| Self::rows(c, &sql, &[&before, &limit]).await)
+            .await?;
+        rows.iter().map(rows::flow).collect()
+    }
+
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError> {
         let rows = self
             .read(async |c| {

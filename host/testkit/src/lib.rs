@@ -13,12 +13,26 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The repository's root.
+/// The repository's root: the nearest directory holding `scripts/test.sh`
+/// above the running test's package (cargo sets `CARGO_MANIFEST_DIR` for
+/// it), its working directory, or where this crate was compiled. Not the
+/// compile-time path alone: a build cache shared by several checkouts may
+/// hold this crate compiled in another one.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repository root")
+    let candidates = [
+        std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
+        std::env::current_dir().ok(),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    candidates
+        .iter()
+        .flatten()
+        .flat_map(|start| start.ancestors())
+        .find(|d| d.join("scripts/test.sh").is_file() && d.join("Cargo.toml").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| {
+            panic!("no repository root (a directory with scripts/test.sh) above {candidates:?}")
+        })
 }
 
 /// Runs one of the repository's scripts and returns its standard output

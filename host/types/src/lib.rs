@@ -7,6 +7,7 @@
 
 pub mod log_limit;
 pub mod retry;
+pub mod settings;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -4,7 +4,8 @@
 
 use crate::p2p_adapters::{GatewayTransport, MapPeers};
 use anyhow::Context as _;
-use braid_flow::{FlowWorker, MemberSummary, Network, NetworkSummary, Remote, WorkerError};
+use braid_api::{MemberSummary, Network, NetworkSummary, WorkerError};
+use braid_flow::{FlowWorker, Remote};
 use braid_gateway::{ClientConfig, GatewayClient, GatewayServer, RevocationMode, ServerConfig};
 use braid_membership::{
     MapClient, MapClientConfig, MapServer, MapServerConfig, MapView, MemberInfo, NodeNetworkConfig,

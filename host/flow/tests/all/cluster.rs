@@ -19,6 +19,8 @@ use std::time::Duration;
 use crate::{GROUP, package, remote_session};
 
 const PARTITIONS: u16 = 8;
+/// How often the workers look for work the event topic did not bring.
+const SWEEP: Duration = Duration::from_millis(200);
 const ALICE: &str = "O=Alice, L=London, C=GB";
 const BOB: &str = "O=Bob, L=Paris, C=FR";
 const CAROL: &str = "O=Carol, L=Rome, C=IT";
@@ -49,6 +51,7 @@ impl Cluster {
                     owner: "client".into(),
                     liveness: Duration::from_secs(3),
                     remote: None,
+                    sweep: SWEEP,
                 },
             )
             .await
@@ -80,6 +83,7 @@ impl Cluster {
                 owner: name.into(),
                 liveness: Duration::from_secs(3),
                 remote: None,
+                sweep: SWEEP,
             },
         )
         .await
@@ -154,14 +158,33 @@ async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// The proposal ended COMPLETED, accepted by both counterparties.
+async fn assert_accepted(c: &Cluster, id: &FlowId) {
+    let r = c.store.flow(id).await.unwrap().unwrap();
+    assert_eq!(r.status, FlowStatus::Completed, "{id}: {:?}", r.error);
+    let v: serde_json::Value = serde_json::from_str(r.result.as_deref().unwrap()).unwrap();
+    assert_eq!(v["accepted"], true, "{v}");
+}
+
+/// The tally responder's answer (the items it counted) in the inbox of
+/// the initiator flow `initiator`, once there.
+async fn answer(c: &Cluster, initiator: &FlowId) -> Option<Vec<u32>> {
+    c.store
+        .inbox(initiator)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match &m.body {
+            Body::Data(d) if m.seq == 1 => Some(postcard::from_bytes::<Vec<u32>>(d).unwrap()),
+            _ => None,
+        })
+}
+
 /// Every proposal ended COMPLETED, accepted by both counterparties; each
 /// counterparty ran exactly one vote and one receipt per proposal.
 async fn assert_all_accepted(c: &Cluster, ids: &[FlowId]) {
     for id in ids {
-        let r = c.store.flow(id).await.unwrap().unwrap();
-        assert_eq!(r.status, FlowStatus::Completed, "{id}: {:?}", r.error);
-        let v: serde_json::Value = serde_json::from_str(r.result.as_deref().unwrap()).unwrap();
-        assert_eq!(v["accepted"], true, "{v}");
+        assert_accepted(c, id).await;
     }
     for who in [BOB, CAROL] {
         let page = c
@@ -293,18 +316,75 @@ async fn a_sessions_messages_on_the_event_topic_in_reverse_order_wait_for_their_
     // (never started) initiator flow.
     let mut reply = None;
     until("the answer arrived", async || {
-        reply = c
-            .store
-            .inbox(&initiator)
-            .await
-            .unwrap()
-            .into_iter()
-            .find_map(|m| match &m.body {
-                Body::Data(d) if m.seq == 1 => Some(postcard::from_bytes::<Vec<u32>>(d).unwrap()),
-                _ => None,
-            });
+        reply = answer(&c, &initiator).await;
         reply.is_some()
     })
     .await;
     assert_eq!(reply.unwrap(), (0..15).collect::<Vec<u32>>());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn work_that_is_only_in_the_store_is_found_and_done_by_the_sweep() {
+    let c = Cluster::new().await;
+    let w1 = c.worker("w1").await;
+    // Taken over (store read) before the work below is written.
+    until("the worker owns every partition", async || {
+        w1.owned_partitions().len() == usize::from(PARTITIONS)
+    })
+    .await;
+    // A session of Alice's to Bob committed to the outbox, and a start
+    // written to the store, as by a process that died before publishing
+    // either on the event topic: nothing on the bus says they exist.
+    let mut msgs = remote_session(4);
+    let alice: X500Name = ALICE.parse().unwrap();
+    for m in &mut msgs {
+        m.from.holding = holding(ALICE);
+        m.from.name = alice.clone();
+    }
+    let initiator = msgs[0].session.initiator_flow;
+    let responder = msgs[0].destination_flow();
+    let package = c.client.vnode(&holding(ALICE)).unwrap().package;
+    let start = braid_storage::FlowRecord::new(
+        FlowId::random(),
+        holding(ALICE),
+        "propose".into(),
+        package,
+        braid_types::FlowStart::Client {
+            client_request_id: "lost-start".parse().unwrap(),
+            request_body: serde_json::json!({"counterparties": [BOB, CAROL], "proposal": "tea"})
+                .to_string(),
+        },
+        braid_types::now_millis() - 60_000,
+        7,
+    );
+    let mut ops: Vec<braid_storage::Op> = msgs
+        .iter()
+        .map(|m| braid_storage::Op::PutOutbox(Box::new(m.clone())))
+        .collect();
+    ops.push(braid_storage::Op::PutFlow(Box::new(start.clone())));
+    c.store.write(ops).await.unwrap();
+    until("the responder and the proposal ended", async || {
+        all_ended(&c, &[responder, start.id]).await
+    })
+    .await;
+    let r = c.store.flow(&responder).await.unwrap().unwrap();
+    assert_eq!(r.status, FlowStatus::Completed, "{:?}", r.error);
+    assert_accepted(&c, &start.id).await;
+    for who in [BOB, CAROL] {
+        let page = c
+            .store
+            .list_flows(&holding(who), None, None, 1000, 1000)
+            .await
+            .unwrap();
+        let votes = page.flows.iter().filter(|f| f.flow_name == "vote").count();
+        assert_eq!(votes, 1, "{who}: the proposal started once");
+    }
+    // Every message left the outbox, and the responder's answer (every
+    // item, in order) waits for Alice's never-started initiator.
+    until("the outbox is empty", async || {
+        c.store.outbox().await.unwrap().is_empty()
+    })
+    .await;
+    let reply = answer(&c, &initiator).await.expect("the answer");
+    assert_eq!(reply, vec![0, 1, 2, 3]);
 }

@@ -4,7 +4,6 @@
 
 use braid_storage::conformance::Cleanup;
 use braid_store_postgres::{PostgresOptions, PostgresStore};
-use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use tokio_postgres::NoTls;
@@ -13,7 +12,7 @@ use tokio_postgres::NoTls;
 pub fn server_url() -> &'static str {
     static URL: OnceLock<Result<String, String>> = OnceLock::new();
     let url = URL.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres.sh");
+        let script = braid_testkit::repo_root().join("scripts/postgres.sh");
         let out = Command::new("bash")
             .arg(&script)
             .arg("up")
