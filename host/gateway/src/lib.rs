@@ -24,9 +24,11 @@ pub mod server;
 pub mod settings;
 pub mod tls;
 pub mod wire;
+mod worker;
 
 pub use client::{ClientConfig, GatewayClient, SendError};
 pub use server::{GatewayServer, Inbound, PeerCheck, PeerInfo, ServerConfig};
 pub use settings::GatewayArgs;
 pub use tls::{RevocationMode, TlsError, TlsMaterial};
 pub use wire::{Envelope, WireError, decode_batch, encode_batch};
+pub use worker::{GatewayDeps, run};

@@ -670,6 +670,21 @@ impl LinkManager {
     }
 }
 
+/// Runs the link manager with `args` until `shutdown` completes (see
+/// [`LinkManager::spawn`], which a caller that keeps the handle uses
+/// instead). Fails at once if it cannot start (the boot counter in the
+/// store).
+pub async fn run(
+    args: LinkArgs,
+    deps: Deps,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let links = LinkManager::spawn(deps, args.config()).await?;
+    shutdown.await;
+    drop(links);
+    Ok(())
+}
+
 async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,

@@ -145,7 +145,7 @@ pub async fn run_gateway(
     cfg: &NodeNetworkConfig,
     data_dir: &Path,
     store: Arc<dyn braid_storage::Store>,
-    gateway_limits: braid_http::Limits,
+    gateway: &GatewaySetup,
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topics: &braid_flow::cluster::FlowTopics,
 ) -> anyhow::Result<Running> {
@@ -153,7 +153,7 @@ pub async fn run_gateway(
     let (map, poll) = read_only_map(cfg, data_dir)?;
     let mut tasks = vec![poll];
     let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
-    let (_server, more) = serve_gateway(cfg, &map, store, gateway_limits, in_tx).await?;
+    let (_server, more) = serve_gateway(cfg, &map, store, gateway, in_tx).await?;
     tasks.extend(more);
     {
         let (bus, topic) = (bus.clone(), topics.link_in.clone());

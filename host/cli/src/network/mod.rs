@@ -6,7 +6,7 @@ use crate::p2p_adapters::{GatewayTransport, MapPeers};
 use anyhow::Context as _;
 use braid_api::{MemberSummary, Network, NetworkSummary, WorkerError};
 use braid_flow::{FlowWorker, Remote};
-use braid_gateway::{ClientConfig, GatewayClient, GatewayServer, RevocationMode, ServerConfig};
+use braid_gateway::{ClientConfig, GatewayClient, RevocationMode};
 use braid_membership::{
     MapClient, MapClientConfig, MapServer, MapServerConfig, MapView, MemberInfo, NodeNetworkConfig,
     Revocation, SignedMemberInfo, pki,
@@ -29,6 +29,16 @@ mod map_state;
 
 pub use cluster::{cluster_remote, cluster_rest_network, feed_links, run_gateway};
 pub use map_state::StoreMapState;
+
+/// The gateway's settings, and the process's open-file limit (its
+/// default connection limit follows it).
+#[derive(Debug, Clone)]
+pub struct GatewaySetup {
+    /// `--gateway-*` flags.
+    pub args: braid_gateway::GatewayArgs,
+    /// The process's open-file limit.
+    pub fd_limit: u64,
+}
 
 /// What a node prepares before its flow worker starts.
 pub struct Joining {
@@ -98,7 +108,7 @@ impl Joining {
         self,
         cfg: &NodeNetworkConfig,
         worker: FlowWorker,
-        gateway_limits: braid_http::Limits,
+        gateway: &GatewaySetup,
         p2p: P2pConfig,
     ) -> anyhow::Result<Running> {
         let Joining {
@@ -113,7 +123,7 @@ impl Joining {
         // The gateway's server: packets go to the link manager.
         let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
         let (map_server, more) =
-            serve_gateway(cfg, &map, worker.store().clone(), gateway_limits, in_tx).await?;
+            serve_gateway(cfg, &map, worker.store().clone(), gateway, in_tx).await?;
         tasks.extend(more);
         let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
             .context("configuring the gateway's HTTPS client")?;
@@ -181,7 +191,7 @@ async fn serve_gateway(
     cfg: &NodeNetworkConfig,
     map: &Arc<MapClient>,
     store: Arc<dyn braid_storage::Store>,
-    gateway_limits: braid_http::Limits,
+    gateway: &GatewaySetup,
     to_links: mpsc::Sender<InboundBatch>,
 ) -> anyhow::Result<(Option<Arc<MapServer>>, Vec<tokio::task::JoinHandle<()>>)> {
     let mut tasks = Vec::new();
@@ -268,22 +278,35 @@ async fn serve_gateway(
             ))
         }
     };
-    let listener = tokio::net::TcpListener::bind(cfg.gateway_addr)
-        .await
-        .with_context(|| format!("binding the gateway to {}", cfg.gateway_addr))?;
-    let server = GatewayServer::new(
-        ServerConfig {
-            limits: gateway_limits,
-            ..ServerConfig::new(tls, cfg.mutual_tls)
-        },
-        gw_tx,
-        Arc::new(check),
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    let deps = braid_gateway::GatewayDeps {
+        addr: cfg.gateway_addr,
+        tls,
+        mutual_tls: cfg.mutual_tls,
+        inbound: gw_tx,
+        peers: Arc::new(check),
         extra,
-    )
-    .context("configuring the gateway's HTTPS server")?;
+        fd_limit: gateway.fd_limit,
+        ready: Some(ready),
+    };
+    let mut server = tokio::spawn(braid_gateway::run(
+        gateway.args.clone(),
+        deps,
+        std::future::pending(),
+    ));
+    if listening.await.is_err() {
+        // It ended before it listened: say why.
+        return Err(match (&mut server).await {
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Ok(Ok(())) => anyhow::anyhow!("the gateway stopped before it listened"),
+            Err(e) => anyhow::anyhow!("the gateway's task failed: {e}"),
+        });
+    }
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = server.run(listener).await {
-            tracing::error!(cause = %e, "the gateway stopped");
+        match server.await {
+            Ok(Err(e)) => tracing::error!(cause = %e, "the gateway stopped"),
+            Err(e) if !e.is_cancelled() => tracing::error!(cause = %e, "the gateway's task failed"),
+            _ => {}
         }
     }));
     tracing::info!(addr = %cfg.gateway_addr, endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");

@@ -116,6 +116,10 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     let rest_limits = args.rest.limits(fd_limit);
     let rest_drain = rest_limits.shutdown_grace + Duration::from_secs(2);
     let gateway_limits = args.gateway.limits(fd_limit);
+    let gateway_setup = crate::network::GatewaySetup {
+        args: (*args.gateway).clone(),
+        fd_limit,
+    };
     let wanted = (rest_limits.max_connections as u64).saturating_add(if net.is_some() {
         gateway_limits.max_connections as u64
     } else {
@@ -197,7 +201,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
                 n,
                 dir,
                 store.clone(),
-                gateway_limits.clone(),
+                &gateway_setup,
                 bus.clone(),
                 topics,
             )
@@ -208,13 +212,8 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             let j = crate::network::Joining::prepare(n, dir)?;
             let port = j.remote();
             let mut r = if gateway {
-                j.start(
-                    n,
-                    worker.clone(),
-                    gateway_limits.clone(),
-                    p2p_config.clone(),
-                )
-                .await?
+                j.start(n, worker.clone(), &gateway_setup, p2p_config.clone())
+                    .await?
             } else {
                 j.start_links_on_bus(n, worker.clone(), p2p_config.clone(), bus.clone(), topics)
                     .await?
@@ -274,7 +273,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     }
     let network = match (joining, &net) {
         (Some(j), Some(n)) => Some(
-            j.start(n, worker.clone(), gateway_limits, p2p_config)
+            j.start(n, worker.clone(), &gateway_setup, p2p_config)
                 .await?,
         ),
         _ => services,

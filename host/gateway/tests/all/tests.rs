@@ -626,3 +626,55 @@ async fn each_rejection_logs_one_line_with_peer_and_reason() {
         assert!(line.contains(reason), "{line}");
     }
 }
+
+#[tokio::test]
+async fn the_gateway_alone_serves_until_shutdown_and_refuses_an_address_in_use() {
+    let net = Net::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let (ready, listening) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let tls = net
+        .server
+        .material(&net.ca, Some(&net.crl()), RevocationMode::Hard);
+    let deps = |tls, inbound, ready| braid_gateway::GatewayDeps {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        tls,
+        mutual_tls: true,
+        inbound,
+        peers: allow_all(),
+        extra: axum::Router::new(),
+        fd_limit: 1024,
+        ready,
+    };
+    let server = tokio::spawn(braid_gateway::run(
+        braid_gateway::GatewayArgs::default(),
+        deps(tls.clone(), tx.clone(), Some(ready)),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let addr = listening.await.expect("it listens");
+    let c = client(net.client_tls(&net.alice), true);
+    let b = batch(2);
+    c.send(
+        &format!("https://{addr}"),
+        Some(net.server.der.as_ref()),
+        &b,
+    )
+    .await
+    .unwrap();
+    assert_eq!(rx.recv().await.unwrap().envelopes, b);
+    // A second one on the same address fails at once, saying why.
+    let mut taken = deps(tls, tx, None);
+    taken.addr = addr;
+    let e = braid_gateway::run(
+        braid_gateway::GatewayArgs::default(),
+        taken,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("binding the gateway"), "{e}");
+    stop.send(()).unwrap();
+    server.await.unwrap().expect("a clean stop");
+}
