@@ -610,7 +610,8 @@ struct Seen {
 ///   lost it);
 /// - flows still `START_REQUESTED` older than a sweep that it does not
 ///   know (the REST worker died between writing the start and publishing
-///   it).
+///   it);
+/// - kills requested (in the store) that it has not heard of.
 ///
 /// Doing one twice is harmless: receivers drop duplicate messages by
 /// sequence number, and a flow already known is not started again.
@@ -685,6 +686,22 @@ impl FlowWorker {
             tracing::info!(
                 flows = started,
                 "starting flows whose start the event topic did not bring"
+            );
+        }
+        let mut killed = 0usize;
+        for (id, reason) in self.inner.store.kills().await? {
+            if !owned.contains(&self.partition(&id)) || self.inner.lock().kills.contains_key(&id) {
+                continue;
+            }
+            if self.adopt(id).await? {
+                self.kill_here(id, reason);
+                killed += 1;
+            }
+        }
+        if killed > 0 {
+            tracing::info!(
+                flows = killed,
+                "killing flows whose kill the event topic did not bring"
             );
         }
         Ok(())

@@ -672,7 +672,7 @@ pub async fn finished_before_lists_ended_flows_by_end_time(s: Arc<dyn Store>) {
 
 /// `stale_starts` lists the flows still `START_REQUESTED` created before
 /// the cutoff, oldest first, of every vnode, responders included; nothing
-/// that ran or ended.
+/// that ran or ended. `kills` lists the kills requested, by flow id.
 pub async fn stale_starts_are_the_old_unstarted_flows(s: Arc<dyn Store>) {
     let (a, b) = (holding("A"), holding("B"));
     let mut flows = Vec::new();
@@ -701,6 +701,26 @@ pub async fn stale_starts_are_the_old_unstarted_flows(s: Arc<dyn Store>) {
     let all = s.stale_starts(u64::MAX, 100).await.unwrap();
     assert_eq!(all.len(), 4, "{all:?}");
     assert_eq!(all[3], flows[4]);
+    // Kills requested, as the sweep reads them.
+    ok(
+        &s,
+        vec![
+            Op::PutKill(flows[0].id, "first".into()),
+            Op::PutKill(flows[4].id, "second".into()),
+        ],
+    )
+    .await;
+    let mut want = vec![
+        (flows[0].id, "first".to_string()),
+        (flows[4].id, "second".to_string()),
+    ];
+    want.sort();
+    assert_eq!(s.kills().await.unwrap(), want);
+    ok(&s, vec![Op::DeleteKill(flows[0].id)]).await;
+    assert_eq!(
+        s.kills().await.unwrap(),
+        vec![(flows[4].id, "second".to_string())]
+    );
 }
 
 /// `flow_by_client` finds a client-started flow by vnode and client

@@ -394,6 +394,11 @@ pub trait Store: Send + Sync + 'static {
         v.truncate(limit);
         Ok(v)
     }
+    /// Every kill requested and not yet carried out (flow, reason), by
+    /// flow id.
+    async fn kills(&self) -> Result<Vec<(FlowId, String)>, StoreError> {
+        Ok(self.load().await?.kills)
+    }
     /// A package's bytes.
     async fn package_bytes(&self, checksum: &Checksum) -> Result<Option<Vec<u8>>, StoreError>;
     /// A flow's committed journal.

@@ -657,6 +657,23 @@ impl Store for PostgresStore {
         rows.iter().map(|r| rows::message("outbox", r)).collect()
     }
 
+    async fn kills(&self) -> Result<Vec<(FlowId, String)>, StoreError> {
+        let rows = self
+            .read(async |c| {
+                Self::rows(c, "SELECT flow_id, reason FROM kills ORDER BY flow_id", &[]).await
+            })
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let reason: Vec<u8> = row.try_get(1).map_err(|e| rows::corrupt("kills", e))?;
+                Ok((
+                    rows::flow_id("kills", row, 0)?,
+                    String::from_utf8_lossy(&reason).into_owned(),
+                ))
+            })
+            .collect()
+    }
+
     async fn stale_starts(
         &self,
         before_ms: u64,
