@@ -197,6 +197,9 @@ pub(crate) struct Cluster {
     out: mpsc::UnboundedSender<(String, Vec<Outgoing>)>,
     /// When the catalog was last reloaded for a name nobody knew.
     caught_up: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// The store's count of flows with early messages, and when it was
+    /// taken.
+    pub early_count: tokio::sync::Mutex<Option<(std::time::Instant, usize)>>,
 }
 
 /// How often an unknown name or vnode reloads the catalog at most.
@@ -211,6 +214,7 @@ impl Cluster {
             config,
             out,
             caught_up: tokio::sync::Mutex::new(None),
+            early_count: tokio::sync::Mutex::new(None),
         }
     }
 

@@ -16,7 +16,11 @@ use std::collections::HashMap;
 /// sender retries), so that a peer cannot fill the disk with messages for
 /// sessions that never start. Messages from this node's own flows are
 /// always kept.
-pub(crate) const MAX_EARLY_FLOWS: usize = 10_000;
+pub const MAX_EARLY_FLOWS: usize = 10_000;
+
+/// How long a cluster's count of flows with early messages is used
+/// before it is counted again.
+pub(crate) const EARLY_RECOUNT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A delivery that must wait: too many flows have early messages waiting.
 #[derive(Debug)]
@@ -241,6 +245,7 @@ impl FlowWorker {
                     m.to.name, m.to.holding
                 )));
             }
+            self.refuse_early_past_bound(batch).await?;
             let records = batch
                 .iter()
                 .map(|m| crate::cluster::Input::Message(Box::new(m.clone())).record())
@@ -276,6 +281,47 @@ impl FlowWorker {
             }
         }
         d.commit(self).await?;
+        Ok(())
+    }
+
+    /// In a cluster the flows with early messages from other nodes are in
+    /// the partitions of several workers: the store counts them (at most
+    /// once per [`EARLY_RECOUNT`]). Past [`MAX_EARLY_FLOWS`], a message of
+    /// `batch` that would wait for its session-init (none in the batch, no
+    /// flow in the store) is refused, `Busy`, so its sender retries, as in
+    /// an embedded node.
+    async fn refuse_early_past_bound(&self, batch: &[SessionMessage]) -> Result<(), WorkerError> {
+        let Some(c) = &self.inner.cluster else {
+            return Ok(());
+        };
+        let early = {
+            let mut count = c.early_count.lock().await;
+            match *count {
+                Some((at, n)) if at.elapsed() < EARLY_RECOUNT => n,
+                _ => {
+                    let n = self.inner.store.early_flows().await?;
+                    *count = Some((std::time::Instant::now(), n));
+                    n
+                }
+            }
+        };
+        if early < MAX_EARLY_FLOWS {
+            return Ok(());
+        }
+        for m in batch.iter().filter(|m| m.init.is_none()) {
+            let dest = m.destination_flow();
+            if batch
+                .iter()
+                .any(|i| i.init.is_some() && i.destination_flow() == dest)
+            {
+                continue;
+            }
+            if self.inner.store.flow(&dest).await?.is_none() {
+                return Err(WorkerError::Busy(format!(
+                    "{early} sessions have messages waiting for their session-init; retry later"
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -48,6 +48,7 @@ pub use braid_api::{
     EventLog, MemberSummary, Network, NetworkSummary, StatusChange, StatusEvent, WorkerError,
     events,
 };
+pub use delivery::MAX_EARLY_FLOWS;
 pub use lifecycle::{DRAIN, FlowBus, FlowDeps, run, start};
 pub use metrics::{FlowEvent, Histogram, Metrics};
 pub use settings::FlowArgs;

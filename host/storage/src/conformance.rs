@@ -42,6 +42,7 @@ macro_rules! conformance_tests {
             pages_and_cursors_are_exact,
             finished_before_lists_ended_flows_by_end_time,
             stale_starts_are_the_old_unstarted_flows,
+            early_flows_are_inboxes_without_a_flow,
             flow_by_client_finds_client_started_flows,
             delete_flow_removes_everything_and_frees_the_client_id,
             a_client_request_id_belongs_to_one_flow,
@@ -721,6 +722,33 @@ pub async fn stale_starts_are_the_old_unstarted_flows(s: Arc<dyn Store>) {
         s.kills().await.unwrap(),
         vec![(flows[4].id, "second".to_string())]
     );
+}
+
+/// `early_flows` counts the flows with messages in their inbox and no
+/// record: not the messages, and not flows that exist.
+pub async fn early_flows_are_inboxes_without_a_flow(s: Arc<dyn Store>) {
+    assert_eq!(s.early_flows().await.unwrap(), 0);
+    let known = flow(holding("A"), 1, FlowStatus::Running, "known");
+    let (x, y) = (FlowId::random(), FlowId::random());
+    ok(
+        &s,
+        vec![
+            put(&known),
+            Op::PutInbox(Box::new(msg(known.id, 1))),
+            Op::PutInbox(Box::new(msg(x, 1))),
+            Op::PutInbox(Box::new(msg(x, 2))),
+            Op::PutInbox(Box::new(msg(y, 5))),
+        ],
+    )
+    .await;
+    assert_eq!(s.early_flows().await.unwrap(), 2);
+    // The init came for x: its flow exists now.
+    let mut started = flow(holding("A"), 2, FlowStatus::StartRequested, "x");
+    started.id = x;
+    ok(&s, vec![put(&started)]).await;
+    assert_eq!(s.early_flows().await.unwrap(), 1);
+    ok(&s, vec![Op::DeleteFlowInbox(y)]).await;
+    assert_eq!(s.early_flows().await.unwrap(), 0);
 }
 
 /// `flow_by_client` finds a client-started flow by vnode and client

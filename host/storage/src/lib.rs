@@ -394,6 +394,17 @@ pub trait Store: Send + Sync + 'static {
         v.truncate(limit);
         Ok(v)
     }
+    /// How many flows have messages in their inbox but no record (the
+    /// messages came before their session-init).
+    async fn early_flows(&self) -> Result<usize, StoreError> {
+        let snap = self.load().await?;
+        let known: std::collections::HashSet<FlowId> = snap.flows.iter().map(|r| r.id).collect();
+        Ok(snap
+            .inbox_flows
+            .iter()
+            .filter(|id| !known.contains(id))
+            .count())
+    }
     /// Every kill requested and not yet carried out (flow, reason), by
     /// flow id.
     async fn kills(&self) -> Result<Vec<(FlowId, String)>, StoreError> {

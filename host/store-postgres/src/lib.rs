@@ -657,6 +657,27 @@ impl Store for PostgresStore {
         rows.iter().map(|r| rows::message("outbox", r)).collect()
     }
 
+    async fn early_flows(&self) -> Result<usize, StoreError> {
+        let rows = self
+            .read(async |c| {
+                Self::rows(
+                    c,
+                    "SELECT count(DISTINCT i.flow_id) FROM inbox i \
+                     WHERE NOT EXISTS (SELECT 1 FROM flows f WHERE f.flow_id = i.flow_id)",
+                    &[],
+                )
+                .await
+            })
+            .await?;
+        let n: i64 = rows
+            .first()
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(|e| rows::corrupt("inbox", e))?
+            .unwrap_or(0);
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
     async fn kills(&self) -> Result<Vec<(FlowId, String)>, StoreError> {
         let rows = self
             .read(async |c| {

@@ -11,7 +11,7 @@ use braid_runtime::{Limits, Runtime, RuntimeConfig};
 use braid_storage::Store;
 use braid_storage::embedded::EmbeddedStore;
 use braid_testkit::TempDir;
-use braid_types::{Body, FlowId, FlowStatus, HoldingId, X500Name};
+use braid_types::{Body, FlowId, FlowStatus, HoldingId, SessionMessage, X500Name};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,4 +413,64 @@ async fn work_that_is_only_in_the_store_is_found_and_done_by_the_sweep() {
     .await;
     let reply = answer(&c, &initiator).await.expect("the answer");
     assert_eq!(reply, vec![0, 1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_bound_messages_from_other_nodes_that_would_wait_for_their_init_are_refused() {
+    let c = Cluster::new().await;
+    // As many sessions with messages waiting for an init as a node keeps,
+    // as a hostile peer would leave them (the owners are other workers:
+    // the store holds them).
+    let early = |seq: u64| {
+        let mut m = remote_session(0).remove(0);
+        m.init = None;
+        m.seq = seq;
+        m
+    };
+    let left: Vec<SessionMessage> = (0..braid_flow::MAX_EARLY_FLOWS).map(|_| early(2)).collect();
+    c.store
+        .write(
+            left.iter()
+                .map(|m| braid_storage::Op::PutInbox(Box::new(m.clone())))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    // One more such message is refused (its sender retries)...
+    let e = c.client.deliver_inbound(&[early(2)]).await.unwrap_err();
+    assert!(matches!(e, braid_flow::WorkerError::Busy(_)), "{e}");
+    // ...but not a session whose init comes with it, nor a message for a
+    // flow that exists.
+    c.client.deliver_inbound(&remote_session(2)).await.unwrap();
+    let known = early(3);
+    let rec = braid_storage::FlowRecord::new(
+        known.destination_flow(),
+        holding(BOB),
+        "tally".into(),
+        c.client.vnode(&holding(BOB)).unwrap().package,
+        braid_types::FlowStart::Client {
+            client_request_id: "known".parse().unwrap(),
+            request_body: "{}".into(),
+        },
+        braid_types::now_millis(),
+        1,
+    );
+    c.store
+        .write(vec![braid_storage::Op::PutFlow(Box::new(rec))])
+        .await
+        .unwrap();
+    c.client.deliver_inbound(&[known]).await.unwrap();
+    // Once they are gone (expired), such messages are taken again.
+    c.store
+        .write(
+            left.iter()
+                .map(|m| braid_storage::Op::DeleteFlowInbox(m.destination_flow()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    until("an early message is taken again", async || {
+        c.client.deliver_inbound(&[early(2)]).await.is_ok()
+    })
+    .await;
 }
