@@ -48,6 +48,9 @@ pub struct FlowTopics {
     pub link_out: String,
     /// Sealed packets the gateways received, to the link manager.
     pub link_in: String,
+    /// Requests of the operator's REST workers to the map server (which
+    /// runs with a gateway): approve a member.
+    pub membership_admin: String,
     /// Partitions of the event topic: the unit of flow ownership.
     pub event_partitions: u16,
 }
@@ -57,7 +60,8 @@ pub const LINK_GROUP: &str = "link";
 
 impl FlowTopics {
     /// `PREFIXflow.event`, `PREFIXflow.status`, `PREFIXstate.catalog`,
-    /// `PREFIXp2p.out`, `PREFIXlink.out`, `PREFIXlink.in`.
+    /// `PREFIXp2p.out`, `PREFIXlink.out`, `PREFIXlink.in`,
+    /// `PREFIXmembership.admin`.
     pub fn with_prefix(prefix: &str, event_partitions: u16) -> FlowTopics {
         FlowTopics {
             event: format!("{prefix}flow.event"),
@@ -66,6 +70,7 @@ impl FlowTopics {
             p2p_out: format!("{prefix}p2p.out"),
             link_out: format!("{prefix}link.out"),
             link_in: format!("{prefix}link.in"),
+            membership_admin: format!("{prefix}membership.admin"),
             event_partitions: event_partitions.max(1),
         }
     }
@@ -101,6 +106,11 @@ impl FlowTopics {
             TopicSpec {
                 name: self.link_in.clone(),
                 partitions: self.event_partitions,
+                compacted: false,
+            },
+            TopicSpec {
+                name: self.membership_admin.clone(),
+                partitions: 1,
                 compacted: false,
             },
         ]

@@ -149,6 +149,7 @@ pub(crate) async fn network(
         (status = 401, description = "Missing or wrong credentials", body = crate::openapi::Problem),
         (status = 403, description = "Not permitted", body = crate::openapi::Problem),
         (status = 409, description = "This node does not run the network-map role (`NOT_NETWORK_OPERATOR`)", body = crate::openapi::Problem),
+        (status = 503, description = "In a cluster: the map server's state cannot be read now; retry", body = crate::openapi::Problem),
     ),
 )]
 pub(crate) async fn pending(
@@ -178,6 +179,7 @@ pub(crate) async fn pending(
         (status = 403, description = "Not permitted", body = crate::openapi::Problem),
         (status = 404, description = "No pending registration of that name, or the name is not an X.500 name", body = crate::openapi::Problem),
         (status = 409, description = "This node does not run the network-map role (`NOT_NETWORK_OPERATOR`)", body = crate::openapi::Problem),
+        (status = 503, description = "In a cluster: the map server (with a gateway) has not recorded the approval in time, or its state cannot be read; retry", body = crate::openapi::Problem),
     ),
 )]
 pub(crate) async fn approve(

@@ -382,6 +382,29 @@ fn until_completes(api: &braid_e2e::Api, from: &str, flow: &str, body: &serde_js
     );
 }
 
+/// A worker of a cluster in an application network: `roles` on database
+/// `db` and `broker`, with `config` (its node.json) and `partitions`
+/// flow partitions.
+fn networked_worker(
+    db: &str,
+    broker: &Broker,
+    config: &str,
+    roles: &str,
+    partitions: u16,
+) -> NodeOptions {
+    Node::options()
+        .arg("--store")
+        .arg(db)
+        .arg("--bus")
+        .arg(broker.url())
+        .arg("--roles")
+        .arg(roles)
+        .arg("--flow-partitions")
+        .arg(partitions.to_string())
+        .arg("--network-config")
+        .arg(config)
+}
+
 #[test]
 fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_each_other() {
     use braid_e2e::network::Network;
@@ -398,19 +421,7 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     let broker = Broker::start();
     let db = braid_testkit::fresh_database();
     let beta = net.config_path("beta").to_string_lossy().into_owned();
-    let opts = |roles: &str| {
-        Node::options()
-            .arg("--store")
-            .arg(db.clone())
-            .arg("--bus")
-            .arg(broker.url())
-            .arg("--roles")
-            .arg(roles)
-            .arg("--flow-partitions")
-            .arg("8")
-            .arg("--network-config")
-            .arg(beta.clone())
-    };
+    let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 8);
     let mut workers = vec![
         opts("flow").no_rest().start(),
         opts("flow").no_rest().start(),
@@ -535,4 +546,78 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     drop(workers);
     drop((rest, rest2));
     braid_testkit::drop_database(&db);
+}
+
+#[test]
+fn an_operator_cluster_approves_members_through_any_of_its_rest_workers() {
+    use braid_e2e::network::Network;
+    use serde_json::json;
+    // beta: a cluster that is the network's operator (its gateway process
+    // runs the map server), with manual approval; alpha: an embedded
+    // member.
+    let net = Network::bootstrap(&["beta", "alpha"], &["--manual-approval"]);
+    let broker = Broker::start();
+    let db = braid_testkit::fresh_database();
+    let beta = net.config_path("beta").to_string_lossy().into_owned();
+    let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 4);
+    let _workers = [
+        opts("gateway").no_rest().start(),
+        opts("flow").no_rest().start(),
+        opts("link,membership").no_rest().start(),
+    ];
+    let rest = [opts("rest").start(), opts("rest").start()];
+    let alpha = net.start("alpha");
+    let alice = alpha.vnode(ALICE, Pkg::Ping);
+    let bob = rest[0].vnode(BOB, Pkg::Ping);
+    for r in &rest {
+        let view = r.api().get("/api/v1/network").expect("GET network");
+        assert_eq!(view.json["operator"], true, "{}", view.text);
+    }
+    // Both registrations wait for approval; either REST worker lists them.
+    let pending = |api: &braid_e2e::Api| -> Vec<String> {
+        let r = api.get("/api/v1/network/pending").expect("GET pending");
+        r.json["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    braid_e2e::wait_until(
+        "both registrations to be pending",
+        braid_e2e::DEADLINE,
+        || {
+            let names = pending(rest[1].api());
+            if names.iter().any(|n| n == ALICE) && names.iter().any(|n| n == BOB) {
+                Ok(())
+            } else {
+                Err(format!("pending: {names:?}"))
+            }
+        },
+    );
+    let approve = |api: &braid_e2e::Api, name: &str| {
+        let path = format!(
+            "/api/v1/network/members/{}/approve",
+            name.replace(' ', "%20")
+        );
+        api.post_json(&path, &json!({})).expect("approve")
+    };
+    // Approved through one REST worker each; answered once recorded.
+    approve(rest[0].api(), ALICE).expect_status(&[204], "approve Alice");
+    approve(rest[1].api(), BOB).expect_status(&[204], "approve Bob");
+    assert!(
+        pending(rest[0].api()).is_empty(),
+        "nothing pending any more"
+    );
+    // Approving again, or someone who never registered: 404.
+    approve(rest[1].api(), ALICE).expect_problem(&[404], "approve Alice again");
+    approve(rest[0].api(), "O=Nobody, L=Nowhere, C=GB")
+        .expect_problem(&[404], "approve a stranger");
+    for api in [alpha.api(), rest[0].api(), rest[1].api()] {
+        Network::wait_members(api, &[ALICE, BOB]);
+    }
+    until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
+    until_completes(rest[1].api(), &bob, "ping", &crate::ping_body(ALICE, 0, 0));
 }

@@ -153,7 +153,15 @@ pub async fn run_gateway(
     let (map, poll) = read_only_map(cfg, data_dir)?;
     let mut tasks = vec![poll];
     let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
-    let (_server, more) = serve_gateway(cfg, &map, store, gateway, in_tx).await?;
+    let (_server, more) = serve_gateway(
+        cfg,
+        &map,
+        store,
+        gateway,
+        in_tx,
+        Some((bus.clone(), topics.membership_admin.clone())),
+    )
+    .await?;
     tasks.extend(more);
     {
         let (bus, topic) = (bus.clone(), topics.link_in.clone());
@@ -263,20 +271,33 @@ fn read_only_map(
 
 /// The network as a cluster's REST worker shows it (`GET
 /// /api/v1/network`, the map's gauges on `/metrics`): a read-only copy of
-/// the map. It is not the operator here: members are approved where the
-/// map server runs.
+/// the map; in an operator cluster also the pending registrations (from
+/// the map server's state in `store`) and approvals (asked of the map
+/// server on `admin`).
 pub fn cluster_rest_network(
     cfg: &NodeNetworkConfig,
     data_dir: &Path,
     worker: &FlowWorker,
+    store: Arc<dyn braid_storage::Store>,
+    admin: Admin,
 ) -> anyhow::Result<Running> {
     let (map, poll) = read_only_map(cfg, data_dir)?;
-    worker.set_network(Arc::new(NodeNetwork {
-        map,
-        server: None,
-        counters: None,
-        group: cfg.group.clone(),
-    }));
+    let network: Arc<dyn Network> = match operator::map_server_config(cfg, store)? {
+        Some(server) => Arc::new(operator::ClusterOperator {
+            map,
+            group: cfg.group.clone(),
+            server,
+            bus: admin.0,
+            topic: admin.1,
+        }),
+        None => Arc::new(NodeNetwork {
+            map,
+            server: None,
+            counters: None,
+            group: cfg.group.clone(),
+        }),
+    };
+    worker.set_network(network);
     Ok(Running {
         tasks: vec![poll],
         _links: None,
@@ -391,7 +412,7 @@ pub async fn feed_links(
 /// Reads `sub` until `each` returns false: every batch of records, each
 /// decoded as a `T` (one braid cannot read is logged and skipped), in
 /// order; a failed read is logged and retried after half a second.
-async fn read_records<T: serde::de::DeserializeOwned>(
+pub(super) async fn read_records<T: serde::de::DeserializeOwned>(
     mut sub: Box<dyn braid_bus::topics::Subscription>,
     topic: &'static str,
     mut each: impl AsyncFnMut(Vec<T>) -> bool,

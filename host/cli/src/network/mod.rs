@@ -26,6 +26,7 @@ const PLATFORM_VERSION: u32 = 1;
 
 mod cluster;
 mod map_state;
+mod operator;
 
 pub use cluster::{cluster_remote, cluster_rest_network, feed_links, run_gateway};
 pub use map_state::StoreMapState;
@@ -110,6 +111,7 @@ impl Joining {
         worker: FlowWorker,
         gateway: &GatewaySetup,
         p2p: P2pConfig,
+        admin: Option<Admin>,
     ) -> anyhow::Result<Running> {
         let Joining {
             map,
@@ -123,7 +125,7 @@ impl Joining {
         // The gateway's server: packets go to the link manager.
         let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
         let (map_server, more) =
-            serve_gateway(cfg, &map, worker.store().clone(), gateway, in_tx).await?;
+            serve_gateway(cfg, &map, worker.store().clone(), gateway, in_tx, admin).await?;
         tasks.extend(more);
         let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
             .context("configuring the gateway's HTTPS client")?;
@@ -185,14 +187,20 @@ fn follow_map(
     })
 }
 
+/// Where a cluster's REST workers ask the map server to approve members:
+/// the bus and the topic.
+pub type Admin = (Arc<dyn braid_bus::topics::MessageBus>, String);
+
 /// Starts the gateway's HTTPS server (and, on the operator's node, the
-/// map server on its listener): packets that arrive go to `to_links`.
+/// map server on its listener, following `admin` in a cluster): packets
+/// that arrive go to `to_links`.
 async fn serve_gateway(
     cfg: &NodeNetworkConfig,
     map: &Arc<MapClient>,
     store: Arc<dyn braid_storage::Store>,
     gateway: &GatewaySetup,
     to_links: mpsc::Sender<InboundBatch>,
+    admin: Option<Admin>,
 ) -> anyhow::Result<(Option<Arc<MapServer>>, Vec<tokio::task::JoinHandle<()>>)> {
     let mut tasks = Vec::new();
     let tls = tls_material(cfg)?;
@@ -213,28 +221,20 @@ async fn serve_gateway(
         }));
     }
 
-    // The operator's map server, on this node's gateway listener.
-    let map_server = match (cfg.map_server, &cfg.operator_key, &cfg.map_state_path) {
-        (true, Some(key), Some(state)) => {
+    // The operator's map server, on this node's gateway listener; in a
+    // cluster, it also carries out the REST workers' approvals.
+    let map_server = match operator::map_server_config(cfg, store)? {
+        Some(config) => {
             let server = Arc::new(
-                MapServer::open(MapServerConfig {
-                    state: Arc::new(StoreMapState::new(store, state)),
-                    group: cfg.group.clone(),
-                    operator_key_pkcs8_der: pki::read_file(key)?,
-                    network_ca_der: pki::read_file(&cfg.network_ca)?,
-                    approval: cfg.approval,
-                    event_horizon: cfg.event_horizon(),
-                })
-                .context("opening the network-map server's state")?,
+                MapServer::open(config).context("opening the network-map server's state")?,
             );
             tasks.push(tokio::spawn(server.clone().run_expiry()));
+            if let Some((bus, topic)) = admin {
+                tasks.push(operator::follow_admin(server.clone(), bus, topic).await?);
+            }
             Some(server)
         }
-        (true, _, _) => anyhow::bail!(
-            "the network configuration says map_server but names no operator_key or \
-             map_state_path"
-        ),
-        _ => None,
+        None => None,
     };
     let extra = match &map_server {
         Some(s) => s.clone().router(),
@@ -513,13 +513,7 @@ impl NodeNetwork {
 #[async_trait::async_trait]
 impl Network for NodeNetwork {
     fn summary(&self) -> NetworkSummary {
-        let v = self.map.current();
-        NetworkSummary {
-            group: self.group.clone(),
-            map_version: v.version(),
-            members: v.members().iter().map(summary).collect(),
-            operator: self.server.is_some(),
-        }
+        network_summary(&self.map, &self.group, self.server.is_some())
     }
 
     fn pending(&self) -> Result<Vec<MemberSummary>, WorkerError> {
@@ -533,18 +527,33 @@ impl Network for NodeNetwork {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
         if let Some(c) = &self.counters {
             c.render(out);
         }
-        let v = self.map.current();
-        let _ = writeln!(
-            out,
-            "# HELP braid_network_map_version Version of the network map this node holds.\n# TYPE braid_network_map_version gauge\nbraid_network_map_version {}\n# HELP braid_network_members Members in that map.\n# TYPE braid_network_members gauge\nbraid_network_members {}",
-            v.version(),
-            v.members().len()
-        );
+        map_gauges(&self.map.current(), out);
     }
+}
+
+/// The network as `map` shows it.
+fn network_summary(map: &MapClient, group: &str, operator: bool) -> NetworkSummary {
+    let v = map.current();
+    NetworkSummary {
+        group: group.to_string(),
+        map_version: v.version(),
+        members: v.members().iter().map(summary).collect(),
+        operator,
+    }
+}
+
+/// The map's gauges on `/metrics`.
+fn map_gauges(v: &MapView, out: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP braid_network_map_version Version of the network map this node holds.\n# TYPE braid_network_map_version gauge\nbraid_network_map_version {}\n# HELP braid_network_members Members in that map.\n# TYPE braid_network_members gauge\nbraid_network_members {}",
+        v.version(),
+        v.members().len()
+    );
 }
 
 /// Loopback ports `base..base + 10 * nodes + 2` (each node's REST and

@@ -212,8 +212,14 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
             let j = crate::network::Joining::prepare(n, dir)?;
             let port = j.remote();
             let mut r = if gateway {
-                j.start(n, worker.clone(), &gateway_setup, p2p_config.clone())
-                    .await?
+                j.start(
+                    n,
+                    worker.clone(),
+                    &gateway_setup,
+                    p2p_config.clone(),
+                    Some((bus.clone(), topics.membership_admin.clone())),
+                )
+                .await?
             } else {
                 j.start_links_on_bus(n, worker.clone(), p2p_config.clone(), bus.clone(), topics)
                     .await?
@@ -235,13 +241,19 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         }
         services = Some(running);
     }
-    if let (Some(_), Some(n), true, None) = (
+    if let (Some((bus, topics)), Some(n), true, None) = (
         &cluster_bus,
         &net,
         args.cluster.runs(Role::Rest),
         worker.network(),
     ) {
-        let r = crate::network::cluster_rest_network(n, dir, &worker)?;
+        let r = crate::network::cluster_rest_network(
+            n,
+            dir,
+            &worker,
+            store.clone(),
+            (bus.clone(), topics.membership_admin.clone()),
+        )?;
         match services.as_mut() {
             Some(s) => s.absorb(r),
             None => services = Some(r),
@@ -273,7 +285,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     }
     let network = match (joining, &net) {
         (Some(j), Some(n)) => Some(
-            j.start(n, worker.clone(), &gateway_setup, p2p_config)
+            j.start(n, worker.clone(), &gateway_setup, p2p_config, None)
                 .await?,
         ),
         _ => services,
