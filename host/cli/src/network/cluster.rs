@@ -28,28 +28,37 @@ impl Joining {
         let mut tasks = vec![follow_map(&map, peers_tx)];
         let counters = Arc::new(Counters::default());
         let (in_tx, in_rx) = mpsc::channel::<InboundBatch>(16);
+        let pauses = Arc::new(Pauses::default());
         // What the gateways received: read from the end (packets that
         // arrived while this process was down are resent by their links).
         let sub = bus
             .watch(&[topics.link_in.as_str()], From::End)
             .await
             .context("reading the packets the gateways receive")?;
-        tasks.push(tokio::spawn(read_records(
-            sub,
-            "link.in",
-            async move |batch: Vec<ArrivedPackets>| {
-                for a in batch {
-                    if in_tx.send(a.into_batch()).await.is_err() {
-                        return false;
+        tasks.push(tokio::spawn(read_records(sub, "link.in", {
+            let pauses = pauses.clone();
+            async move |batch: Vec<FromGateways>| {
+                for r in batch {
+                    match r {
+                        FromGateways::Arrived(a) => {
+                            if in_tx.send(a.into_batch()).await.is_err() {
+                                return false;
+                            }
+                        }
+                        FromGateways::Overloaded {
+                            endpoint,
+                            retry_after_ms,
+                        } => pauses.pause(endpoint, Duration::from_millis(retry_after_ms)),
                     }
                 }
                 true
-            },
-        )));
+            }
+        })));
         let transport = Arc::new(BusTransport {
             bus,
             topic: topics.link_out.clone(),
             counters: counters.clone(),
+            pauses,
         });
         let (links, more) = start_links(
             cfg, &map, peers, worker, transport, in_rx, outbound, p2p, counters,
@@ -82,6 +91,47 @@ struct ArrivedPackets {
     packets: Vec<(String, String, Vec<u8>)>,
 }
 
+/// A record of the `link.in` topic: what the gateways tell the link
+/// manager.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum FromGateways {
+    /// Packets a peer POSTed.
+    Arrived(ArrivedPackets),
+    /// A peer gateway answered `503` with `Retry-After`: send it nothing
+    /// for that long.
+    Overloaded {
+        endpoint: String,
+        retry_after_ms: u64,
+    },
+}
+
+/// Peer gateways that asked for a pause (`Retry-After`), and until when.
+#[derive(Default)]
+struct Pauses(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl Pauses {
+    fn pause(&self, endpoint: String, retry_after: Duration) {
+        let until = std::time::Instant::now() + retry_after;
+        let mut m = self.0.lock().expect("pauses lock");
+        let t = m.entry(endpoint).or_insert(until);
+        *t = (*t).max(until);
+    }
+
+    /// How long `endpoint` is still paused, if it is.
+    fn remaining(&self, endpoint: &str) -> Option<Duration> {
+        let mut m = self.0.lock().expect("pauses lock");
+        let now = std::time::Instant::now();
+        match m.get(endpoint) {
+            Some(t) if *t > now => Some(*t - now),
+            Some(_) => {
+                m.remove(endpoint);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
 impl ArrivedPackets {
     fn into_batch(self) -> InboundBatch {
         InboundBatch {
@@ -104,6 +154,9 @@ struct BusTransport {
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topic: String,
     counters: Arc<Counters>,
+    /// Peers whose gateway asked for a pause: what is sent to them while
+    /// paused is refused as `Overloaded` (the links resend it later).
+    pauses: Arc<Pauses>,
 }
 
 #[async_trait::async_trait]
@@ -114,6 +167,10 @@ impl braid_p2p::Transport for BusTransport {
         batch: Vec<Packet>,
     ) -> Result<(), braid_p2p::TransportError> {
         use std::sync::atomic::Ordering;
+        if let Some(retry_after) = self.pauses.remaining(&to.endpoint) {
+            self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(braid_p2p::TransportError::Overloaded { retry_after });
+        }
         let n = batch.len() as u64;
         let rec = PacketsOut {
             endpoint: to.endpoint.clone(),
@@ -172,11 +229,11 @@ pub async fn run_gateway(
                     .first()
                     .map(|p| format!("{}|{}", p.from, p.to))
                     .unwrap_or_default();
-                let rec = ArrivedPackets {
+                let rec = FromGateways::Arrived(ArrivedPackets {
                     peer: b.peer,
                     peer_leaf: b.peer_leaf,
                     packets: b.packets.into_iter().map(|p| (p.from, p.to, p.bytes)).collect(),
-                };
+                });
                 let Ok(value) = postcard::to_allocvec(&rec) else {
                     continue;
                 };
@@ -199,6 +256,7 @@ pub async fn run_gateway(
         .context("reading the packets to send")?;
     // POSTs in flight at once, over all peers.
     let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    let (paced, link_in) = (bus.clone(), topics.link_in.clone());
     tasks.push(tokio::spawn(read_records(
         sub,
         "link.out",
@@ -208,6 +266,7 @@ pub async fn run_gateway(
                     return false;
                 };
                 let transport = transport.clone();
+                let (bus, link_in) = (paced.clone(), link_in.clone());
                 tokio::spawn(async move {
                     let to = braid_p2p::PeerAddr {
                         endpoint: out.endpoint,
@@ -219,9 +278,21 @@ pub async fn run_gateway(
                         .map(|(from, to, bytes)| Packet { from, to, bytes })
                         .collect();
                     // Failures are the links' to repair (they resend); the
-                    // transport logs them.
-                    let _ = braid_p2p::Transport::send(&*transport, &to, batch).await;
+                    // transport logs them. A peer that asks for a pause:
+                    // the link manager is told, and pauses it.
+                    let sent = braid_p2p::Transport::send(&*transport, &to, batch).await;
                     drop(slot);
+                    if let Err(braid_p2p::TransportError::Overloaded { retry_after }) = sent {
+                        let rec = FromGateways::Overloaded {
+                            endpoint: to.endpoint.clone(),
+                            retry_after_ms: retry_after.as_millis() as u64,
+                        };
+                        let value = postcard::to_allocvec(&rec).expect("a pause encodes");
+                        let out = braid_bus::topics::Outgoing::new(to.endpoint.into_bytes(), value);
+                        if let Err(e) = bus.publish(&link_in, vec![out]).await {
+                            tracing::debug!(cause = %e, "could not pass a peer's pause on");
+                        }
+                    }
                 });
             }
             true
@@ -441,5 +512,91 @@ pub(super) async fn read_records<T: serde::de::DeserializeOwned>(
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_bus::topics::{From, MessageBus as _};
+
+    fn packets() -> Vec<Packet> {
+        vec![Packet {
+            from: "O=Alice, L=London, C=GB".into(),
+            to: "O=Bob, L=Paris, C=FR".into(),
+            bytes: vec![1, 2, 3],
+        }]
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_asked_for_a_pause_gets_nothing_until_it_ends() {
+        let topics = braid_flow::cluster::FlowTopics::with_prefix("t.", 2);
+        let bus = Arc::new(braid_bus::memory::MemoryBus::new(topics.specs()));
+        let mut out = bus
+            .watch(&[topics.link_out.as_str()], From::Beginning)
+            .await
+            .unwrap();
+        let pauses = Arc::new(Pauses::default());
+        let t = BusTransport {
+            bus: bus.clone(),
+            topic: topics.link_out.clone(),
+            counters: Arc::new(Counters::default()),
+            pauses: pauses.clone(),
+        };
+        let bob = braid_p2p::PeerAddr {
+            endpoint: "https://bob:1".into(),
+            tls_leaf: None,
+        };
+        let carol = braid_p2p::PeerAddr {
+            endpoint: "https://carol:1".into(),
+            tls_leaf: None,
+        };
+        // As the link-in reader does with a gateway's `Overloaded`.
+        let rec = FromGateways::Overloaded {
+            endpoint: bob.endpoint.clone(),
+            retry_after_ms: 300,
+        };
+        let decoded: FromGateways =
+            postcard::from_bytes(&postcard::to_allocvec(&rec).unwrap()).unwrap();
+        let FromGateways::Overloaded {
+            endpoint,
+            retry_after_ms,
+        } = decoded
+        else {
+            panic!("a pause decodes as a pause");
+        };
+        pauses.pause(endpoint, Duration::from_millis(retry_after_ms));
+        match braid_p2p::Transport::send(&t, &bob, packets()).await {
+            Err(braid_p2p::TransportError::Overloaded { retry_after }) => {
+                assert!(retry_after <= Duration::from_millis(300), "{retry_after:?}")
+            }
+            other => panic!("sent to a paused peer: {other:?}"),
+        }
+        // Others are not paused; what is sent is on link.out.
+        braid_p2p::Transport::send(&t, &carol, packets())
+            .await
+            .unwrap();
+        let first = loop {
+            if let braid_bus::topics::Delivery::Records(r) = out.next().await.unwrap() {
+                break r;
+            }
+        };
+        assert_eq!(first.len(), 1);
+        let rec: PacketsOut = postcard::from_bytes(&first[0].value).unwrap();
+        assert_eq!(rec.endpoint, carol.endpoint, "nothing for the paused peer");
+        // Once the pause is over, the peer gets packets again.
+        while pauses.remaining(&bob.endpoint).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        braid_p2p::Transport::send(&t, &bob, packets())
+            .await
+            .unwrap();
+        let next = loop {
+            if let braid_bus::topics::Delivery::Records(r) = out.next().await.unwrap() {
+                break r;
+            }
+        };
+        let rec: PacketsOut = postcard::from_bytes(&next[0].value).unwrap();
+        assert_eq!(rec.endpoint, bob.endpoint);
     }
 }
