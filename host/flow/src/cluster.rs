@@ -686,9 +686,13 @@ impl FlowWorker {
         let cutoff = now_millis().saturating_sub(every.as_millis() as u64);
         let mut started = 0usize;
         for r in self.inner.store.stale_starts(cutoff, 10_000).await? {
-            if !owned.contains(&self.partition(&r.id))
-                || self.inner.lock().flows.contains_key(&r.id)
-            {
+            if !owned.contains(&self.partition(&r.id)) {
+                continue;
+            }
+            if self.inner.lock().flows.contains_key(&r.id) {
+                // Known but not begun for a sweep: make sure it is queued
+                // (nothing if it is live or queued already).
+                self.schedule(r.id);
                 continue;
             }
             if self.adopt(r.id).await? {
