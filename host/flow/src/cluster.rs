@@ -408,7 +408,7 @@ impl FlowWorker {
         for p in parts {
             epochs.insert(*p, self.inner.store.claim_partition(*p, &owner).await?);
         }
-        let mut snap = self.inner.store.load().await?;
+        let mut snap = self.inner.store.load_partitions(parts).await?;
         // The flows loaded may belong to vnodes created since the catalog
         // was last read: the snapshot's catalog is as new as its flows.
         self.apply_catalog(

@@ -369,6 +369,14 @@ pub trait Store: Send + Sync + 'static {
         let s = self.load().await?;
         Ok((s.vnodes, s.packages))
     }
+    /// [`load`](Self::load), with at least the unfinished flows of
+    /// `partitions` (of the flow-event topic; the rest of the snapshot
+    /// whole): what a flow worker taking them over needs. A store that
+    /// cannot tell partitions apart returns every unfinished flow.
+    async fn load_partitions(&self, partitions: &[u16]) -> Result<Snapshot, StoreError> {
+        let _ = partitions;
+        self.load().await
+    }
     /// Every message in the outbox (committed, not yet delivered or
     /// acknowledged), in key order.
     async fn outbox(&self) -> Result<Vec<SessionMessage>, StoreError> {

@@ -73,6 +73,12 @@ pub struct PostgresOptions {
     /// mid-commit would otherwise hold its locks (a partition's row among
     /// them) and stall every other worker of the cluster.
     pub idle_in_transaction_timeout: Duration,
+    /// Partitions flows are spread over (the flow-event topic's: 1 for an
+    /// embedded node): each flow's row records its own
+    /// (`braid_bus::topics::partition_of` of its id), which
+    /// [`Store::load_partitions`] selects by. When it changes, the rows of
+    /// unfinished flows are updated at connect.
+    pub flow_partitions: u16,
 }
 
 impl Default for PostgresOptions {
@@ -84,8 +90,65 @@ impl Default for PostgresOptions {
             io_timeout: Duration::from_secs(30),
             probe_interval: Duration::from_secs(1),
             idle_in_transaction_timeout: Duration::from_secs(10),
+            flow_partitions: 1,
         }
     }
+}
+
+/// The meta key under which the partition count of the `partition`
+/// column is kept.
+const PARTITIONS_KEY: &str = "flows/partitions";
+
+/// Makes every unfinished flow's `partition` its own for `partitions`
+/// partitions, if the store's rows were written for another count (or
+/// before the column was the flow's own).
+async fn align_partitions(
+    client: &mut tokio_postgres::Client,
+    partitions: u16,
+) -> Result<(), StoreError> {
+    let failed = |e: tokio_postgres::Error| {
+        StoreError::Unavailable(format!("updating flow partitions: {}", describe(&e)))
+    };
+    let want = partitions.max(1).to_be_bytes().to_vec();
+    let rows = client
+        .query("SELECT value FROM meta WHERE key = $1", &[&PARTITIONS_KEY])
+        .await
+        .map_err(failed)?;
+    if let Some(r) = rows.first()
+        && r.try_get::<_, Vec<u8>>(0).ok().as_deref() == Some(want.as_slice())
+    {
+        return Ok(());
+    }
+    let tx = client.transaction().await.map_err(failed)?;
+    let ids = tx
+        .query("SELECT flow_id FROM flows WHERE ended_ms IS NULL", &[])
+        .await
+        .map_err(failed)?;
+    let update = tx
+        .prepare("UPDATE flows SET partition = $2 WHERE flow_id = $1")
+        .await
+        .map_err(failed)?;
+    for row in &ids {
+        let id: Vec<u8> = row.try_get(0).map_err(|e| rows::corrupt("flows", e))?;
+        let p = i32::from(braid_bus::topics::partition_of(&id, partitions.max(1)));
+        tx.execute(&update, &[&id, &p]).await.map_err(failed)?;
+    }
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, $2) \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        &[&PARTITIONS_KEY, &want],
+    )
+    .await
+    .map_err(failed)?;
+    tx.commit().await.map_err(failed)?;
+    if !ids.is_empty() {
+        tracing::info!(
+            flows = ids.len(),
+            partitions,
+            "recorded each unfinished flow's own partition"
+        );
+    }
+    Ok(())
 }
 
 /// The PostgreSQL store.
@@ -338,7 +401,10 @@ impl PostgresStore {
                     tracing::debug!(cause = %e, "migration connection ended");
                 }
             });
-            let r = migrate::migrate(&mut client).await;
+            let mut r = migrate::migrate(&mut client).await;
+            if r.is_ok() {
+                r = align_partitions(&mut client, options.flow_partitions).await;
+            }
             drop(client);
             let _ = driver.await;
             r?;
@@ -378,6 +444,61 @@ impl PostgresStore {
             tx: Mutex::new(Some(tx)),
             stop_probe,
         })
+    }
+
+    /// The snapshot of `load`, the unfinished flows only of `partitions`
+    /// when given.
+    async fn load_some(&self, partitions: Option<&[u16]>) -> Result<Snapshot, StoreError> {
+        let parts: Option<Vec<i32>> = partitions.map(|p| p.iter().map(|&x| i32::from(x)).collect());
+        self.read(async |c| {
+            // One snapshot of every table (rolled back when dropped).
+            let c = &Self::snapshot(c).await?;
+            {
+                let mut snap = Snapshot::default();
+                (snap.vnodes, snap.packages) = Self::catalog_in(c).await?;
+                let flows = match &parts {
+                    None => {
+                        let sql = format!(
+                            "SELECT {FLOW_COLUMNS} FROM flows WHERE ended_ms IS NULL ORDER BY flow_id"
+                        );
+                        Self::rows(c, &sql, &[]).await?
+                    }
+                    Some(p) => {
+                        let sql = format!(
+                            "SELECT {FLOW_COLUMNS} FROM flows WHERE ended_ms IS NULL \
+                             AND partition = ANY($1) ORDER BY flow_id"
+                        );
+                        Self::rows(c, &sql, &[p]).await?
+                    }
+                };
+                for row in flows {
+                    snap.flows.push(rows::flow(&row)?);
+                }
+                for row in Self::rows(c, "SELECT message FROM outbox ORDER BY key", &[]).await? {
+                    snap.outbox.push(rows::message("outbox", &row)?);
+                }
+                for row in Self::rows(
+                    c,
+                    "SELECT DISTINCT flow_id FROM inbox ORDER BY flow_id",
+                    &[],
+                )
+                .await?
+                {
+                    snap.inbox_flows.push(rows::flow_id("inbox", &row, 0)?);
+                }
+                for row in
+                    Self::rows(c, "SELECT flow_id, reason FROM kills ORDER BY flow_id", &[]).await?
+                {
+                    let reason: Vec<u8> = row.try_get(1).map_err(|e| rows::corrupt("kills", e))?;
+                    snap.kills.push((
+                        rows::flow_id("kills", &row, 0)?,
+                        String::from_utf8_lossy(&reason).into_owned(),
+                    ));
+                }
+                Ok(snap)
+            }
+        })
+        .await
     }
 
     /// Whether writes are going through.
@@ -598,43 +719,11 @@ impl Store for PostgresStore {
     }
 
     async fn load(&self) -> Result<Snapshot, StoreError> {
-        self.read(async |c| {
-            // One snapshot of every table (rolled back when dropped).
-            let c = &Self::snapshot(c).await?;
-            {
-                let mut snap = Snapshot::default();
-                (snap.vnodes, snap.packages) = Self::catalog_in(c).await?;
-                let sql = format!(
-                    "SELECT {FLOW_COLUMNS} FROM flows WHERE ended_ms IS NULL ORDER BY flow_id"
-                );
-                for row in Self::rows(c, &sql, &[]).await? {
-                    snap.flows.push(rows::flow(&row)?);
-                }
-                for row in Self::rows(c, "SELECT message FROM outbox ORDER BY key", &[]).await? {
-                    snap.outbox.push(rows::message("outbox", &row)?);
-                }
-                for row in Self::rows(
-                    c,
-                    "SELECT DISTINCT flow_id FROM inbox ORDER BY flow_id",
-                    &[],
-                )
-                .await?
-                {
-                    snap.inbox_flows.push(rows::flow_id("inbox", &row, 0)?);
-                }
-                for row in
-                    Self::rows(c, "SELECT flow_id, reason FROM kills ORDER BY flow_id", &[]).await?
-                {
-                    let reason: Vec<u8> = row.try_get(1).map_err(|e| rows::corrupt("kills", e))?;
-                    snap.kills.push((
-                        rows::flow_id("kills", &row, 0)?,
-                        String::from_utf8_lossy(&reason).into_owned(),
-                    ));
-                }
-                Ok(snap)
-            }
-        })
-        .await
+        self.load_some(None).await
+    }
+
+    async fn load_partitions(&self, partitions: &[u16]) -> Result<Snapshot, StoreError> {
+        self.load_some(Some(partitions)).await
     }
 
     async fn catalog(

@@ -249,7 +249,7 @@ async fn commit_group(pool: &Pool, shared: &Shared, group: Vec<(Vec<Op>, Reply)>
     let n = group.len();
     let mut batches = Vec::with_capacity(group.len());
     for (ops, reply) in group {
-        match encode(&ops) {
+        match encode(&ops, shared.options.flow_partitions) {
             Ok(stmts) => batches.push(Batch {
                 reply,
                 stmts,
@@ -620,14 +620,7 @@ fn bytes(b: &[u8]) -> Param {
 /// before it writes), then its ops in order. Refuses, without a round
 /// trip, what the database would refuse for sure: two flows with one
 /// client request id in the batch, times beyond bigint, NUL in text.
-fn encode(ops: &[Op]) -> Result<Vec<Stmt>, StoreError> {
-    let partition = ops
-        .iter()
-        .find_map(|op| match op {
-            Op::Fence { partition, .. } => Some(*partition),
-            _ => None,
-        })
-        .unwrap_or(0);
+fn encode(ops: &[Op], partitions: u16) -> Result<Vec<Stmt>, StoreError> {
     let mut out = Vec::with_capacity(ops.len());
     for op in ops {
         if let Op::Fence { partition, epoch } = op {
@@ -670,7 +663,7 @@ fn encode(ops: &[Op]) -> Result<Vec<Stmt>, StoreError> {
                 };
                 out.push(Stmt {
                     kind: Kind::PutFlow,
-                    params: put_flow(r, partition)?,
+                    params: put_flow(r, braid_bus::topics::partition_of(r.id.bytes(), partitions))?,
                     meta,
                 });
             }

@@ -141,7 +141,14 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         gateway_max_connections = gateway_limits.max_connections,
         "connection limits"
     );
-    let store = open_store(&args.store, dir).await?;
+    // Flows are spread over the event topic's partitions in a cluster,
+    // all in one in an embedded node.
+    let partitions = if args.cluster.bus == "embedded" {
+        1
+    } else {
+        args.cluster.flow_partitions
+    };
+    let store = open_store(&args.store, dir, partitions).await?;
     let cluster = cluster_config(args, net.is_some()).await?;
     let joining = match (&net, &cluster) {
         (Some(n), None) => Some(crate::network::Joining::prepare(n, dir)?),

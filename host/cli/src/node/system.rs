@@ -44,10 +44,12 @@ pub fn raise_fd_limit() -> u64 {
     1024
 }
 
-/// Opens the store `--store` names.
+/// Opens the store `--store` names, for flows spread over
+/// `flow_partitions` partitions.
 pub(super) async fn open_store(
     spec: &str,
     dir: &std::path::Path,
+    flow_partitions: u16,
 ) -> anyhow::Result<Arc<dyn Store>> {
     if spec == "embedded" {
         let s = EmbeddedStore::open(&dir.join("braid.redb"))
@@ -55,12 +57,11 @@ pub(super) async fn open_store(
         return Ok(Arc::new(s));
     }
     if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        let s = braid_store_postgres::PostgresStore::connect(
-            spec,
-            braid_store_postgres::PostgresOptions::default(),
-        )
-        .await
-        .context("opening the PostgreSQL store (--store)")?;
+        let mut options = braid_store_postgres::PostgresOptions::default();
+        options.flow_partitions = flow_partitions;
+        let s = braid_store_postgres::PostgresStore::connect(spec, options)
+            .await
+            .context("opening the PostgreSQL store (--store)")?;
         return Ok(Arc::new(s));
     }
     anyhow::bail!(

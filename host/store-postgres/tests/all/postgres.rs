@@ -362,7 +362,8 @@ async fn flows_are_rows_with_real_columns_and_a_version() {
             f.holding.to_string()
         )
     );
-    // A fenced rewrite: the partition and the version follow.
+    // A fenced rewrite: the version follows; the partition is the flow's
+    // own (of one here), not the fence's.
     assert_eq!(store.claim_partition(9, "w").await.unwrap(), 1);
     f.status = FlowStatus::Completed;
     f.updated_ms = 2000;
@@ -379,7 +380,7 @@ async fn flows_are_rows_with_real_columns_and_a_version() {
     let (status, partition, _, version, ended, _, _) = row(&c).await;
     assert_eq!(
         (status.as_str(), partition, version, ended),
-        ("COMPLETED", 9, 2, Some(2000))
+        ("COMPLETED", 0, 2, Some(2000))
     );
     // The exact wake time comes back from the record.
     assert_eq!(store.flow(&f.id).await.unwrap(), Some(f.clone()));
@@ -736,4 +737,69 @@ async fn tls_to_the_server_is_verified_against_the_ca_it_is_given() {
         Ok(_) => panic!("a missing CA file was accepted"),
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_reads_its_partitions_flows_and_a_new_partition_count_is_applied_at_connect() {
+    use braid_bus::topics::partition_of;
+    use std::collections::BTreeSet;
+    let (url, cleanup) = fresh_database().await;
+    let with = |partitions: u16| {
+        let mut o = PostgresOptions::default();
+        o.flow_partitions = partitions;
+        o
+    };
+    // Unfinished flows written while the store counted one partition, and
+    // one that ended.
+    let s = PostgresStore::connect(&url, with(1)).await.unwrap();
+    let flows: Vec<FlowRecord> = (0..40)
+        .map(|i| client_flow(&format!("c{i}"), FlowStatus::Running))
+        .collect();
+    let mut ops: Vec<Op> = flows
+        .iter()
+        .map(|f| Op::PutFlow(Box::new(f.clone())))
+        .collect();
+    ops.push(Op::PutFlow(Box::new(client_flow(
+        "done",
+        FlowStatus::Completed,
+    ))));
+    s.write(ops).await.unwrap();
+    assert_eq!(s.load_partitions(&[0]).await.unwrap().flows.len(), 40);
+    s.close().await;
+    drop(s);
+    // Opened for four: each unfinished flow's row now names its own.
+    let s = PostgresStore::connect(&url, with(4)).await.unwrap();
+    let ids = |snap: braid_storage::Snapshot| -> BTreeSet<FlowId> {
+        snap.flows.iter().map(|f| f.id).collect()
+    };
+    let of = |p: u16| -> BTreeSet<FlowId> {
+        flows
+            .iter()
+            .filter(|f| partition_of(f.id.bytes(), 4) == p)
+            .map(|f| f.id)
+            .collect()
+    };
+    let mut seen = 0;
+    for p in 0..4 {
+        let got = ids(s.load_partitions(&[p]).await.unwrap());
+        assert_eq!(got, of(p), "partition {p}");
+        seen += got.len();
+    }
+    assert_eq!(seen, 40, "every unfinished flow in exactly one partition");
+    let both: BTreeSet<FlowId> = of(1).union(&of(3)).copied().collect();
+    assert_eq!(ids(s.load_partitions(&[1, 3]).await.unwrap()), both);
+    // A flow written now is in its own partition, whatever else the
+    // batch holds.
+    let new = client_flow("new", FlowStatus::Running);
+    let p = partition_of(new.id.bytes(), 4);
+    s.write(vec![Op::PutFlow(Box::new(new.clone()))])
+        .await
+        .unwrap();
+    assert!(ids(s.load_partitions(&[p]).await.unwrap()).contains(&new.id));
+    assert!(!ids(s.load_partitions(&[(p + 1) % 4]).await.unwrap()).contains(&new.id));
+    // `load` still has them all.
+    assert_eq!(s.load().await.unwrap().flows.len(), 41);
+    s.close().await;
+    drop(s);
+    cleanup.await;
 }
