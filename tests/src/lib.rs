@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+pub mod balancer;
 pub mod network;
 
 use std::collections::{HashMap, HashSet};

@@ -12,6 +12,7 @@
 //! the `braid-bus-kafka` crate on Kafka. Until the flow worker consumes
 //! its input from it, the two live side by side.
 
+pub mod live;
 pub mod memory;
 pub mod topics;
 

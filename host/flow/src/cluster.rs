@@ -53,10 +53,13 @@ pub struct FlowTopics {
     pub membership_admin: String,
     /// Partitions of the event topic: the unit of flow ownership.
     pub event_partitions: u16,
+    /// The consumer group of link managers on [`FlowTopics::p2p_out`]
+    /// (`PREFIXlink`): they share the pairs of vnodes by its partitions.
+    pub link_group: String,
+    /// The consumer group of gateways on [`FlowTopics::link_out`]
+    /// (`PREFIXgateway`): each POSTs what is on its partitions.
+    pub gateway_group: String,
 }
-
-/// The consumer group of link managers on [`FlowTopics::p2p_out`].
-pub const LINK_GROUP: &str = "link";
 
 impl FlowTopics {
     /// `PREFIXflow.event`, `PREFIXflow.status`, `PREFIXstate.catalog`,
@@ -72,6 +75,8 @@ impl FlowTopics {
             link_in: format!("{prefix}link.in"),
             membership_admin: format!("{prefix}membership.admin"),
             event_partitions: event_partitions.max(1),
+            link_group: format!("{prefix}link"),
+            gateway_group: format!("{prefix}gateway"),
         }
     }
 
@@ -158,10 +163,8 @@ pub const SWEEP: Duration = Duration::from_secs(5);
 /// A record of [`FlowTopics::p2p_out`]: `m` (postcard), keyed by its pair
 /// of vnodes.
 pub fn p2p_record(m: &SessionMessage) -> Outgoing {
-    let mut key = m.from.holding.bytes().to_vec();
-    key.extend_from_slice(m.to.name.as_str().as_bytes());
     Outgoing::new(
-        key,
+        braid_types::pair_key(&m.from.holding, m.to.name.as_str()),
         postcard::to_allocvec(m).expect("a session message always encodes"),
     )
 }

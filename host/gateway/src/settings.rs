@@ -7,6 +7,12 @@ use std::time::Duration;
 /// stall before it is disconnected. Timeouts are in seconds and at least 1.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct GatewayArgs {
+    /// The address the gateway listens on, instead of the network
+    /// configuration's `gateway_addr`: for several gateways of a cluster
+    /// on one host, behind a TCP load balancer at the address the network
+    /// map lists (`gateway_endpoint`).
+    #[arg(long, env = "BRAID_GATEWAY_LISTEN")]
+    pub gateway_listen: Option<std::net::SocketAddr>,
     /// The most connections the gateway keeps open at once; further ones
     /// are closed at once. Default: as for --rest-max-connections.
     #[arg(long, env = "BRAID_GATEWAY_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]

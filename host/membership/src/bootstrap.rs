@@ -165,6 +165,10 @@ pub struct NodeNetworkConfig {
     pub map_state_path: Option<PathBuf>,
     /// Interval between map polls, in milliseconds.
     pub poll_interval_ms: u64,
+    /// Interval between republications of the node's member records, in
+    /// seconds (absent: a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub republish_secs: Option<u64>,
 }
 
 impl NodeNetworkConfig {
@@ -459,6 +463,7 @@ pub fn bootstrap(
             event_horizon_secs: opts.event_horizon.as_secs(),
             map_state_path: first.then(|| data_dir.join("network-map-server.state")),
             poll_interval_ms: opts.poll_interval.as_millis() as u64,
+            republish_secs: None,
         };
         let config_path = node_dir.join("node.json");
         config.save(&config_path)?;

@@ -64,7 +64,9 @@ impl MapClientConfig {
             client_key_pkcs8_der: key,
             persist_path: node.data_dir.join("network-map.bin"),
             poll_interval: Duration::from_millis(node.poll_interval_ms),
-            republish_interval: DEFAULT_REPUBLISH_INTERVAL,
+            republish_interval: node
+                .republish_secs
+                .map_or(DEFAULT_REPUBLISH_INTERVAL, Duration::from_secs),
             group: node.group.clone(),
         })
     }

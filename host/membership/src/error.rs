@@ -10,6 +10,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MembershipError {
+    /// The map server's state changed since this server read it (another
+    /// map server of the same cluster wrote it): read it again and retry.
+    #[error("the network-map server's state changed since it was read")]
+    StateChanged,
     /// Bytes from a peer or a file are not a valid postcard encoding of the
     /// expected record. The sender is broken or hostile; nothing was changed.
     #[error("malformed {what}: {reason}")]

@@ -22,6 +22,7 @@ pub mod pki;
 pub mod record;
 pub mod server;
 pub mod view;
+pub mod worker;
 
 pub use bootstrap::{
     BootstrapNode, BootstrapOptions, Network, NodeNetworkConfig, Revocation, bootstrap, revoke,
@@ -34,3 +35,4 @@ pub use record::{
 };
 pub use server::{Approval, FileState, MapServer, MapServerConfig, MapStateStore, Registration};
 pub use view::MapView;
+pub use worker::{MembershipArgs, MembershipDeps, OwnRecords, run};

@@ -60,6 +60,14 @@ pub trait MapStateStore: Send + Sync + std::fmt::Debug + 'static {
     fn load(&self) -> Result<Option<Vec<u8>>, MembershipError>;
     /// Saves the state durably; returns once it is.
     fn save(&self, bytes: &[u8]) -> Result<(), MembershipError>;
+    /// Saves the state only if it still holds `expected` (what this server
+    /// last read or wrote), else [`MembershipError::StateChanged`]: for a
+    /// state several map servers share (a cluster's gateways). Default:
+    /// [`MapStateStore::save`], for a state one server writes.
+    fn save_if(&self, expected: Option<&[u8]>, bytes: &[u8]) -> Result<(), MembershipError> {
+        let _ = expected;
+        self.save(bytes)
+    }
     /// Where it is, for error messages.
     fn location(&self) -> PathBuf;
 }
@@ -137,7 +145,13 @@ struct Inner {
     version: u64,
     entries: Vec<Entry>,
     signed: SignedNetworkMap,
+    /// The state's bytes as this server last read or wrote them.
+    stored: Option<Vec<u8>>,
 }
+
+/// How many times a change is tried again on a state another map server
+/// keeps changing.
+const MAX_RETRIES: usize = 16;
 
 /// The network-map server of an application network (run by the operator).
 #[derive(Debug)]
@@ -171,35 +185,11 @@ impl MapServer {
         let operator_key = pki::pkcs8_from_pem_or_der(&config.operator_key_pkcs8_der)?;
         pki::p256_spki_of(&operator_key)?;
         let ca_der = pki::cert_from_pem_or_der(&config.network_ca_der)?;
-        let (version, entries, fresh) = match config.state.load()? {
-            Some(bytes) => {
-                let state: PersistedState =
-                    postcard::from_bytes(&bytes).map_err(|e| MembershipError::Config {
-                        path: config.state.location(),
-                        reason: format!("map server state does not decode: {e}"),
-                    })?;
-                if state.group != config.group {
-                    return Err(MembershipError::Config {
-                        path: config.state.location(),
-                        reason: format!(
-                            "state is for group {:?}, configured group is {:?}",
-                            state.group, config.group
-                        ),
-                    });
-                }
-                let mut entries = Vec::with_capacity(state.members.len());
-                for p in state.members {
-                    let info = p.signed.info_unverified()?;
-                    let leaf_spki = leaf_spki(&info)?;
-                    entries.push(Entry {
-                        persisted: p,
-                        info,
-                        leaf_spki,
-                    });
-                }
-                (state.version, entries, false)
-            }
-            None => (1, Vec::new(), true),
+        let stored = config.state.load()?;
+        let fresh = stored.is_none();
+        let (version, entries) = match &stored {
+            Some(bytes) => decode_state(&config, bytes)?,
+            None => (1, Vec::new()),
         };
         let signed = sign_map(&config.group, version, &entries, &operator_key)?;
         let server = Self {
@@ -210,11 +200,17 @@ impl MapServer {
                 version,
                 entries,
                 signed,
+                stored,
             }),
         };
         if fresh {
-            let inner = server.lock();
-            server.persist(inner.version, &inner.entries)?;
+            let mut inner = server.lock();
+            match server.persist(inner.version, &inner.entries, None) {
+                Ok(bytes) => inner.stored = Some(bytes),
+                // Another map server made it meanwhile: use its.
+                Err(MembershipError::StateChanged) => server.reload(&mut inner)?,
+                Err(e) => return Err(e),
+            }
         }
         Ok(server)
     }
@@ -223,7 +219,14 @@ impl MapServer {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn persist(&self, version: u64, entries: &[Entry]) -> Result<(), MembershipError> {
+    /// Writes the state if the stored one is still `expected`; returns the
+    /// bytes written.
+    fn persist(
+        &self,
+        version: u64,
+        entries: &[Entry],
+        expected: Option<&[u8]>,
+    ) -> Result<Vec<u8>, MembershipError> {
         let state = PersistedState {
             group: self.config.group.clone(),
             version,
@@ -231,7 +234,8 @@ impl MapServer {
         };
         let bytes = postcard::to_allocvec(&state)
             .map_err(|e| MembershipError::crypto("encoding map server state", e))?;
-        self.config.state.save(&bytes)
+        self.config.state.save_if(expected, &bytes)?;
+        Ok(bytes)
     }
 
     /// Makes `entries` the new state: next version, signed, persisted. The
@@ -239,11 +243,93 @@ impl MapServer {
     fn commit(&self, inner: &mut Inner, entries: Vec<Entry>) -> Result<(), MembershipError> {
         let version = inner.version + 1;
         let signed = sign_map(&self.config.group, version, &entries, &self.operator_key)?;
-        self.persist(version, &entries)?;
+        let bytes = self.persist(version, &entries, inner.stored.as_deref())?;
         inner.version = version;
         inner.entries = entries;
         inner.signed = signed;
+        inner.stored = Some(bytes);
         Ok(())
+    }
+
+    /// Reads the state again (another map server changed it).
+    fn reload(&self, inner: &mut Inner) -> Result<(), MembershipError> {
+        let stored = self.config.state.load()?;
+        self.adopt(inner, stored)
+    }
+
+    fn adopt(&self, inner: &mut Inner, stored: Option<Vec<u8>>) -> Result<(), MembershipError> {
+        let (version, entries) = match &stored {
+            Some(bytes) => decode_state(&self.config, bytes)?,
+            None => (1, Vec::new()),
+        };
+        inner.signed = sign_map(&self.config.group, version, &entries, &self.operator_key)?;
+        inner.version = version;
+        inner.entries = entries;
+        inner.stored = stored;
+        Ok(())
+    }
+
+    /// Applies `change` (the new entries from the current ones, and what
+    /// to answer) and commits it; on a state another map server changed
+    /// meanwhile, reads it again and applies `change` to that.
+    fn update<T>(
+        &self,
+        mut change: impl FnMut(&[Entry]) -> Result<(Vec<Entry>, T), MembershipError>,
+    ) -> Result<T, MembershipError> {
+        let mut inner = self.lock();
+        for _ in 0..MAX_RETRIES {
+            let (entries, out) = match change(&inner.entries) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Refused on this copy: say so only if it is the
+                    // stored state (another map server may have made the
+                    // change this one refuses on).
+                    let stored = self.config.state.load()?;
+                    if stored == inner.stored {
+                        return Err(e);
+                    }
+                    self.adopt(&mut inner, stored)?;
+                    continue;
+                }
+            };
+            match self.commit(&mut inner, entries) {
+                Ok(()) => return Ok(out),
+                Err(MembershipError::StateChanged) => self.reload(&mut inner)?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(MembershipError::StateChanged)
+    }
+
+    /// Reads the state again if another map server changed it since this
+    /// one last did; true if it had.
+    pub fn refresh(&self) -> Result<bool, MembershipError> {
+        let mut inner = self.lock();
+        let stored = self.config.state.load()?;
+        if stored == inner.stored {
+            return Ok(false);
+        }
+        self.adopt(&mut inner, stored)?;
+        Ok(true)
+    }
+
+    /// Runs [`MapServer::refresh`] every `every` forever (spawn it where
+    /// several map servers share the state, so that each serves the map
+    /// the others changed).
+    pub async fn run_refresh(self: Arc<Self>, every: Duration) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let server = self.clone();
+            match tokio::task::spawn_blocking(move || server.refresh()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(cause = %e, "reading the network map server's state failed")
+                }
+                Err(e) => tracing::warn!(cause = %e, "the network map refresh task failed"),
+            }
+        }
     }
 
     /// The group this server maps.
@@ -277,9 +363,30 @@ impl MapServer {
             });
         }
         let spki = leaf_spki(&info)?;
-        let mut inner = self.lock();
-        let existing = inner.entries.iter().position(|e| e.info.name == info.name);
-        for e in &inner.entries {
+        self.update(|current| {
+            Self::registered(
+                current,
+                &self.config,
+                signed.clone(),
+                info.clone(),
+                spki.clone(),
+                now,
+            )
+        })
+    }
+
+    /// `current` with `signed` registered, and the answer.
+    fn registered(
+        current: &[Entry],
+        config: &MapServerConfig,
+        signed: SignedMemberInfo,
+        info: MemberInfo,
+        spki: Vec<u8>,
+        now: u64,
+    ) -> Result<(Vec<Entry>, Registration), MembershipError> {
+        let member = info.name.to_string();
+        let existing = current.iter().position(|e| e.info.name == info.name);
+        for e in current {
             if e.info.name == info.name {
                 continue;
             }
@@ -300,7 +407,7 @@ impl MapServer {
                 });
             }
         }
-        let mut entries = inner.entries.clone();
+        let mut entries = current.to_vec();
         let outcome = match existing {
             Some(i) => {
                 let e = &mut entries[i];
@@ -338,7 +445,7 @@ impl MapServer {
                 }
             }
             None => {
-                let approved = self.config.approval == Approval::Auto;
+                let approved = config.approval == Approval::Auto;
                 tracing::info!(member = %member, approved, "member registered");
                 entries.push(Entry {
                     persisted: PersistedEntry {
@@ -357,49 +464,50 @@ impl MapServer {
                 }
             }
         };
-        self.commit(&mut inner, entries)?;
-        Ok(outcome)
+        Ok((entries, outcome))
     }
 
     /// Approves a pending member: it enters the map.
     pub fn approve(&self, name: &X500Name) -> Result<(), MembershipError> {
-        let mut inner = self.lock();
-        let mut entries = inner.entries.clone();
-        let e = entries
-            .iter_mut()
-            .find(|e| &e.info.name == name)
-            .ok_or_else(|| MembershipError::UnknownMember {
-                member: name.to_string(),
-            })?;
-        if e.persisted.approved {
-            return Err(MembershipError::NotPending {
-                member: name.to_string(),
-            });
-        }
-        e.persisted.approved = true;
-        e.persisted.approved_ms = pki::now_ms();
+        self.update(|current| {
+            let mut entries = current.to_vec();
+            let e = entries
+                .iter_mut()
+                .find(|e| &e.info.name == name)
+                .ok_or_else(|| MembershipError::UnknownMember {
+                    member: name.to_string(),
+                })?;
+            if e.persisted.approved {
+                return Err(MembershipError::NotPending {
+                    member: name.to_string(),
+                });
+            }
+            e.persisted.approved = true;
+            e.persisted.approved_ms = pki::now_ms();
+            Ok((entries, ()))
+        })?;
         tracing::info!(member = %name, "member approved");
-        self.commit(&mut inner, entries)
+        Ok(())
     }
 
     /// Removes a member, pending or approved (an approved member leaves the
     /// map). It may register again.
     pub fn reject(&self, name: &X500Name) -> Result<(), MembershipError> {
-        let mut inner = self.lock();
-        let before = inner.entries.len();
-        let entries: Vec<Entry> = inner
-            .entries
-            .iter()
-            .filter(|e| &e.info.name != name)
-            .cloned()
-            .collect();
-        if entries.len() == before {
-            return Err(MembershipError::UnknownMember {
-                member: name.to_string(),
-            });
-        }
+        self.update(|current| {
+            let entries: Vec<Entry> = current
+                .iter()
+                .filter(|e| &e.info.name != name)
+                .cloned()
+                .collect();
+            if entries.len() == current.len() {
+                return Err(MembershipError::UnknownMember {
+                    member: name.to_string(),
+                });
+            }
+            Ok((entries, ()))
+        })?;
         tracing::info!(member = %name, "member removed by the operator");
-        self.commit(&mut inner, entries)
+        Ok(())
     }
 
     /// Records waiting for approval.
@@ -436,15 +544,15 @@ impl MapServer {
     /// the event horizon before `now_ms`; returns their names.
     pub fn expire(&self, now_ms: u64) -> Result<Vec<X500Name>, MembershipError> {
         let horizon = self.config.event_horizon.as_millis() as u64;
-        let mut inner = self.lock();
-        let (gone, kept): (Vec<Entry>, Vec<Entry>) = inner
-            .entries
-            .iter()
-            .cloned()
-            .partition(|e| e.persisted.last_seen_ms.saturating_add(horizon) < now_ms);
-        if gone.is_empty() {
+        let stale = |e: &Entry| e.persisted.last_seen_ms.saturating_add(horizon) < now_ms;
+        if !self.lock().entries.iter().any(stale) {
             return Ok(Vec::new());
         }
+        let gone = self.update(|current| {
+            let (gone, kept): (Vec<Entry>, Vec<Entry>) =
+                current.iter().cloned().partition(|e| stale(e));
+            Ok((kept, gone))
+        })?;
         for e in &gone {
             tracing::info!(
                 member = %e.info.name,
@@ -452,7 +560,6 @@ impl MapServer {
                 "member dropped: not heard from within the event horizon"
             );
         }
-        self.commit(&mut inner, kept)?;
         Ok(gone.into_iter().map(|e| e.info.name).collect())
     }
 
@@ -486,6 +593,38 @@ impl MapServer {
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(self)
     }
+}
+
+/// The version and entries of the state `bytes` (of `config`'s group).
+fn decode_state(
+    config: &MapServerConfig,
+    bytes: &[u8],
+) -> Result<(u64, Vec<Entry>), MembershipError> {
+    let state: PersistedState =
+        postcard::from_bytes(bytes).map_err(|e| MembershipError::Config {
+            path: config.state.location(),
+            reason: format!("map server state does not decode: {e}"),
+        })?;
+    if state.group != config.group {
+        return Err(MembershipError::Config {
+            path: config.state.location(),
+            reason: format!(
+                "state is for group {:?}, configured group is {:?}",
+                state.group, config.group
+            ),
+        });
+    }
+    let mut entries = Vec::with_capacity(state.members.len());
+    for p in state.members {
+        let info = p.signed.info_unverified()?;
+        let leaf_spki = leaf_spki(&info)?;
+        entries.push(Entry {
+            persisted: p,
+            info,
+            leaf_spki,
+        });
+    }
+    Ok((state.version, entries))
 }
 
 fn sign_map(

@@ -388,17 +388,35 @@ impl KeyStore {
         }
         let name = format!("p2p/session-key/{holding}");
         let store = &self.store;
+        let decode = |b: &[u8]| {
+            (b.len() == 64)
+                .then(|| StaticKeypair::from_parts(&b[..32], &b[32..]))
+                .flatten()
+                .ok_or_else(|| anyhow::anyhow!("stored session key {name} is malformed"))
+        };
         let kp = match store.meta(&name).await? {
-            Some(b) if b.len() == 64 => StaticKeypair::from_parts(&b[..32], &b[32..])
-                .ok_or_else(|| anyhow::anyhow!("stored session key {name} is malformed"))?,
-            Some(_) => anyhow::bail!("stored session key {name} is malformed"),
+            Some(b) => decode(&b)?,
             None => {
                 let kp = StaticKeypair::generate()
                     .map_err(|e| anyhow::anyhow!("generating a session key: {e}"))?;
                 let mut b = kp.private_bytes().to_vec();
                 b.extend_from_slice(&kp.public().0);
-                store.write(vec![Op::PutMeta(name, b)]).await?;
-                kp
+                // Only if no other process (another link manager or
+                // membership client of a cluster) made one meanwhile: then
+                // its key is the vnode's.
+                let put = Op::PutMetaIf {
+                    key: name.clone(),
+                    expected: None,
+                    value: b,
+                };
+                match store.write(vec![put]).await {
+                    Ok(()) => kp,
+                    Err(StoreError::Changed { .. }) => match store.meta(&name).await? {
+                        Some(b) => decode(&b)?,
+                        None => anyhow::bail!("session key {name} changed and then vanished"),
+                    },
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         keys.insert(holding, kp.clone());
@@ -406,22 +424,30 @@ impl KeyStore {
     }
 }
 
-/// Takes the next boot number (persisted before use).
+/// Takes the next boot number (persisted before use). Every caller gets
+/// a value of its own, also when several processes (a cluster's link
+/// managers) take one at once: the write is conditional on the value read.
 pub async fn next_boot(store: &dyn Store) -> Result<u32, StoreError> {
-    let prev = store
-        .meta("p2p/boot")
-        .await?
-        .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
-        .map(u32::from_be_bytes)
-        .unwrap_or(0);
-    let next = prev.wrapping_add(1) & 0xffff;
-    store
-        .write(vec![Op::PutMeta(
-            "p2p/boot".into(),
-            next.to_be_bytes().to_vec(),
-        )])
-        .await?;
-    Ok(next)
+    const KEY: &str = "p2p/boot";
+    loop {
+        let read = store.meta(KEY).await?;
+        let prev = read
+            .as_deref()
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0);
+        let next = prev.wrapping_add(1) & 0xffff;
+        let put = Op::PutMetaIf {
+            key: KEY.into(),
+            expected: read,
+            value: next.to_be_bytes().to_vec(),
+        };
+        match store.write(vec![put]).await {
+            Ok(()) => return Ok(next),
+            Err(StoreError::Changed { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The link message id of a session message: a hash of its outbox key, so
@@ -434,6 +460,62 @@ pub fn message_id(m: &SessionMessage) -> MessageId {
 }
 
 type Pair = (String, String);
+
+/// Which pairs of vnodes (one of this node's, a remote one) a link
+/// manager carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Share {
+    /// Every pair: the embedded node, or a cluster's only link manager.
+    All,
+    /// The pairs whose [`braid_types::pair_key`] falls on one of `held`
+    /// of `partitions` partitions: a cluster's link managers share the
+    /// partitions of the topic that brings them messages.
+    Partitions {
+        /// The topic's partition count.
+        partitions: u16,
+        /// Those this link manager holds.
+        held: BTreeSet<u16>,
+    },
+}
+
+impl Share {
+    /// Every pair, for good (nothing will change it).
+    pub fn everything() -> watch::Receiver<Share> {
+        watch::channel(Share::All).1
+    }
+
+    /// Whether the pair of local vnode `local` and remote vnode `remote`
+    /// is carried.
+    pub fn carries(&self, local: &HoldingId, remote: &str) -> bool {
+        match self {
+            Share::All => true,
+            Share::Partitions { partitions, held } => {
+                held.contains(&braid_bus::topics::partition_of(
+                    &braid_types::pair_key(local, remote),
+                    *partitions,
+                ))
+            }
+        }
+    }
+
+    /// Whether `self` carries a pair that `before` did not.
+    fn gains_on(&self, before: &Share) -> bool {
+        match (before, self) {
+            (Share::All, _) => false,
+            (Share::Partitions { .. }, Share::All) => true,
+            (
+                Share::Partitions {
+                    partitions: a,
+                    held: x,
+                },
+                Share::Partitions {
+                    partitions: b,
+                    held: y,
+                },
+            ) => a != b || !y.is_subset(x),
+        }
+    }
+}
 
 /// What the link manager works with.
 pub struct Deps {
@@ -451,6 +533,12 @@ pub struct Deps {
     pub outbound: Outbound,
     /// Counters for `/metrics`.
     pub counters: Arc<Counters>,
+    /// The pairs it carries ([`Share::everything`] unless several link
+    /// managers share them). When it changes, the links of pairs no longer
+    /// carried are dropped, and links started from then on take a new
+    /// boot number, so that their epochs are above those of any link
+    /// manager that carried the pair before.
+    pub share: watch::Receiver<Share>,
 }
 
 /// A running link manager.
@@ -599,6 +687,7 @@ struct Driver {
     queues: Queues,
     done_tx: mpsc::UnboundedSender<Done>,
     counters: Arc<Counters>,
+    share: Share,
 }
 
 impl LinkManager {
@@ -612,6 +701,7 @@ impl LinkManager {
             mut inbound,
             outbound,
             counters,
+            mut share,
         } = deps;
         let boot = next_boot(&*worker.store()).await?;
         config.link.initial_epoch = boot << 16;
@@ -634,6 +724,7 @@ impl LinkManager {
             local: HashMap::new(),
             done_tx,
             counters,
+            share: share.borrow_and_update().clone(),
         };
         d.refresh_local();
         let mut outbound = outbound.0;
@@ -642,6 +733,12 @@ impl LinkManager {
                 let deadline = d.next_deadline();
                 tokio::select! {
                     Some(mut batch) = outbound.recv() => {
+                        // A change of share published before these came
+                        // applies to them.
+                        if share.has_changed().unwrap_or(false) {
+                            let now = share.borrow_and_update().clone();
+                            d.reshare(now).await;
+                        }
                         while batch.len() < 4096 {
                             match outbound.try_recv() {
                                 Ok(more) => batch.extend(more),
@@ -659,6 +756,10 @@ impl LinkManager {
                         *d.shared.0.write().expect("peers lock") = view;
                     }
                     Ok(()) = vnodes.changed() => d.refresh_local(),
+                    Ok(()) = share.changed() => {
+                        let now = share.borrow_and_update().clone();
+                        d.reshare(now).await;
+                    }
                     // At least 1 ms ahead: a timer a link cannot clear must
                     // not spin the loop.
                     _ = sleep_until(deadline.map(|t| t.max(Instant::now() + Duration::from_millis(1)))) => d.on_timers(),
@@ -697,6 +798,49 @@ impl Driver {
         self.local = self.worker.local_vnodes().into_iter().collect();
     }
 
+    /// Whether this link manager carries `pair`.
+    fn carries(&self, pair: &Pair) -> bool {
+        match self.local.get(&pair.0) {
+            Some(h) => self.share.carries(h, &pair.1),
+            None => matches!(self.share, Share::All),
+        }
+    }
+
+    /// Carries the pairs of `share` from now on (see [`Deps::share`]).
+    async fn reshare(&mut self, share: Share) {
+        let gains = share.gains_on(&self.share);
+        self.share = share;
+        let gone: Vec<Pair> = self
+            .links
+            .keys()
+            .filter(|p| !self.carries(p))
+            .cloned()
+            .collect();
+        for pair in &gone {
+            self.links.remove(pair);
+            self.dirty.remove(pair);
+            if let Some(t) = self.timer_of.remove(pair) {
+                self.timers.remove(&(t, pair.clone()));
+            }
+        }
+        let before = self.outgoing.len();
+        self.outgoing.retain(|(p, _), _| !gone.contains(p));
+        tracing::info!(
+            links_dropped = gone.len(),
+            messages_dropped = before - self.outgoing.len(),
+            "the pairs this link manager carries changed"
+        );
+        if gains {
+            let store = self.worker.store();
+            let boot = retry_until_ok("taking a boot number", || next_boot(&*store)).await;
+            self.config.link.initial_epoch = boot << 16;
+            tracing::info!(
+                boot,
+                "links of the pairs taken over start above this boot number"
+            );
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let links = self.timers.first().map(|(t, _)| Instant::from_std(*t));
         links.into_iter().chain(self.queues.next_resume()).min()
@@ -726,6 +870,9 @@ impl Driver {
     }
 
     async fn send_message(&mut self, m: SessionMessage) {
+        if !self.share.carries(&m.from.holding, m.to.name.as_str()) {
+            return; // another link manager's
+        }
         let pair: Pair = (m.from.name.as_str().into(), m.to.name.as_str().into());
         let id = message_id(&m);
         if self.outgoing.contains_key(&(pair.clone(), id)) {
@@ -768,10 +915,18 @@ impl Driver {
     async fn on_inbound(&mut self, b: InboundBatch) {
         let now = Instant::now().into_std();
         let c = self.counters.clone();
+        let mut packets = b.packets;
+        if !matches!(self.share, Share::All) {
+            // Those of pairs another link manager carries are its own.
+            packets.retain(|p| match self.local.get(&p.to) {
+                Some(h) => self.share.carries(h, &p.from),
+                None => true,
+            });
+        }
         c.packets_received
-            .fetch_add(b.packets.len() as u64, Ordering::Relaxed);
+            .fetch_add(packets.len() as u64, Ordering::Relaxed);
         let reject = || c.packets_rejected.fetch_add(1, Ordering::Relaxed);
-        for p in b.packets {
+        for p in packets {
             if !self.local.contains_key(&p.to) {
                 reject();
                 if let Some(note) = INBOUND_LOGS.allow("not_hosted") {

@@ -516,6 +516,16 @@ pub struct Protocol {
     pub versions: Vec<u32>,
 }
 
+/// The key of a pair of vnodes (one of this node's, by holding id, and a
+/// remote one, by name): messages between them are keyed by it on the
+/// bus, so a pair's messages keep their order and a cluster's link
+/// managers share the pairs by its partition.
+pub fn pair_key(local: &HoldingId, remote: &str) -> Vec<u8> {
+    let mut key = local.bytes().to_vec();
+    key.extend_from_slice(remote.as_bytes());
+    key
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now()

@@ -364,12 +364,13 @@ fn a_flow_worker_paused_past_its_session_timeout_advances_no_flow_it_lost() {
 /// completes: the workers poll the network map, so a name another node
 /// just published may not be a member to them yet.
 fn until_completes(api: &braid_e2e::Api, from: &str, flow: &str, body: &serde_json::Value) {
-    let mut n = 0;
+    // Request ids unique within the test process.
+    static PROBES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     braid_e2e::wait_until(
         &format!("{flow} {body} to complete on {from}"),
         Duration::from_secs(90),
         || {
-            n += 1;
+            let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             let id = format!("probe-{flow}-{n}");
             api.start_flow(from, &id, flow, body);
             let st = api.wait_terminal(from, &id);
@@ -405,8 +406,32 @@ fn networked_worker(
         .arg(config)
 }
 
+/// The partitions a link manager or gateway said last (`said ... held=`)
+/// that it holds.
+fn last_held(worker: &Node, said: &str) -> Vec<u16> {
+    let log = worker.log_text();
+    let Some(line) = log.lines().rev().find(|l| l.contains(said)) else {
+        return Vec::new();
+    };
+    // Without the log's colours.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let held = plain.rsplit("held=").next().unwrap_or_default();
+    held.trim_matches(|c: char| !c.is_ascii_digit())
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
 #[test]
-fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_each_other() {
+fn a_cluster_with_its_own_link_managers_and_gateways_and_an_embedded_node_ping_each_other() {
     use braid_e2e::network::Network;
     const CAROL: &str = "O=Carol, L=Paris, C=FR";
     const DAVE: &str = "O=Dave, L=Berlin, C=DE";
@@ -414,19 +439,38 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     const N: usize = 20;
     // alpha: an embedded node, the network's operator (map server).
     // beta: a cluster (its own broker and database) of two REST workers,
-    // two flow workers, a link manager (with the map client) and a gateway,
-    // each its own process.
+    // two flow workers, two link managers (each with the map client) and
+    // two gateways behind a TCP load balancer at the address the map
+    // lists, each its own process.
     let net = Network::bootstrap(&["alpha", "beta"], &[]);
     let alpha = net.start("alpha");
     let broker = Broker::start();
     let db = braid_testkit::fresh_database();
     let beta = net.config_path("beta").to_string_lossy().into_owned();
+    let gateways: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| {
+            format!("127.0.0.1:{}", braid_testkit::free_port())
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let _balancer =
+        braid_e2e::balancer::Balancer::start(net.gateway_addr("beta"), gateways.clone());
     let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 8);
+    let gateway = |addr: &std::net::SocketAddr| {
+        opts("gateway")
+            .arg("--gateway-listen")
+            .arg(addr.to_string())
+            .no_rest()
+            .start()
+    };
     let mut workers = vec![
         opts("flow").no_rest().start(),
         opts("flow").no_rest().start(),
         opts("link,membership").no_rest().start(),
-        opts("gateway").no_rest().start(),
+        opts("link,membership").no_rest().start(),
+        gateway(&gateways[0]),
+        gateway(&gateways[1]),
     ];
     let rest = opts("rest").start();
     let rest2 = opts("rest").start();
@@ -496,15 +540,43 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     );
     proposals_yes_and_no(&api, &carol, DAVE, ERIN);
 
-    // The link manager, then the gateway, SIGKILLed with exchanges in
-    // flight both ways (responders sleep 1 s), and started again: every
+    // Each link manager carries some of the pairs, each gateway sends
+    // what is on some of link.out's partitions; Bob and Alice's pair and
+    // Alice's gateway (link.out is keyed by endpoint) are on one each.
+    const LINKS: &str = "link manager: the partitions of pairs it carries";
+    const GATEWAYS: &str = "gateway: the partitions of link.out it sends";
+    let pair =
+        braid_bus::topics::partition_of(&braid_types::pair_key(&bob.parse().unwrap(), ALICE), 8);
+    let to_alpha = net.config("alpha")["gateway_endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to_alpha = braid_bus::topics::partition_of(to_alpha.as_bytes(), 8);
+    let holder = |of: &[Node], said: &str, p: u16| -> usize {
+        let held: Vec<Vec<u16>> = of.iter().map(|w| last_held(w, said)).collect();
+        assert!(
+            held.iter().all(|h| !h.is_empty()),
+            "each holds some partitions: {held:?}"
+        );
+        held.iter()
+            .position(|h| h.contains(&p))
+            .unwrap_or_else(|| panic!("nobody holds partition {p}: {held:?}"))
+    };
+    let link = 2 + holder(&workers[2..4], LINKS, pair);
+    let gateway = 4 + holder(&workers[4..6], GATEWAYS, to_alpha);
+
+    // The link manager that carries Bob and Alice's pair and the gateway
+    // that sends to Alice's SIGKILLed with exchanges in flight both ways
+    // (responders sleep 1 s), and not started again: the other link
+    // manager takes the pair over, the other gateway its share of
+    // link.out (the balancer sends peers to the one alive), and every
     // ping completes, exactly once (each responder insists on one message
     // after its pong).
     let k_bob = start_pings(alpha.api(), &alice, BOB, "k-bob", N, 1000);
     let k_alice = start_pings(&api, &bob, ALICE, "k-alice", N, 1000);
     api.wait_responders(&bob, 2 * N + 1, Duration::from_secs(60));
-    workers[2].restart();
-    workers[3].restart();
+    workers[link].kill();
+    workers[gateway].kill();
     let flows = alpha
         .api()
         .wait_all_terminal(&alice, &k_bob, Duration::from_secs(180));
@@ -512,36 +584,44 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
     let flows = api.wait_all_terminal(&bob, &k_alice, Duration::from_secs(180));
     assert_pings_ok(&flows, &k_alice, ALICE);
     let done = api.wait_responders_terminal(&bob, 2 * N + 1, Duration::from_secs(60));
-    braid_e2e::assert_all_completed(&done, "Bob's responders after the restart");
+    braid_e2e::assert_all_completed(&done, "Bob's responders after the kills");
     let done = alpha
         .api()
         .wait_responders_terminal(&alice, 2 * N + 1, Duration::from_secs(60));
-    braid_e2e::assert_all_completed(&done, "Alice's responders after the restart");
+    braid_e2e::assert_all_completed(&done, "Alice's responders after the kills");
+    // The survivors hold what the dead held; new exchanges run on them.
+    let (other_link, other_gateway) = (5 - link, 9 - gateway);
+    assert!(last_held(&workers[other_link], LINKS).contains(&pair));
+    assert!(last_held(&workers[other_gateway], GATEWAYS).contains(&to_alpha));
+    until_completes(&api, &bob, "ping", &crate::ping_body(ALICE, 0, 0));
+    until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
 
-    // Each worker did its own part: the link manager ran no gateway and
-    // no flow, the gateway no link, the flow workers neither.
-    let links = workers[2].log_text();
-    assert!(
-        links.contains("link manager starting"),
-        "{}",
-        workers[2].log_tail(40)
-    );
-    assert!(!links.contains("gateway listening"));
-    assert!(!links.contains("took flow partitions over"));
-    let gateway = workers[3].log_text();
-    assert!(
-        gateway.contains("gateway listening"),
-        "{}",
-        workers[3].log_tail(40)
-    );
-    assert!(!gateway.contains("link manager starting"));
+    // Each worker did its own part: the link managers ran no gateway and
+    // no flow, the gateways no link, the flow workers neither.
+    for w in &workers[2..4] {
+        let links = w.log_text();
+        assert!(
+            links.contains("link manager starting"),
+            "{}",
+            w.log_tail(40)
+        );
+        assert!(!links.contains("gateway listening"));
+        assert!(!links.contains("took flow partitions over"));
+    }
+    for w in &workers[4..6] {
+        let gateway = w.log_text();
+        assert!(gateway.contains("gateway listening"), "{}", w.log_tail(40));
+        assert!(!gateway.contains("link manager starting"));
+    }
     for w in &workers[..2] {
         let log = w.log_text();
         assert!(log.contains("took flow partitions over"));
         assert!(!log.contains("gateway listening") && !log.contains("link manager starting"));
     }
-    for n in workers.iter_mut() {
-        n.assert_running();
+    for (i, n) in workers.iter_mut().enumerate() {
+        if i != link && i != gateway {
+            n.assert_running();
+        }
     }
     drop(workers);
     drop((rest, rest2));
@@ -552,16 +632,33 @@ fn a_cluster_with_its_own_link_manager_and_gateway_and_an_embedded_node_ping_eac
 fn an_operator_cluster_approves_members_through_any_of_its_rest_workers() {
     use braid_e2e::network::Network;
     use serde_json::json;
-    // beta: a cluster that is the network's operator (its gateway process
-    // runs the map server), with manual approval; alpha: an embedded
-    // member.
+    // beta: a cluster that is the network's operator (each of its two
+    // gateways, behind a load balancer, runs a map server on the state in
+    // the store), with manual approval; alpha: an embedded member.
     let net = Network::bootstrap(&["beta", "alpha"], &["--manual-approval"]);
     let broker = Broker::start();
     let db = braid_testkit::fresh_database();
     let beta = net.config_path("beta").to_string_lossy().into_owned();
+    let gateways: Vec<std::net::SocketAddr> = (0..2)
+        .map(|_| {
+            format!("127.0.0.1:{}", braid_testkit::free_port())
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let _balancer =
+        braid_e2e::balancer::Balancer::start(net.gateway_addr("beta"), gateways.clone());
     let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 4);
-    let _workers = [
-        opts("gateway").no_rest().start(),
+    let gateway = |addr: &std::net::SocketAddr| {
+        opts("gateway")
+            .arg("--gateway-listen")
+            .arg(addr.to_string())
+            .no_rest()
+            .start()
+    };
+    let mut workers = [
+        gateway(&gateways[0]),
+        gateway(&gateways[1]),
         opts("flow").no_rest().start(),
         opts("link,membership").no_rest().start(),
     ];
@@ -604,6 +701,9 @@ fn an_operator_cluster_approves_members_through_any_of_its_rest_workers() {
         );
         api.post_json(&path, &json!({})).expect("approve")
     };
+    // One gateway dies: the other's map server carries on, on the state
+    // both kept in the store (the registrations may have reached either).
+    workers[0].kill();
     // Approved through one REST worker each; answered once recorded.
     approve(rest[0].api(), ALICE).expect_status(&[204], "approve Alice");
     approve(rest[1].api(), BOB).expect_status(&[204], "approve Bob");
@@ -620,4 +720,7 @@ fn an_operator_cluster_approves_members_through_any_of_its_rest_workers() {
     }
     until_completes(alpha.api(), &alice, "ping", &crate::ping_body(BOB, 0, 0));
     until_completes(rest[1].api(), &bob, "ping", &crate::ping_body(ALICE, 0, 0));
+    for w in &mut workers[1..] {
+        w.assert_running();
+    }
 }

@@ -16,6 +16,7 @@ impl Joining {
         p2p: P2pConfig,
         bus: Arc<dyn braid_bus::topics::MessageBus>,
         topics: &braid_flow::cluster::FlowTopics,
+        share: watch::Receiver<braid_p2p::Share>,
     ) -> anyhow::Result<Running> {
         use braid_bus::topics::From;
         let Joining {
@@ -61,7 +62,7 @@ impl Joining {
             pauses,
         });
         let (links, more) = start_links(
-            cfg, &map, peers, worker, transport, in_rx, outbound, p2p, counters,
+            cfg, &map, peers, worker, transport, in_rx, outbound, p2p, counters, share,
         )
         .await?;
         tasks.extend(more);
@@ -205,8 +206,8 @@ pub async fn run_gateway(
     gateway: &GatewaySetup,
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topics: &braid_flow::cluster::FlowTopics,
+    member: braid_bus::live::LiveGroup,
 ) -> anyhow::Result<Running> {
-    use braid_bus::topics::From;
     let (map, poll) = read_only_map(cfg, data_dir)?;
     let mut tasks = vec![poll];
     let (in_tx, mut in_rx) = mpsc::channel::<InboundBatch>(64);
@@ -250,16 +251,19 @@ pub async fn run_gateway(
     let client = GatewayClient::new(ClientConfig::new(tls_material(cfg)?, cfg.mutual_tls))
         .context("configuring the gateway's HTTPS client")?;
     let transport = Arc::new(GatewayTransport::new(client, Arc::new(Counters::default())));
-    let sub = bus
-        .watch(&[topics.link_out.as_str()], From::End)
-        .await
-        .context("reading the packets to send")?;
+    // The gateways share the partitions of link.out: each POSTs what is
+    // on its own.
+    let member = member.join().await.context("joining the gateways' group")?;
     // POSTs in flight at once, over all peers.
     let slots = Arc::new(tokio::sync::Semaphore::new(64));
     let (paced, link_in) = (bus.clone(), topics.link_in.clone());
-    tasks.push(tokio::spawn(read_records(
-        sub,
+    tasks.push(tokio::spawn(read_as_member(
+        member,
         "link.out",
+        |member| {
+            let held: Vec<u16> = member.held().iter().map(|tp| tp.partition).collect();
+            tracing::info!(?held, "gateway: the partitions of link.out it sends");
+        },
         async move |batch: Vec<PacketsOut>| {
             for out in batch {
                 let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -414,44 +418,92 @@ pub fn cluster_remote(
 /// other nodes it may not have (see [`feed_links`]).
 const OUTBOX_SWEEP: Duration = Duration::from_secs(5);
 
+/// How a cluster's link manager takes its share of the pairs of vnodes.
+pub enum LinkShare {
+    /// It carries every pair, reading all of `p2p.out` (the link manager
+    /// whose gateway runs in its process: only one per cluster).
+    All,
+    /// It is one of the link managers whose gateways run apart: they share
+    /// the partitions of `p2p.out` as the group `link` (a pair's messages
+    /// are keyed by it), and each carries the pairs of its partitions.
+    Group {
+        /// Where the pairs it carries are published for its driver.
+        share: watch::Sender<braid_p2p::Share>,
+        /// The group's liveness settings.
+        member: braid_bus::live::LiveGroup,
+    },
+}
+
 /// Feeds a cluster's link manager: the messages for other nodes that
-/// flow workers publish on `topic` (read from its end, by this process
-/// alone), and every [`OUTBOX_SWEEP`] those in the outbox, which holds
-/// every such message until the peer acknowledges it. The sweep makes up
-/// for whatever the topic did not bring: messages published while this
-/// process was down, or before its reading began. A message the links
-/// already carry is not sent twice (they know it by its id).
-///
-/// One such process per cluster: two would each run a link to every
-/// peer for the same pair of vnodes.
+/// flow workers publish on `topic` (by [`LinkShare`]), and every
+/// [`OUTBOX_SWEEP`], and at once when it takes pairs over, those in the
+/// outbox, which holds every such message until the peer acknowledges
+/// it. The sweep makes up for whatever the topic did not bring: messages
+/// published while no link manager read them, or to one that died. A
+/// message the links already carry is not sent twice (they know it by its
+/// id), and one of a pair it does not carry is ignored.
 pub async fn feed_links(
     worker: FlowWorker,
     port: Arc<dyn Remote>,
     bus: Arc<dyn braid_bus::topics::MessageBus>,
     topic: String,
+    share: LinkShare,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     use braid_bus::topics::From;
-    let sub = bus
-        .watch(&[topic.as_str()], From::End)
-        .await
-        .context("reading the messages for other nodes")?;
-    let reader = {
-        let port = port.clone();
-        tokio::spawn(read_records(
-            sub,
-            "p2p.out",
-            async move |batch: Vec<braid_types::SessionMessage>| {
-                port.send(batch);
-                true
-            },
-        ))
+    let sweep_now = Arc::new(Notify::new());
+    let (reader, share) = match share {
+        LinkShare::All => {
+            let sub = bus
+                .watch(&[topic.as_str()], From::End)
+                .await
+                .context("reading the messages for other nodes")?;
+            let port = port.clone();
+            let reader = tokio::spawn(read_records(
+                sub,
+                "p2p.out",
+                async move |batch: Vec<braid_types::SessionMessage>| {
+                    port.send(batch);
+                    true
+                },
+            ));
+            (reader, watch::channel(braid_p2p::Share::All).1)
+        }
+        LinkShare::Group { share, member } => {
+            let partitions = bus.partitions(&topic)?;
+            let member = member
+                .join()
+                .await
+                .context("joining the link managers' group")?;
+            let watching = share.subscribe();
+            let (port, sweep_now) = (port.clone(), sweep_now.clone());
+            let reader = tokio::spawn(read_as_member(
+                member,
+                "p2p.out",
+                move |member| {
+                    let held = member.held().iter().map(|tp| tp.partition).collect();
+                    tracing::info!(?held, "link manager: the partitions of pairs it carries");
+                    share.send_replace(braid_p2p::Share::Partitions { partitions, held });
+                    sweep_now.notify_one();
+                },
+                async move |batch: Vec<braid_types::SessionMessage>| {
+                    // Handed to the links; the outbox keeps each until
+                    // its acknowledgement.
+                    port.send(batch);
+                    true
+                },
+            ));
+            (reader, watching)
+        }
     };
     let sweeper = tokio::spawn(async move {
         let mut every = tokio::time::interval(OUTBOX_SWEEP);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut first = true;
         loop {
-            every.tick().await;
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = sweep_now.notified() => {}
+            }
             let outbox = match worker.store().outbox().await {
                 Ok(o) => o,
                 Err(e) => {
@@ -461,9 +513,13 @@ pub async fn feed_links(
             };
             let local: std::collections::HashSet<_> =
                 worker.vnodes().iter().map(|v| v.holding).collect();
+            let carried = share.borrow().clone();
             let pending: Vec<_> = outbox
                 .into_iter()
-                .filter(|m| !local.contains(&m.to.holding))
+                .filter(|m| {
+                    !local.contains(&m.to.holding)
+                        && carried.carries(&m.from.holding, m.to.name.as_str())
+                })
                 .collect();
             if first {
                 first = false;
@@ -478,6 +534,54 @@ pub async fn feed_links(
         }
     });
     Ok(vec![reader, sweeper])
+}
+
+/// Reads as a member of a group until `each` returns false: every batch
+/// of records, each decoded as a `T` (one braid cannot read is logged and
+/// skipped), committed once `each` has taken it; `changed` is called at
+/// each assignment change. A failed read is logged and retried after half
+/// a second.
+async fn read_as_member<T: serde::de::DeserializeOwned>(
+    mut member: braid_bus::live::LiveMember,
+    label: &'static str,
+    mut changed: impl FnMut(&braid_bus::live::LiveMember),
+    mut each: impl AsyncFnMut(Vec<T>) -> bool,
+) {
+    use braid_bus::topics::Delivery;
+    loop {
+        match member.next().await {
+            Ok(Delivery::Assigned(_) | Delivery::Revoked(_)) => changed(&member),
+            Ok(Delivery::Records(records)) => {
+                let mut last = std::collections::BTreeMap::new();
+                let batch = records
+                    .iter()
+                    .filter_map(|r| {
+                        last.insert((r.topic.clone(), r.partition), r.offset);
+                        match postcard::from_bytes::<T>(&r.value) {
+                            Ok(v) => Some(v),
+                            Err(e) => {
+                                tracing::error!(topic = label, partition = r.partition, offset = r.offset,
+                                    cause = %e, "skipping a record braid cannot read");
+                                None
+                            }
+                        }
+                    })
+                    .collect();
+                if !each(batch).await {
+                    return;
+                }
+                for ((topic, p), offset) in last {
+                    if let Err(e) = member.commit(&topic, p, offset) {
+                        tracing::warn!(topic = label, partition = p, cause = %e, "could not commit an offset");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = label, cause = %e, "reading the topic failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
 }
 
 /// Reads `sub` until `each` returns false: every batch of records, each

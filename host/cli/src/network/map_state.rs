@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 /// The map server's state in the node's store (meta key
 /// [`MAP_STATE_KEY`]), so that it lives with everything else the node keeps
-/// (in PostgreSQL, in cluster mode). A state file left by an older version
+/// (in PostgreSQL, in cluster mode), where the map servers of a cluster's
+/// gateways share it: a change is written only on the state its writer
+/// read ([`braid_membership::MapStateStore::save_if`]). A state file left by an older version
 /// (`map_state_path` of node.json) is imported on first use and left in
 /// place.
 pub struct StoreMapState {
@@ -72,6 +74,26 @@ impl braid_membership::MapStateStore for StoreMapState {
             bytes.to_vec(),
         )]))
         .map_err(|e| self.store_error(e))
+    }
+
+    fn save_if(
+        &self,
+        expected: Option<&[u8]>,
+        bytes: &[u8],
+    ) -> Result<(), braid_membership::MembershipError> {
+        let put = braid_storage::Op::PutMetaIf {
+            key: MAP_STATE_KEY.into(),
+            expected: expected.map(<[u8]>::to_vec),
+            value: bytes.to_vec(),
+        };
+        match self.block_on(self.store.write(vec![put])) {
+            Ok(()) => Ok(()),
+            // Another gateway's map server wrote it.
+            Err(braid_storage::StoreError::Changed { .. }) => {
+                Err(braid_membership::MembershipError::StateChanged)
+            }
+            Err(e) => Err(self.store_error(e)),
+        }
     }
 
     fn location(&self) -> PathBuf {

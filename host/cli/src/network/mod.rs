@@ -24,11 +24,15 @@ use tokio::sync::{Notify, mpsc, watch};
 /// The version of the platform members publish.
 const PLATFORM_VERSION: u32 = 1;
 
+/// How often a cluster gateway's map server reads the state the others
+/// may have changed (it serves the map from its copy).
+const MAP_REFRESH: Duration = Duration::from_secs(1);
+
 mod cluster;
 mod map_state;
 mod operator;
 
-pub use cluster::{cluster_remote, cluster_rest_network, feed_links, run_gateway};
+pub use cluster::{LinkShare, cluster_remote, cluster_rest_network, feed_links, run_gateway};
 pub use map_state::StoreMapState;
 
 /// The gateway's settings, and the process's open-file limit (its
@@ -140,6 +144,7 @@ impl Joining {
             outbound,
             p2p,
             counters.clone(),
+            braid_p2p::Share::everything(),
         )
         .await?;
         tasks.extend(more);
@@ -230,6 +235,9 @@ async fn serve_gateway(
             );
             tasks.push(tokio::spawn(server.clone().run_expiry()));
             if let Some((bus, topic)) = admin {
+                // In a cluster: the other gateways' map servers change the
+                // state too.
+                tasks.push(tokio::spawn(server.clone().run_refresh(MAP_REFRESH)));
                 tasks.push(operator::follow_admin(server.clone(), bus, topic).await?);
             }
             Some(server)
@@ -280,7 +288,7 @@ async fn serve_gateway(
     };
     let (ready, listening) = tokio::sync::oneshot::channel();
     let deps = braid_gateway::GatewayDeps {
-        addr: cfg.gateway_addr,
+        addr: gateway.args.gateway_listen.unwrap_or(cfg.gateway_addr),
         tls,
         mutual_tls: cfg.mutual_tls,
         inbound: gw_tx,
@@ -309,7 +317,7 @@ async fn serve_gateway(
             _ => {}
         }
     }));
-    tracing::info!(addr = %cfg.gateway_addr, endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");
+    tracing::info!(addr = %gateway.args.gateway_listen.unwrap_or(cfg.gateway_addr), endpoint = %cfg.gateway_endpoint, mutual_tls = cfg.mutual_tls, "gateway listening");
     Ok((map_server, tasks))
 }
 
@@ -326,6 +334,7 @@ async fn start_links(
     outbound: Outbound,
     p2p: P2pConfig,
     counters: Arc<Counters>,
+    share: watch::Receiver<braid_p2p::Share>,
 ) -> anyhow::Result<(LinkManager, Vec<tokio::task::JoinHandle<()>>)> {
     let mut tasks = Vec::new();
     let keys = KeyStore::new(worker.store().clone());
@@ -338,6 +347,7 @@ async fn start_links(
             inbound,
             outbound,
             counters,
+            share,
         },
         p2p,
     )
@@ -352,21 +362,17 @@ async fn start_links(
         chain,
         tls_key,
     };
-    map.set_own(publisher.records().await?);
-    {
-        let (map, mut vnodes) = (map.clone(), worker.subscribe_vnodes());
-        tasks.push(tokio::spawn(async move {
-            while vnodes.changed().await.is_ok() {
-                match publisher.records().await {
-                    Ok(r) => map.set_own(r),
-                    Err(e) => {
-                        tracing::error!(cause = %e, "cannot publish the vnodes' member records")
-                    }
-                }
-            }
-        }));
-    }
-    tasks.push(tokio::spawn(map.clone().run(std::future::pending())));
+    // Made once here, so that a node that cannot make them does not start.
+    publisher.records().await?;
+    let deps = braid_membership::MembershipDeps {
+        map: map.clone(),
+        own: Arc::new(publisher),
+    };
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = braid_membership::run(deps, std::future::pending()).await {
+            tracing::error!(cause = %e, "the membership client stopped");
+        }
+    }));
     Ok((links, tasks))
 }
 
@@ -460,26 +466,65 @@ struct Publisher {
     tls_key: Vec<u8>,
 }
 
+#[async_trait::async_trait]
+impl braid_membership::OwnRecords for Publisher {
+    async fn records(&self) -> Result<Vec<SignedMemberInfo>, String> {
+        Publisher::records(self).await.map_err(|e| format!("{e:#}"))
+    }
+
+    fn changed(&self) -> watch::Receiver<u64> {
+        self.worker.subscribe_vnodes()
+    }
+}
+
 impl Publisher {
+    /// The vnodes' signed member records. Each is kept in the store once
+    /// made, and used again while what it says still holds: the processes
+    /// of a cluster that publish the node's records (several link managers,
+    /// each with the map client) all publish the same bytes, which the map
+    /// server takes as a refresh, not as a record with an older serial.
     async fn records(&self) -> anyhow::Result<Vec<SignedMemberInfo>> {
-        let now = now_millis();
+        let store = self.worker.store();
         let mut out = Vec::new();
         for v in self.worker.vnodes() {
             let kp = self.keys.ensure(v.holding).await?;
-            let info = MemberInfo {
+            let key = format!("membership/own/{}", v.holding);
+            let wanted = |serial: u64| MemberInfo {
                 name: v.name.clone(),
                 group: self.group.clone(),
                 endpoint: self.endpoint.clone(),
                 session_key: kp.public().0,
                 tls_chain: self.chain.clone(),
                 platform_version: PLATFORM_VERSION,
-                serial: now,
-                issued_ms: now,
+                serial,
+                issued_ms: serial,
             };
-            out.push(
-                SignedMemberInfo::sign(&info, &self.tls_key)
-                    .with_context(|| format!("signing the member record of {}", v.name))?,
-            );
+            // The stored record, if it still says what this one would.
+            let current = |stored: &Option<Vec<u8>>| {
+                let signed = braid_membership::decode_signed_member(stored.as_deref()?).ok()?;
+                let info = signed.info_unverified().ok()?;
+                (info == wanted(info.serial)).then_some(signed)
+            };
+            let record = loop {
+                let stored = store.meta(&key).await?;
+                if let Some(signed) = current(&stored) {
+                    break signed;
+                }
+                let signed = SignedMemberInfo::sign(&wanted(now_millis()), &self.tls_key)
+                    .with_context(|| format!("signing the member record of {}", v.name))?;
+                let put = braid_storage::Op::PutMetaIf {
+                    key: key.clone(),
+                    expected: stored,
+                    value: signed.to_bytes(),
+                };
+                match store.write(vec![put]).await {
+                    Ok(()) => break signed,
+                    // Another process made one meanwhile: use it.
+                    Err(braid_storage::StoreError::Changed { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            out.push(record);
         }
         Ok(out)
     }

@@ -61,8 +61,16 @@ pub(super) async fn follow_admin(
                 match r {
                     AdminRequest::Approve(name) => match name.parse::<X500Name>() {
                         Ok(n) => {
-                            if let Err(e) = server.approve(&n) {
-                                tracing::warn!(member = %name, cause = %e, "approval not carried out");
+                            match server.approve(&n) {
+                                Ok(()) => {}
+                                // Every gateway's map server gets the
+                                // request; one of the others did it.
+                                Err(braid_membership::MembershipError::NotPending { .. }) => {
+                                    tracing::debug!(member = %name, "approved already")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(member = %name, cause = %e, "approval not carried out")
+                                }
                             }
                         }
                         Err(e) => {

@@ -92,10 +92,12 @@ impl Node {
 /// in `DATA_DIR/rest.url`.
 pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
     let net = match &args.network_config {
-        Some(path) => Some(
-            braid_membership::NodeNetworkConfig::load(path)
-                .with_context(|| format!("reading the network configuration {}", path.display()))?,
-        ),
+        Some(path) => {
+            let mut n = braid_membership::NodeNetworkConfig::load(path)
+                .with_context(|| format!("reading the network configuration {}", path.display()))?;
+            args.membership.apply(&mut n);
+            Some(n)
+        }
         None => None,
     };
     let mut args = args.clone();
@@ -203,6 +205,21 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         // in one process, or the gateway apart (they meet on link.out and
         // link.in).
         let gateway = args.cluster.runs(Role::Gateway);
+        // This process as a member of the gateways' or the link managers'
+        // group (they share the partitions of link.out or p2p.out).
+        let member = |group: &str, topic: &str| braid_bus::live::LiveGroup {
+            bus: bus.clone(),
+            store: store.clone(),
+            group: group.to_string(),
+            topics: vec![topic.to_string()],
+            id: format!(
+                "{:?} pid {} started {}",
+                args.cluster.roles,
+                std::process::id(),
+                braid_types::now_millis()
+            ),
+            liveness: Duration::from_millis(2 * args.cluster.bus_session_timeout_ms),
+        };
         let mut running = if !args.cluster.runs(Role::Link) {
             let r = crate::network::run_gateway(
                 n,
@@ -211,6 +228,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
                 &gateway_setup,
                 bus.clone(),
                 topics,
+                member(&topics.gateway_group, &topics.link_out),
             )
             .await?;
             tracing::info!("gateway started");
@@ -218,18 +236,38 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
         } else {
             let j = crate::network::Joining::prepare(n, dir)?;
             let port = j.remote();
-            let mut r = if gateway {
-                j.start(
-                    n,
-                    worker.clone(),
-                    &gateway_setup,
-                    p2p_config.clone(),
-                    Some((bus.clone(), topics.membership_admin.clone())),
-                )
-                .await?
+            let (mut r, share) = if gateway {
+                // Its gateway receives for every pair: it carries them all
+                // (one such process per cluster).
+                let r = j
+                    .start(
+                        n,
+                        worker.clone(),
+                        &gateway_setup,
+                        p2p_config.clone(),
+                        Some((bus.clone(), topics.membership_admin.clone())),
+                    )
+                    .await?;
+                (r, crate::network::LinkShare::All)
             } else {
-                j.start_links_on_bus(n, worker.clone(), p2p_config.clone(), bus.clone(), topics)
-                    .await?
+                // Any number: they share the pairs; what every gateway
+                // receives reaches each (link.in), and each takes its own.
+                let (share, carried) = tokio::sync::watch::channel(braid_p2p::Share::Partitions {
+                    partitions: topics.event_partitions,
+                    held: Default::default(),
+                });
+                let r = j
+                    .start_links_on_bus(
+                        n,
+                        worker.clone(),
+                        p2p_config.clone(),
+                        bus.clone(),
+                        topics,
+                        carried,
+                    )
+                    .await?;
+                let member = member(&topics.link_group, &topics.p2p_out);
+                (r, crate::network::LinkShare::Group { share, member })
             };
             r.keep(
                 crate::network::feed_links(
@@ -237,6 +275,7 @@ pub async fn start(args: &NodeArgs) -> anyhow::Result<Node> {
                     port,
                     bus.clone(),
                     topics.p2p_out.clone(),
+                    share,
                 )
                 .await?,
             );

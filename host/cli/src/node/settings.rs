@@ -1,7 +1,8 @@
 //! `braid node start`'s settings: the node's own (data dir, store,
 //! network), each worker's (flattened from its crate: [`braid_rest::RestArgs`],
 //! [`braid_flow::FlowArgs`], [`braid_p2p::LinkArgs`],
-//! [`braid_gateway::GatewayArgs`]) and cluster mode's ([`ClusterArgs`]).
+//! [`braid_gateway::GatewayArgs`], [`braid_membership::MembershipArgs`])
+//! and cluster mode's ([`ClusterArgs`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ pub struct NodeArgs {
     /// The gateway's settings.
     #[command(flatten)]
     pub gateway: Box<braid_gateway::GatewayArgs>,
+    /// The membership client's settings.
+    #[command(flatten)]
+    pub membership: braid_membership::MembershipArgs,
     /// Cluster mode: the bus and this process's roles.
     #[command(flatten)]
     pub cluster: Box<ClusterArgs>,
@@ -66,8 +70,9 @@ pub struct ClusterArgs {
     pub bus_options: Vec<(String, String)>,
     /// The workers this process runs, comma-separated, from `rest`,
     /// `flow`, `link`, `gateway`, `membership`; `all` (the default) is the
-    /// embedded node. With --bus kafka:// only `rest` and `flow` run as
-    /// separate workers so far.
+    /// embedded node. With --bus kafka:// each of `rest`, `flow`,
+    /// `link,membership` and `gateway` can run in any number of processes
+    /// (docs/cluster.md).
     #[arg(
         long,
         env = "BRAID_ROLES",

@@ -225,3 +225,67 @@ async fn a_map_for_another_group_is_refused() {
     assert_eq!(client.current().version(), 0);
     task.abort();
 }
+
+/// Records a stand-in node publishes: what `records` holds, with a change
+/// counter the worker follows.
+struct Own {
+    records: std::sync::Mutex<Vec<braid_membership::SignedMemberInfo>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+#[async_trait::async_trait]
+impl braid_membership::OwnRecords for Own {
+    async fn records(&self) -> Result<Vec<braid_membership::SignedMemberInfo>, String> {
+        Ok(self.records.lock().unwrap().clone())
+    }
+    fn changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+#[tokio::test]
+async fn the_membership_worker_alone_publishes_its_records_follows_changes_and_stops() {
+    use braid_membership::{MembershipArgs, MembershipDeps};
+    let n = net(&["alice", "bob"]);
+    let srv = server(&n, Approval::Auto);
+    let (addr, _task) = serve_tls(srv.clone().router(), &n).await;
+    // The settings land in the configuration the map client is made from.
+    let args: MembershipArgs =
+        braid_types::settings::parse(["--map-poll-ms", "50", "--map-republish-secs", "7"]).unwrap();
+    let mut node = n.net.nodes[1].config.clone();
+    node.map_url = format!("https://{addr}");
+    args.apply(&mut node);
+    let mut config = MapClientConfig::from_node(&node).unwrap();
+    assert_eq!(config.poll_interval, Duration::from_millis(50));
+    assert_eq!(config.republish_interval, Duration::from_secs(7));
+    config.persist_path = n.net.dir.join("bob-map.bin");
+    let map = Arc::new(MapClient::new(config).unwrap());
+    let own = Arc::new(Own {
+        records: std::sync::Mutex::new(vec![n.member(1, BOB, 2, 1)]),
+        changed: tokio::sync::watch::channel(0).0,
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(braid_membership::run(
+        MembershipDeps {
+            map: map.clone(),
+            own: own.clone(),
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    wait_for(&map, |v| v.members().iter().any(|m| m.name.as_str() == BOB)).await;
+    // A new vnode: published on the change, without waiting a day.
+    own.records
+        .lock()
+        .unwrap()
+        .push(n.member(1, "O=Bob Two, L=New York, C=US", 3, 1));
+    own.changed.send_modify(|c| *c += 1);
+    wait_for(&map, |v| v.members().len() == 2).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), worker)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .unwrap();
+}

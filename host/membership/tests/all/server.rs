@@ -206,3 +206,88 @@ fn state_survives_reopen() {
     .unwrap_err();
     assert!(matches!(err, MembershipError::Config { .. }), "{err}");
 }
+
+/// A state several map servers share, written only on what its writer
+/// read (as a cluster's store does).
+#[derive(Debug, Default)]
+struct Shared(std::sync::Mutex<Option<Vec<u8>>>);
+
+impl braid_membership::MapStateStore for Shared {
+    fn load(&self) -> Result<Option<Vec<u8>>, MembershipError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    fn save(&self, bytes: &[u8]) -> Result<(), MembershipError> {
+        *self.0.lock().unwrap() = Some(bytes.to_vec());
+        Ok(())
+    }
+    fn save_if(&self, expected: Option<&[u8]>, bytes: &[u8]) -> Result<(), MembershipError> {
+        let mut s = self.0.lock().unwrap();
+        if s.as_deref() != expected {
+            return Err(MembershipError::StateChanged);
+        }
+        *s = Some(bytes.to_vec());
+        Ok(())
+    }
+    fn location(&self) -> std::path::PathBuf {
+        "shared".into()
+    }
+}
+
+#[test]
+fn map_servers_that_share_their_state_lose_no_change_of_one_another() {
+    let n = net(&["alice", "bob", "carol"]);
+    let state = Arc::new(Shared::default());
+    let open = || {
+        MapServer::open(MapServerConfig {
+            state: state.clone(),
+            group: "braid-dev".into(),
+            operator_key_pkcs8_der: n.op_key.clone(),
+            network_ca_der: n.ca_der.clone(),
+            approval: Approval::Manual,
+            event_horizon: DAY,
+        })
+        .unwrap()
+    };
+    let (one, two) = (open(), open());
+    // Each takes a registration on the state as it last read it: the
+    // second's first write finds the state changed, reads it again and
+    // keeps the first's change.
+    assert_eq!(
+        one.register(n.member(0, ALICE, 1, 1)).unwrap(),
+        Registration::Pending
+    );
+    assert_eq!(
+        two.register(n.member(1, BOB, 2, 1)).unwrap(),
+        Registration::Pending
+    );
+    let pending = |s: &MapServer| {
+        let mut p: Vec<String> = s.pending().iter().map(|m| m.name.to_string()).collect();
+        p.sort();
+        p
+    };
+    assert_eq!(pending(&two), [ALICE, BOB]);
+    // The first serves what the second wrote once it refreshes.
+    assert!(one.refresh().unwrap(), "the state had changed");
+    assert!(!one.refresh().unwrap(), "and has not since");
+    assert_eq!(pending(&one), [ALICE, BOB]);
+    // Approvals through either, each on a stale copy of the other's.
+    one.approve(&ALICE.parse().unwrap()).unwrap();
+    two.approve(&BOB.parse().unwrap()).unwrap();
+    assert!(matches!(
+        one.approve(&BOB.parse().unwrap()),
+        Err(MembershipError::NotPending { .. })
+    ));
+    assert_eq!(
+        two.register(n.member(2, CAROL, 3, 1)).unwrap(),
+        Registration::Pending
+    );
+    one.reject(&CAROL.parse().unwrap()).unwrap();
+    two.refresh().unwrap();
+    assert_eq!(names(&one, &n), [ALICE, BOB]);
+    assert_eq!(names(&two, &n), [ALICE, BOB]);
+    assert_eq!(one.version(), two.version());
+    // A third opened now reads the same.
+    let three = open();
+    assert_eq!(names(&three, &n), [ALICE, BOB]);
+    assert!(three.pending().is_empty());
+}

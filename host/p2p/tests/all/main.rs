@@ -20,11 +20,11 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 const GROUP: &str = "test";
 
-/// A node's flows as the link manager sees them: one vnode, and what
+/// A node's flows as the link manager sees them: its vnodes, and what
 /// arrives and what is acknowledged kept.
 struct Flows {
     store: Arc<dyn Store>,
-    vnode: (String, HoldingId),
+    vnodes_here: Vec<(String, HoldingId)>,
     vnodes: watch::Sender<u64>,
     arrived: Mutex<Vec<SessionMessage>>,
     acknowledged: Mutex<Vec<Vec<u8>>>,
@@ -40,7 +40,7 @@ impl FlowSide for Flows {
         GROUP.into()
     }
     fn local_vnodes(&self) -> Vec<(String, HoldingId)> {
-        vec![self.vnode.clone()]
+        self.vnodes_here.clone()
     }
     fn vnodes_changed(&self) -> watch::Receiver<u64> {
         self.vnodes.subscribe()
@@ -90,27 +90,6 @@ impl Peers for Members {
     }
 }
 
-/// The gateways: a packet for an endpoint goes into its link manager's
-/// inbound channel.
-struct Wire(HashMap<String, mpsc::Sender<InboundBatch>>);
-
-#[async_trait::async_trait]
-impl Transport for Wire {
-    async fn send(&self, to: &PeerAddr, batch: Vec<Packet>) -> Result<(), TransportError> {
-        let tx = self
-            .0
-            .get(&to.endpoint)
-            .ok_or_else(|| TransportError::Failed(format!("no gateway {}", to.endpoint)))?;
-        tx.send(InboundBatch {
-            packets: batch,
-            peer: "the test's wire".into(),
-            peer_leaf: None,
-        })
-        .await
-        .map_err(|_| TransportError::Failed("the peer stopped".into()))
-    }
-}
-
 fn endpoint(name: &X500Name, side: Side) -> Endpoint {
     Endpoint {
         holding: HoldingId::derive(name, GROUP),
@@ -138,7 +117,7 @@ async fn two_link_managers_alone_carry_a_message_and_its_acknowledgement() {
         endpoints.insert(name.as_str().to_string(), format!("gateway-{i}"));
         flows.push(Arc::new(Flows {
             store,
-            vnode: (name.as_str().to_string(), holding),
+            vnodes_here: vec![(name.as_str().to_string(), holding)],
             vnodes: watch::channel(0).0,
             arrived: Mutex::new(Vec::new()),
             acknowledged: Mutex::new(Vec::new()),
@@ -147,11 +126,11 @@ async fn two_link_managers_alone_carry_a_message_and_its_acknowledgement() {
     }
     let members: Arc<dyn Peers> = Arc::new(Members { keys, endpoints });
     let (in_tx, in_rx): (Vec<_>, Vec<_>) = (0..2).map(|_| mpsc::channel(16)).unzip();
-    let wire = Arc::new(Wire(
+    let wire = Arc::new(Fanout(
         in_tx
             .into_iter()
             .enumerate()
-            .map(|(i, tx)| (format!("gateway-{i}"), tx))
+            .map(|(i, tx)| (format!("gateway-{i}"), vec![tx]))
             .collect(),
     ));
     let mut ports = Vec::new();
@@ -168,6 +147,7 @@ async fn two_link_managers_alone_carry_a_message_and_its_acknowledgement() {
             inbound,
             outbound,
             counters: Arc::new(Counters::default()),
+            share: braid_p2p::Share::everything(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         tasks.push(tokio::spawn(braid_p2p::run(
@@ -219,4 +199,245 @@ async fn two_link_managers_alone_carry_a_message_and_its_acknowledgement() {
         stop.send(()).unwrap();
         task.await.unwrap().expect("a clean stop");
     }
+}
+
+/// The gateways: the packets for a node's endpoint go to each of its link
+/// managers, as a cluster's do (every link manager reads all of
+/// `link.in`).
+struct Fanout(HashMap<String, Vec<mpsc::Sender<InboundBatch>>>);
+
+#[async_trait::async_trait]
+impl Transport for Fanout {
+    async fn send(&self, to: &PeerAddr, batch: Vec<Packet>) -> Result<(), TransportError> {
+        let txs = self
+            .0
+            .get(&to.endpoint)
+            .ok_or_else(|| TransportError::Failed(format!("no gateway {}", to.endpoint)))?;
+        for tx in txs {
+            tx.send(InboundBatch {
+                packets: batch.clone(),
+                peer: "the test's wire".into(),
+                peer_leaf: None,
+            })
+            .await
+            .map_err(|_| TransportError::Failed("the peer stopped".into()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `flows` holds an acknowledgement of every one of `keys`.
+async fn acknowledged(flows: &Flows, keys: &[Vec<u8>]) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let waiting = flows.changed.notified();
+            let acks = flows.acknowledged.lock().unwrap().clone();
+            if keys.iter().all(|k| acks.contains(k)) {
+                return;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+        }
+    })
+    .await
+    .expect("acknowledged within 30 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn link_managers_that_share_the_pairs_carry_each_once_and_hand_pairs_over() {
+    use braid_p2p::{LinkManager, Share};
+    use std::collections::BTreeSet;
+    let dir = braid_testkit::TempDir::new("braid-p2p-share");
+    let alice: X500Name = "O=Alice, L=London, C=GB".parse().unwrap();
+    let bobs: Vec<X500Name> = (0..8)
+        .map(|i| format!("O=Bob {i}, L=Paris, C=FR").parse().unwrap())
+        .collect();
+    let mut keys = StaticMembership::new();
+    let mut endpoints = HashMap::new();
+    let node = |i: usize, names: Vec<&X500Name>| {
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join(format!("node{i}.redb"))).unwrap());
+        Arc::new(Flows {
+            store,
+            vnodes_here: names
+                .iter()
+                .map(|n| (n.as_str().to_string(), HoldingId::derive(n, GROUP)))
+                .collect(),
+            vnodes: watch::channel(0).0,
+            arrived: Mutex::new(Vec::new()),
+            acknowledged: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+        })
+    };
+    let (a, b) = (node(0, vec![&alice]), node(1, bobs.iter().collect()));
+    for (flows, gateway) in [(&a, "gateway-a"), (&b, "gateway-b")] {
+        for (name, holding) in &flows.vnodes_here {
+            let kp = KeyStore::new(flows.store.clone())
+                .ensure(*holding)
+                .await
+                .unwrap();
+            keys.insert(Identity::from(name.as_str()), kp.public());
+            endpoints.insert(name.clone(), gateway.to_string());
+        }
+    }
+    let members: Arc<dyn Peers> = Arc::new(Members { keys, endpoints });
+    // Alice's node runs two link managers over two partitions of pairs;
+    // Bob's one, carrying everything.
+    let (in_tx, in_rx): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::channel(16)).unzip();
+    let wire = Arc::new(Fanout(HashMap::from([
+        (
+            "gateway-a".to_string(),
+            vec![in_tx[0].clone(), in_tx[1].clone()],
+        ),
+        ("gateway-b".to_string(), vec![in_tx[2].clone()]),
+    ])));
+    let held = |p: &[u16]| Share::Partitions {
+        partitions: 2,
+        held: p.iter().copied().collect::<BTreeSet<u16>>(),
+    };
+    let shares = [watch::channel(held(&[0])), watch::channel(held(&[1]))];
+    let mut ports = Vec::new();
+    let mut counters = Vec::new();
+    let mut managers = Vec::new();
+    // The first link manager takes the lower boot number: when it takes
+    // the other's pairs over, its links must still start above the
+    // other's epochs.
+    for (i, inbound) in in_rx.into_iter().enumerate() {
+        let (flows, share) = match i {
+            0 | 1 => (a.clone(), shares[i].1.clone()),
+            _ => (b.clone(), Share::everything()),
+        };
+        let peers = watch::channel(members.clone()).1;
+        let (port, outbound) = braid_p2p::remote_port(peers.clone());
+        let c = Arc::new(Counters::default());
+        let deps = Deps {
+            worker: flows.clone(),
+            keys: KeyStore::new(flows.store.clone()),
+            peers,
+            transport: wire.clone(),
+            inbound,
+            outbound,
+            counters: c.clone(),
+            share,
+        };
+        managers.push(
+            LinkManager::spawn(deps, LinkArgs::default().config())
+                .await
+                .unwrap(),
+        );
+        ports.push(port);
+        counters.push(c);
+    }
+    let message = |to: &X500Name, n: u64| SessionMessage {
+        session: SessionId {
+            initiator_flow: FlowId::random(),
+            index: 1,
+        },
+        from: endpoint(&alice, Side::Initiator),
+        to: endpoint(to, Side::Responder),
+        seq: n,
+        init: Some(SessionInit {
+            protocol: "ping".into(),
+            versions: vec![1],
+        }),
+        body: Body::Data(format!("hello {n}").into_bytes()),
+    };
+    let holding = HoldingId::derive(&alice, GROUP);
+    let on_first: usize = bobs
+        .iter()
+        .filter(|b| held(&[0]).carries(&holding, b.as_str()))
+        .count();
+    assert!(
+        on_first > 0 && on_first < bobs.len(),
+        "the test's pairs fall on both partitions"
+    );
+    let acked = |i: usize| {
+        counters[i]
+            .messages_acked
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Every message reaches both of Alice's link managers (as the outbox
+    // sweep brings them); each pair is carried by one.
+    let first: Vec<SessionMessage> = bobs.iter().map(|b| message(b, 1)).collect();
+    ports[0].send(first.clone());
+    ports[1].send(first.clone());
+    let keys: Vec<Vec<u8>> = first.iter().map(SessionMessage::key).collect();
+    acknowledged(&a, &keys).await;
+    assert_eq!(
+        (acked(0), acked(1)),
+        (on_first as u64, (bobs.len() - on_first) as u64)
+    );
+    let mut arrived = b.arrived.lock().unwrap().clone();
+    arrived.sort_by_key(|m| m.to.name.as_str().to_string());
+    let mut sent = first.clone();
+    sent.sort_by_key(|m| m.to.name.as_str().to_string());
+    assert_eq!(arrived, sent, "each delivered once");
+
+    // The first takes every pair over, the second gives its up.
+    shares[1].0.send(held(&[])).unwrap();
+    shares[0].0.send(held(&[0, 1])).unwrap();
+    let second: Vec<SessionMessage> = bobs.iter().map(|b| message(b, 2)).collect();
+    ports[1].send(second.clone());
+    ports[0].send(second.clone());
+    let keys: Vec<Vec<u8>> = second.iter().map(SessionMessage::key).collect();
+    acknowledged(&a, &keys).await;
+    assert_eq!(
+        (acked(0), acked(1)),
+        (
+            (on_first + bobs.len()) as u64,
+            (bobs.len() - on_first) as u64
+        ),
+        "the first carried every pair, the second none"
+    );
+    assert_eq!(b.arrived.lock().unwrap().len(), 2 * bobs.len());
+    // The links it took over started above the epochs of those it took
+    // them from, so Bob's side refused no handshake as stale.
+    assert_eq!(
+        counters[2]
+            .packets_rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "packets Bob's link manager rejected"
+    );
+    drop(managers);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_that_take_boot_numbers_and_session_keys_at_once_agree() {
+    let dir = braid_testkit::TempDir::new("braid-p2p-boot");
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+    // Boot numbers: each taker gets its own.
+    let takers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { braid_p2p::next_boot(&*store).await.unwrap() })
+        })
+        .collect();
+    let mut boots = Vec::new();
+    for t in takers {
+        boots.push(t.await.unwrap());
+    }
+    boots.sort();
+    assert_eq!(boots, (1..=16).collect::<Vec<u32>>(), "one number each");
+    // Session keys: every key store (each its own cache, as in separate
+    // processes) ends up with the same key for a vnode.
+    let holding = HoldingId::derive(&"O=Alice, L=London, C=GB".parse().unwrap(), GROUP);
+    let makers: Vec<_> = (0..8)
+        .map(|_| {
+            let keys = KeyStore::new(store.clone());
+            tokio::spawn(async move { keys.ensure(holding).await.unwrap().public() })
+        })
+        .collect();
+    let mut public = Vec::new();
+    for m in makers {
+        public.push(m.await.unwrap());
+    }
+    assert!(
+        public.windows(2).all(|w| w[0] == w[1]),
+        "one key for the vnode"
+    );
+    assert_eq!(
+        KeyStore::new(store).ensure(holding).await.unwrap().public(),
+        public[0]
+    );
 }
