@@ -79,6 +79,15 @@
 //!   started on the counterparty by a session-init for `p`; it takes the
 //!   [`Session`] to answer on and is not startable by clients.
 //!
+//! **Protocols.** `protocol` is a string literal or the path of a `&str`
+//! constant, so that both sides can name one constant from a crate they
+//! share (`pub const PROTOCOL: &str = "ping";`, then `protocol =
+//! ping_common::PROTOCOL`) and cannot drift apart.
+//!
+//! **Logging.** [`info!`], [`warn!`], [`error!`], [`debug!`] and
+//! [`trace!`] format as `format!` does; the lines are attributed to the
+//! flow and suppressed while it replays.
+//!
 //! **Names.** A flow's name (what clients pass as `flowName`, and what the
 //! host lists) is the function's name, e.g. `ping_responder`, unless the
 //! attribute says `name = "..."`. Names must be unique within a package.
@@ -125,7 +134,7 @@ pub mod __rt;
 pub use braid_sdk_macros::{export_flows, flow, initiating_flow, responder_flow};
 pub use error::{FlowError, Result, SessionError};
 pub use services::{log, now, now_millis, random_bytes, sleep, whoami};
-pub use session::Session;
+pub use session::{Session, receive_all, receive_any};
 
 /// Re-exported so apps can name the same serde the SDK uses.
 pub use serde;
@@ -135,7 +144,8 @@ pub use serde_json;
 /// The usual imports of a flow package.
 pub mod prelude {
     pub use crate::{
-        FlowError, Result, Session, SessionError, log, now, now_millis, random_bytes, sleep, whoami,
+        FlowError, Result, Session, SessionError, debug, error, info, log, now, now_millis,
+        random_bytes, receive_all, receive_any, sleep, trace, warn, whoami,
     };
 }
 

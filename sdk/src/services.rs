@@ -31,10 +31,15 @@ pub fn whoami() -> String {
 }
 
 /// Log lines attributed to the running flow; suppressed while the host
-/// replays a flow's journal.
+/// replays a flow's journal. The macros [`info!`](crate::info) and its
+/// siblings format their arguments as `format!` does:
 ///
 /// ```no_run
+/// use braid_sdk::prelude::*;
+/// # fn f() {
+/// info!("sent {} messages", 3);
 /// braid_sdk::log::info(format_args!("sent {} messages", 3));
+/// # }
 /// ```
 pub mod log {
     use std::fmt::Display;
@@ -70,4 +75,34 @@ pub mod log {
     pub fn error(message: impl Display) {
         emit(Level::Error, message);
     }
+}
+
+/// Logs at `trace` level, formatting as `format!` does.
+#[macro_export]
+macro_rules! trace {
+    ($($arg:tt)*) => { $crate::log::trace(::core::format_args!($($arg)*)) };
+}
+
+/// Logs at `debug` level, formatting as `format!` does.
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => { $crate::log::debug(::core::format_args!($($arg)*)) };
+}
+
+/// Logs at `info` level, formatting as `format!` does.
+#[macro_export]
+macro_rules! info {
+    ($($arg:tt)*) => { $crate::log::info(::core::format_args!($($arg)*)) };
+}
+
+/// Logs at `warn` level, formatting as `format!` does.
+#[macro_export]
+macro_rules! warn {
+    ($($arg:tt)*) => { $crate::log::warn(::core::format_args!($($arg)*)) };
+}
+
+/// Logs at `error` level, formatting as `format!` does.
+#[macro_export]
+macro_rules! error {
+    ($($arg:tt)*) => { $crate::log::error(::core::format_args!($($arg)*)) };
 }

@@ -8,6 +8,10 @@ use std::time::Duration;
 use braid_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// The protocol's name, for both sides (`#[initiating_flow(protocol =
+/// ping_common::PROTOCOL, ...)]`, `#[responder_flow(...)]`).
+pub const PROTOCOL: &str = "ping";
+
 /// Request body of the `ping` flow:
 /// `{"counterparty": "<X.500>", "n": 1, "delayMs": 0}`.
 #[derive(Debug, Deserialize)]
@@ -45,11 +49,10 @@ pub struct Pong {
 /// of the calling `#[initiating_flow]`.
 pub fn exchange(args: &PingArgs) -> braid_sdk::Result<Pong> {
     let session = Session::initiate(&args.counterparty)?;
-    session.send(&Ping {
+    let pong: Pong = session.send_and_receive(&Ping {
         n: args.n,
         delay_ms: args.delay_ms,
     })?;
-    let pong: Pong = session.receive()?;
     session.close()?;
     Ok(pong)
 }
@@ -57,7 +60,7 @@ pub fn exchange(args: &PingArgs) -> braid_sdk::Result<Pong> {
 /// Answers a ping with `n + 1` after the requested delay, then insists that
 /// the initiator's close is the only thing that follows: a second message
 /// would mean a message was delivered twice.
-#[braid_sdk::responder_flow(protocol = "ping", version = 1)]
+#[braid_sdk::responder_flow(protocol = PROTOCOL, version = 1)]
 pub fn ping_responder(session: Session) -> braid_sdk::Result<()> {
     let ping: Ping = session.receive()?;
     if ping.delay_ms > 0 {

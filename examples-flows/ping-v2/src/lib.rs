@@ -12,7 +12,7 @@ use braid_sdk::prelude::*;
 use ping_common::{PingArgs, exchange, ping_responder};
 
 /// Pings `counterparty` with `n` and returns its answer and the start time.
-#[braid_sdk::initiating_flow(protocol = "ping", version = 1)]
+#[braid_sdk::initiating_flow(protocol = ping_common::PROTOCOL, version = 1)]
 fn ping(args: PingArgs) -> braid_sdk::Result<serde_json::Value> {
     let started_at_ms = now_millis();
     let pong = exchange(&args)?;

@@ -7,7 +7,7 @@
 use ping_common::{PingArgs, exchange, ping_responder};
 
 /// Pings `counterparty` with `n` and returns its answer.
-#[braid_sdk::initiating_flow(protocol = "ping", version = 1)]
+#[braid_sdk::initiating_flow(protocol = ping_common::PROTOCOL, version = 1)]
 fn ping(args: PingArgs) -> braid_sdk::Result<serde_json::Value> {
     let pong = exchange(&args)?;
     Ok(serde_json::json!({ "n": pong.n, "responder": pong.responder }))

@@ -5,7 +5,9 @@
 //! otherwise. Body `{"counterparties": ["<X.500>", ...], "proposal": "<text>"}`,
 //! result `{"accepted": bool, "votes": {"<X.500>": bool, ...}}`.
 //!
-//! It shows both kinds of sub-flow: `collect_vote` is a plain function, so
+//! The votes are collected in parallel (`receive_all`: as they arrive).
+//!
+//! It shows both kinds of sub-flow: `ask_vote` is a plain function, so
 //! its session uses the caller's protocol ("proposal"); `fetch_receipt` is an
 //! `#[initiating_flow]` of its own, so while it runs its session uses
 //! "proposal-receipt".
@@ -61,12 +63,17 @@ fn propose(args: ProposeArgs) -> braid_sdk::Result<Outcome> {
             "`counterparties` must name at least one party".into(),
         ));
     }
+    // Everyone gets the proposal first; the votes are taken as they
+    // arrive (a slow voter does not hold the others' votes up).
     let mut sessions = Vec::with_capacity(args.counterparties.len());
-    let mut votes = BTreeMap::new();
     for counterparty in &args.counterparties {
-        let (session, accept) = collect_vote(counterparty, &args.proposal)?;
-        sessions.push(session);
-        votes.insert(counterparty.clone(), accept);
+        sessions.push(ask_vote(counterparty, &args.proposal)?);
+    }
+    let mut votes = BTreeMap::new();
+    let answers: Vec<braid_sdk::Result<Vote>> =
+        receive_all(&sessions.iter().collect::<Vec<&Session>>());
+    for (counterparty, vote) in args.counterparties.iter().zip(answers) {
+        votes.insert(counterparty.clone(), vote?.accept);
     }
     let accepted = votes.values().all(|&accept| accept);
     let decision = if accepted {
@@ -82,20 +89,19 @@ fn propose(args: ProposeArgs) -> braid_sdk::Result<Outcome> {
         let receipt = fetch_receipt(ReceiptRequest {
             counterparty: counterparty.clone(),
         })?;
-        log::info(format_args!("decision acknowledged by {}", receipt.signer));
+        info!("decision acknowledged by {}", receipt.signer);
     }
     Ok(Outcome { accepted, votes })
 }
 
-/// Sub-flow (plain function): opens a session under the caller's protocol,
-/// sends the proposal and returns the open session with the vote.
-fn collect_vote(counterparty: &str, proposal: &str) -> braid_sdk::Result<(Session, bool)> {
+/// Sub-flow (plain function): opens a session under the caller's protocol
+/// and sends the proposal; the vote comes back on the session returned.
+fn ask_vote(counterparty: &str, proposal: &str) -> braid_sdk::Result<Session> {
     let session = Session::initiate(counterparty)?;
     session.send(&Proposal {
         text: proposal.to_owned(),
     })?;
-    let vote: Vote = session.receive()?;
-    Ok((session, vote.accept))
+    Ok(session)
 }
 
 /// Votes: accept unless the proposal contains the word "reject".
@@ -108,7 +114,7 @@ fn vote(session: Session) -> braid_sdk::Result<()> {
         .any(|word| word.eq_ignore_ascii_case("reject"));
     session.send(&Vote { accept })?;
     let decision: Decision = session.receive()?;
-    log::info(format_args!("proposal decided: {decision:?}"));
+    info!("proposal decided: {decision:?}");
     Ok(())
 }
 

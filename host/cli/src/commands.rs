@@ -77,6 +77,21 @@ pub enum FlowCommand {
         /// The flow's client request id.
         client_request_id: String,
     },
+    /// Show what a flow did: every journal entry in order (sessions
+    /// opened, messages sent and received, sleeps, time and randomness
+    /// taken), its result or the step it failed at, and the same for the
+    /// flows at the other end of its sessions on this node.
+    ///
+    /// Example: braid flow journal 1a2b3c4d5e6f r1
+    Journal {
+        /// The vnode's holding id.
+        holding_id: String,
+        /// The flow's client request id.
+        client_request_id: String,
+        /// Print the REST API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// List a virtual node's flows.
     ///
     /// Example: braid flow list 1a2b3c4d5e6f --status RUNNING
@@ -280,6 +295,23 @@ pub fn flow(c: &Client, cmd: FlowCommand) -> anyhow::Result<ExitCode> {
             holding_id,
             client_request_id,
         } => print(&c.get(&flow_path(&holding_id, &client_request_id))?),
+        FlowCommand::Journal {
+            holding_id,
+            client_request_id,
+            json,
+        } => {
+            let v = c.get(&format!(
+                "{}/journal",
+                flow_path(&holding_id, &client_request_id)
+            ))?;
+            if json {
+                return print(&v);
+            }
+            let j: braid_rest::openapi::FlowJournal = serde_json::from_value(v)
+                .context("the node's journal answer is not what this braid reads")?;
+            print!("{}", crate::journal::render(&j));
+            Ok(ExitCode::SUCCESS)
+        }
         FlowCommand::List { holding_id, status } => {
             let mut path = format!("/api/v1/flow/{}", seg(&holding_id));
             if let Some(status) = status {

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod commands;
+mod journal;
 mod network;
 mod node;
 mod p2p_adapters;

@@ -97,17 +97,10 @@ impl Delivery {
             .cached(&v.package)
             .and_then(|p| p.responder_for(&init.protocol, &init.versions));
         let Some((flow_name, version)) = responder else {
-            let reply = SessionMessage {
-                session: m.session,
-                from: m.to.clone(),
-                to: m.from.clone(),
-                seq: 1,
-                init: None,
-                body: Body::Error(SessionFault::ProtocolUnsupported(format!(
-                    "{} has no responder for protocol {:?} versions {:?}",
-                    v.name, init.protocol, init.versions
-                ))),
-            };
+            let reply = m.fault_reply(SessionFault::ProtocolUnsupported(format!(
+                "{} has no responder for protocol {:?} versions {:?}",
+                v.name, init.protocol, init.versions
+            )));
             self.ops.push(Op::PutOutbox(Box::new(reply.clone())));
             self.replies.push(reply);
             return Ok(());

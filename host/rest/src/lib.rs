@@ -32,6 +32,7 @@ use utoipa_axum::routes;
 mod auth;
 mod flows;
 mod health;
+mod journal;
 mod network;
 pub mod openapi;
 mod packages;
@@ -173,6 +174,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
         .routes(routes!(vnodes::force_package))
         .routes(routes!(flows::start_flow, flows::list_flows))
         .routes(routes!(flows::flow_status))
+        .routes(routes!(journal::flow_journal))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(network::network))

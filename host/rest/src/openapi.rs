@@ -307,6 +307,92 @@ pub struct Flow {
     pub timestamp: String,
 }
 
+/// What a flow did: its status, how it started, every journal entry in
+/// order, and the same for each counterparty flow of its sessions that
+/// runs on this node (and that the caller may read).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowJournal {
+    /// The flow.
+    pub flow: JournalView,
+    /// The flows at the other end of its sessions that run on this node,
+    /// in the order of its sessions.
+    pub counterparties: Vec<JournalView>,
+}
+
+/// One flow's journal.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JournalView {
+    /// The flow's status.
+    pub status: Flow,
+    /// How it started: by a client (with its request body) or by a
+    /// session-init (from whom, under which protocol version).
+    pub started: JournalStart,
+    /// Every host call it made, in order.
+    pub entries: Vec<JournalEntry>,
+    /// For a failed or killed flow, the step it failed at: for
+    /// `NON_DETERMINISM`, the entry where replaying with its code diverged
+    /// from the journal; else the entry after the last one it completed.
+    pub failed_at_step: Option<u32>,
+}
+
+/// How a flow started.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JournalStart {
+    /// `CLIENT` or `SESSION_INIT`.
+    pub by: String,
+    /// A client's JSON request body.
+    #[schema(value_type = Option<Value>)]
+    pub request_body: Option<Value>,
+    /// A responder's initiator (X.500 name).
+    pub initiator: Option<String>,
+    /// A responder's protocol.
+    pub protocol: Option<String>,
+    /// A responder's agreed protocol version.
+    pub version: Option<u32>,
+}
+
+/// One journal entry: a host call and what it returned.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JournalEntry {
+    /// Its position, from 0.
+    pub step: u32,
+    /// The call: `initiate`, `send`, `receive`, `receive-any`, `close`,
+    /// `sleep`, `now-millis` or `random-bytes`.
+    pub call: String,
+    /// The session it concerns (its handle in this flow); for
+    /// `receive-any`, the one that answered.
+    pub session: Option<u64>,
+    /// `receive-any`: the sessions it waited on.
+    pub sessions: Option<Vec<u64>>,
+    /// `initiate`: the counterparty as the flow named it.
+    pub counterparty: Option<String>,
+    /// `initiate`: the protocol.
+    pub protocol: Option<String>,
+    /// `initiate`: the versions offered.
+    pub versions: Option<Vec<u32>>,
+    /// `send` and `receive`: the payload's size in bytes (`null` for sends
+    /// journaled before sizes were).
+    pub bytes: Option<u64>,
+    /// `receive`: the payload, hex.
+    pub payload_hex: Option<String>,
+    /// `receive`: the payload as text, when all of it is printable UTF-8.
+    pub payload_text: Option<String>,
+    /// `send`: the payload's digest (FNV-1a, hex), as replay checks it.
+    pub digest: Option<String>,
+    /// `sleep`: when it ends; `now-millis`: the time returned; `receive`:
+    /// when it returned (RFC 3339, UTC).
+    #[schema(format = DateTime)]
+    pub at: Option<String>,
+    /// `random-bytes`: the bytes returned, hex.
+    pub random_hex: Option<String>,
+    /// Why the call failed (a session error), if it did.
+    pub error: Option<String>,
+}
+
 /// A page of a virtual node's flows, oldest first. With a status filter a
 /// page may hold fewer than `limit` flows (even none) and still have a
 /// `nextCursor`: follow it until it is `null`.

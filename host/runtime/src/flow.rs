@@ -201,6 +201,29 @@ fn wit_result<T>(r: Result<T, SessErr>) -> Result<T, types::SessionError> {
     r.map_err(|e| to_wit(&e))
 }
 
+/// What a `receive` of a message with `body` returns.
+fn received(body: Body) -> Result<Vec<u8>, SessErr> {
+    match body {
+        Body::Data(p) => Ok(p),
+        Body::Close => Err(SessErr::Closed),
+        Body::Error(SessionFault::CounterpartyFailed(why)) => Err(SessErr::CounterpartyFailed(why)),
+        Body::Error(SessionFault::ProtocolUnsupported(why)) => {
+            Err(SessErr::ProtocolUnsupported(why))
+        }
+        Body::Error(SessionFault::Undeliverable(why)) => {
+            Err(SessErr::Other(format!("message undeliverable: {why}")))
+        }
+    }
+}
+
+/// What `receive-any` returns: the session that answered, with its message
+/// or its error.
+type AnyResult = Result<(u64, Vec<u8>), (u64, types::SessionError)>;
+
+fn any_result(handle: u64, r: Result<Vec<u8>, SessErr>) -> AnyResult {
+    r.map(|p| (handle, p)).map_err(|e| (handle, to_wit(&e)))
+}
+
 impl FlowState {
     pub(crate) fn replaying(&self) -> bool {
         self.cursor < self.loaded
@@ -458,7 +481,7 @@ impl FlowState {
         let sleep = async {
             match deadline_ms {
                 Some(d) => {
-                    let now = braid_types::now_millis();
+                    let now = self.env.now_millis();
                     tokio::time::sleep(Duration::from_millis(d.saturating_sub(now))).await
                 }
                 None => std::future::pending().await,
@@ -490,7 +513,7 @@ impl FlowState {
             }
         };
         // Past entries mean the sleep already ended in an earlier run.
-        while !self.replaying() && braid_types::now_millis() < wake {
+        while !self.replaying() && self.env.now_millis() < wake {
             self.suspend(Some(wake)).await?;
         }
         self.set_virtual_now(wake);
@@ -621,6 +644,9 @@ pub(crate) enum Call<'a> {
     Receive {
         handle: u64,
     },
+    ReceiveAny {
+        handles: &'a [u64],
+    },
     Close {
         handle: u64,
     },
@@ -637,6 +663,7 @@ impl Call<'_> {
             Call::Initiate { .. } => "initiate",
             Call::Send { .. } => "send",
             Call::Receive { .. } => "receive",
+            Call::ReceiveAny { .. } => "receive-any",
             Call::Close { .. } => "close",
             Call::Sleep => "sleep",
             Call::Now => "now-millis",
@@ -669,10 +696,18 @@ impl Call<'_> {
                     handle: a,
                     digest: d,
                     ..
+                }
+                | Entry::Sent {
+                    handle: a,
+                    digest: d,
+                    ..
                 },
             ) => handle == a && digest == d,
             (Call::Receive { handle }, Entry::Receive { handle: a, .. })
             | (Call::Receive { handle }, Entry::Received { handle: a, .. }) => handle == a,
+            (Call::ReceiveAny { handles }, Entry::ReceivedAny { handles: a, .. }) => {
+                *handles == a.as_slice()
+            }
             (Call::Close { handle }, Entry::Close { handle: a, .. }) => handle == a,
             (Call::Random { len }, Entry::Random { bytes }) => *len == bytes.len(),
             _ => true,
@@ -688,6 +723,7 @@ impl Call<'_> {
             } => format!("initiate({counterparty:?}, {protocol:?})"),
             Call::Send { handle, .. } => format!("send(session {handle})"),
             Call::Receive { handle } => format!("receive(session {handle})"),
+            Call::ReceiveAny { handles } => format!("receive-any(sessions {handles:?})"),
             Call::Close { handle } => format!("close(session {handle})"),
             Call::Sleep => "sleep".into(),
             Call::Now => "now-millis".into(),
@@ -790,10 +826,13 @@ impl host::Host for crate::FlowCtx {
     ) -> wasmtime::Result<Result<(), types::SessionError>> {
         let st = &mut self.st;
         let d = digest(&payload);
-        if let Some(Entry::Send { result, .. }) = st.replay(&Call::Send {
-            handle: s,
-            digest: d,
-        })? {
+        let payload_len = payload.len() as u64;
+        if let Some(Entry::Send { result, .. } | Entry::Sent { result, .. }) =
+            st.replay(&Call::Send {
+                handle: s,
+                digest: d,
+            })?
+        {
             if result.is_ok() {
                 st.sessions.get_mut(&s).expect("journaled").next_send += 1;
             }
@@ -812,9 +851,10 @@ impl host::Host for crate::FlowCtx {
         if result.is_ok() {
             st.push_outbound(s, Body::Data(payload))?;
         }
-        st.record(Entry::Send {
+        st.record(Entry::Sent {
             handle: s,
             digest: d,
+            len: payload_len,
             result: result.clone(),
         })?;
         Ok(wit_result(result))
@@ -842,7 +882,7 @@ impl host::Host for crate::FlowCtx {
             Some(_) => unreachable!("replay checks the kind"),
             None => {}
         }
-        let deadline = braid_types::now_millis() + st.limits.session_timeout.as_millis() as u64;
+        let deadline = st.env.now_millis() + st.limits.session_timeout.as_millis() as u64;
         let (consumed, result) = loop {
             match st.session(s) {
                 Err(e) => break (false, Err(e)),
@@ -852,28 +892,15 @@ impl host::Host for crate::FlowCtx {
                 Ok(_) => {}
             }
             if let Some(m) = st.take_next(s) {
-                let r = match m.body {
-                    Body::Data(p) => Ok(p),
-                    Body::Close => Err(SessErr::Closed),
-                    Body::Error(SessionFault::CounterpartyFailed(why)) => {
-                        Err(SessErr::CounterpartyFailed(why))
-                    }
-                    Body::Error(SessionFault::ProtocolUnsupported(why)) => {
-                        Err(SessErr::ProtocolUnsupported(why))
-                    }
-                    Body::Error(SessionFault::Undeliverable(why)) => {
-                        Err(SessErr::Other(format!("message undeliverable: {why}")))
-                    }
-                };
-                break (true, r);
+                break (true, received(m.body));
             }
-            if braid_types::now_millis() >= deadline {
+            if st.env.now_millis() >= deadline {
                 break (false, Err(SessErr::TimedOut));
             }
             st.suspend(Some(deadline)).await?;
         };
         st.apply_receive(s, consumed, &result);
-        let at_ms = braid_types::now_millis();
+        let at_ms = st.env.now_millis();
         st.set_virtual_now(at_ms);
         st.record(Entry::Received {
             handle: s,
@@ -882,6 +909,61 @@ impl host::Host for crate::FlowCtx {
             at_ms,
         })?;
         Ok(wit_result(result))
+    }
+
+    async fn receive_any(&mut self, handles: Vec<u64>) -> wasmtime::Result<AnyResult> {
+        let st = &mut self.st;
+        if let Some(Entry::ReceivedAny {
+            handle,
+            consumed,
+            result,
+            at_ms,
+            ..
+        }) = st.replay(&Call::ReceiveAny { handles: &handles })?
+        {
+            st.apply_receive(handle, consumed, &result);
+            st.set_virtual_now(at_ms);
+            return Ok(any_result(handle, result));
+        }
+        let deadline = st.env.now_millis() + st.limits.session_timeout.as_millis() as u64;
+        let (handle, consumed, result) = loop {
+            let Some(&first) = handles.first() else {
+                break (0, false, Err(SessErr::InvalidSession));
+            };
+            let mut answer = None;
+            for &h in &handles {
+                let ended = match st.session(h) {
+                    Err(e) => Some(e),
+                    Ok(sess) => sess.ended.clone(),
+                };
+                if let Some(e) = ended {
+                    answer = Some((h, false, Err(e)));
+                } else if let Some(m) = st.take_next(h) {
+                    answer = Some((h, true, received(m.body)));
+                }
+                if answer.is_some() {
+                    break;
+                }
+            }
+            if let Some(a) = answer {
+                break a;
+            }
+            if st.env.now_millis() >= deadline {
+                break (first, false, Err(SessErr::TimedOut));
+            }
+            st.suspend(Some(deadline)).await?;
+        };
+        st.apply_receive(handle, consumed, &result);
+        let at_ms = st.env.now_millis();
+        st.set_virtual_now(at_ms);
+        st.record(Entry::ReceivedAny {
+            handles,
+            handle,
+            consumed,
+            result: result.clone(),
+            at_ms,
+        })?;
+        Ok(any_result(handle, result))
     }
 
     async fn close(&mut self, s: u64) -> wasmtime::Result<Result<(), types::SessionError>> {
@@ -939,7 +1021,7 @@ impl host::Host for crate::FlowCtx {
     }
 
     async fn sleep(&mut self, millis: u64) -> wasmtime::Result<()> {
-        let wake = braid_types::now_millis().saturating_add(millis);
+        let wake = self.st.env.now_millis().saturating_add(millis);
         self.st.durable_sleep_until(wake).await
     }
 
@@ -949,7 +1031,7 @@ impl host::Host for crate::FlowCtx {
             Some(Entry::Now { ms }) => ms,
             Some(_) => unreachable!("replay checks the kind"),
             None => {
-                let ms = braid_types::now_millis();
+                let ms = st.env.now_millis();
                 st.record(Entry::Now { ms })?;
                 ms
             }

@@ -176,6 +176,13 @@ pub trait FlowEnv: Send + Sync + 'static {
     fn derive(&self, name: &X500Name) -> HoldingId {
         HoldingId::derive(name, "")
     }
+    /// The wall clock flows see live (ms since the Unix epoch): what
+    /// `now-millis` returns, and what sleeps and session timeouts are
+    /// measured on. Waits are `tokio::time` sleeps, so a clock that moves
+    /// with tokio's (paused, in tests) makes virtual time.
+    fn now_millis(&self) -> u64 {
+        braid_types::now_millis()
+    }
 }
 
 /// Delivered to a live flow.

@@ -117,7 +117,10 @@ impl FlowCtx {
             let left_ms = at_ns
                 .saturating_sub(self.monotonic_now())
                 .div_ceil(1_000_000);
-            let wake_ms = braid_types::now_millis()
+            let wake_ms = self
+                .st
+                .env
+                .now_millis()
                 .max(self.st.virtual_now_ms())
                 .saturating_add(left_ms);
             self.st.durable_sleep_until(wake_ms).await?;

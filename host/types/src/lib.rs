@@ -5,6 +5,7 @@
 //! [`log_limit`] is the one piece of behaviour: rate-limited log lines for
 //! the servers that face the network.
 
+pub mod journal;
 pub mod log_limit;
 pub mod retry;
 pub mod settings;
@@ -374,6 +375,19 @@ impl SessionMessage {
         match self.to.side {
             Side::Initiator => self.session.initiator_flow,
             Side::Responder => FlowId::responder(&self.to.holding, &self.session),
+        }
+    }
+
+    /// The answer to this message (a session-init) when its receiver
+    /// cannot take the session: `fault` on the session, back to its sender.
+    pub fn fault_reply(&self, fault: SessionFault) -> SessionMessage {
+        SessionMessage {
+            session: self.session,
+            from: self.to.clone(),
+            to: self.from.clone(),
+            seq: 1,
+            init: None,
+            body: Body::Error(fault),
         }
     }
 

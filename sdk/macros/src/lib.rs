@@ -99,7 +99,9 @@ impl Kind {
 #[derive(Default)]
 struct Args {
     name: Option<LitStr>,
-    protocol: Option<LitStr>,
+    /// A string literal, or the path of a `&str` constant (shared by the
+    /// initiator's and the responder's crates).
+    protocol: Option<Expr>,
     versions: Vec<LitInt>,
 }
 
@@ -109,7 +111,19 @@ fn parse_args(kind: Kind, attr: TokenStream) -> syn::Result<Args> {
         if meta.path.is_ident("name") {
             args.name = Some(meta.value()?.parse()?);
         } else if meta.path.is_ident("protocol") && kind != Kind::Plain {
-            args.protocol = Some(meta.value()?.parse()?);
+            let e: Expr = meta.value()?.parse()?;
+            match &e {
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(_), ..
+                })
+                | Expr::Path(_) => args.protocol = Some(e),
+                other => {
+                    return Err(syn::Error::new_spanned(
+                        other,
+                        "expected the protocol's name: \"...\" or the path of a `&str` constant",
+                    ));
+                }
+            }
         } else if meta.path.is_ident("version") && kind != Kind::Plain {
             args.versions.push(meta.value()?.parse()?);
         } else if meta.path.is_ident("versions") && kind != Kind::Plain {
@@ -204,9 +218,18 @@ fn expand_fn(kind: Kind, args: Args, mut func: ItemFn) -> syn::Result<TokenStrea
         .map(|n| n.value())
         .unwrap_or_else(|| ident.to_string());
     let rt = quote!(::braid_sdk::__rt);
+    // Evaluated in the hidden module below: a constant's path is resolved
+    // as it is where the attribute is written.
     let protocol = args.protocol.clone().map(|p| {
         let versions = &args.versions;
-        quote!(#rt::Protocol { name: #p, versions: &[#(#versions),*] })
+        quote!(#rt::Protocol {
+            name: {
+                #[allow(unused_imports)]
+                use super::*;
+                #p
+            },
+            versions: &[#(#versions),*],
+        })
     });
 
     let kind_tokens = match kind {

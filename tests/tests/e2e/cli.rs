@@ -290,6 +290,28 @@ fn cli_drives_a_node_over_https() {
     assert!(list.to_string().contains("cli-1"), "flow list: {list}");
     let out = braid(&["flow", "watch", &alice, "cli-1"], &admin);
     assert_eq!(out.status.code(), Some(0), "flow watch: {}", describe(&out));
+    // flow journal: what the ping did, and its responder on Bob, as text
+    // (the JSON is the REST API's, tested in journal.rs).
+    let out = braid(&["flow", "journal", &alice, "cli-1"], &admin);
+    assert!(out.status.success(), "flow journal: {}", describe(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "ping on ",
+        "started by a client with {",
+        "initiate    O=Bob",
+        "under ping (versions [1]) -> session 1",
+        "send        session 1, ",
+        "receive     session 1, ",
+        "result: {\"n\":42,",
+        "counterparty on this node:",
+        &format!("started by a session-init from {ALICE} (protocol ping v1)"),
+        "sleep       until ",
+        "-> error: closed by the counterparty",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    let j = braid_json(&["flow", "journal", &alice, "cli-1", "--json"], &admin);
+    assert_eq!(j["flow"]["status"]["clientRequestId"], "cli-1", "{j}");
 
     // Users and roles: a flow executor on Alice may start ping there; a
     // user without the role may not, and is told so.

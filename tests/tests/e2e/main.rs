@@ -8,6 +8,7 @@ mod connections;
 mod crash;
 mod eviction;
 mod flows;
+mod journal;
 mod kills;
 mod management;
 mod network;

@@ -657,7 +657,7 @@ fn data<T: Serialize>(value: &T) -> Body {
 fn a_member_cannot_inject_a_message_into_a_session_between_two_others() {
     let started = Instant::now();
     let net = Network::bootstrap(&["alpha", "beta", "mallory"], &[]);
-    let alpha = net.start("alpha");
+    let mut alpha = net.start("alpha");
     let beta = net.start("beta");
     let carol_holding = beta.vnode(CAROL, Pkg::Proposal);
     alpha.vnode(DAVE, Pkg::Proposal);
@@ -667,8 +667,12 @@ fn a_member_cannot_inject_a_message_into_a_session_between_two_others() {
     let api = beta.api();
     let (mut m, keys, membership) = join(&net, api, CAROL);
     let mut link = m.link(&keys, &membership, 0);
+    // Dave's node is down until Mallory has tried its forgeries: Carol
+    // asks both at once and takes the votes as they come, so Dave's
+    // genuine vote must not be there first.
+    alpha.kill();
 
-    // Carol asks Mallory, then Dave, to vote on a proposal Dave accepts.
+    // Carol asks Mallory and Dave to vote on a proposal Dave accepts.
     api.start_flow(
         &carol_holding,
         "lunch",
@@ -700,7 +704,7 @@ fn a_member_cannot_inject_a_message_into_a_session_between_two_others() {
         carol_flow.describe()
     );
     let mallory_session = init.session;
-    // The session Carol opens with Dave next (the sub-flow `collect_vote`
+    // The session Carol opens with Dave next (the sub-flow `ask_vote`
     // runs in the same flow: handle 2).
     let dave_session = SessionId {
         initiator_flow: x,
@@ -760,6 +764,8 @@ fn a_member_cannot_inject_a_message_into_a_session_between_two_others() {
         ],
     );
     assert_eq!(delivered(api), before + 1, "beta took Dave's forged vote");
+
+    alpha.start_again();
 
     // 3. Mallory plays its own part honestly: votes yes, gets the
     //    decision and the close, and signs the receipt `fetch_receipt`

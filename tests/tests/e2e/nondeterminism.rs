@@ -75,6 +75,37 @@ fn replaying_with_changed_code_fails_with_non_determinism() {
         );
     }
 
+    // Its journal shows what it did before the switch, and where replay
+    // with the new code stopped.
+    let j = api
+        .get(&format!("/api/v1/flow/{alice}/{}/journal", ids[0]))
+        .expect("journal");
+    j.expect_status(&[200], "journal of a flow that failed NON_DETERMINISM");
+    let flow = &j.json["flow"];
+    assert_eq!(
+        flow["status"]["error"]["type"], "NON_DETERMINISM",
+        "{}",
+        j.text
+    );
+    let calls: Vec<&str> = flow["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["call"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(calls, ["initiate", "send"], "{}", j.text);
+    // ping-v2 takes the time first, where the journal holds the
+    // initiate: replay diverged at the first entry.
+    assert_eq!(flow["failedAtStep"], 0, "{}", j.text);
+    // Its responder on Bob is shown beside it (still asleep, or failed
+    // since: its counterparty did).
+    assert_eq!(
+        j.json["counterparties"].as_array().unwrap().len(),
+        1,
+        "{}",
+        j.text
+    );
+
     // New flows run v2 from scratch.
     api.start_flow(&alice, "v2", "ping", &ping_body(BOB, 10, 0));
     let st = api.wait_terminal(&alice, "v2");

@@ -158,6 +158,7 @@ impl World {
                 }),
             ),
             "flow_status" => Call::get(format!("/api/v1/flow/{a}/{}", self.done_flow)),
+            "flow_journal" => Call::get(format!("/api/v1/flow/{a}/{}/journal", self.done_flow)),
             "flow_events" => Call::get(format!("/api/v1/flow/{a}/{}/events", self.done_flow)),
             "vnode_events" => Call::get(format!("/api/v1/flow/{a}/events")),
             "kill_flow" => {
