@@ -82,6 +82,35 @@ pub trait Network: Send + Sync + 'static {
     fn render_metrics(&self, out: &mut String);
 }
 
+/// How one unfinished flow fares when its journal is replayed against
+/// another package ([`FlowService::check_upgrade`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayCheck {
+    /// The flow.
+    pub flow: FlowRecord,
+    /// Its journal's length: the steps replayed.
+    pub journal_len: u32,
+    /// The outcome.
+    pub verdict: ReplayVerdict,
+}
+
+/// What replaying a flow's journal against another package showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayVerdict {
+    /// Every entry replayed: the new code does what the journal says.
+    Clean,
+    /// The new code called something else at `step`.
+    Diverges {
+        /// The journal entry where it diverged.
+        step: Option<u32>,
+        /// What the journal holds and what the new code called.
+        message: String,
+    },
+    /// The new code failed otherwise during the replay (a trap, a flow the
+    /// package does not have).
+    Fails(braid_types::FlowFailure),
+}
+
 /// What the REST worker asks of the node's flows, packages and vnodes.
 ///
 /// Every change is durable when the call returns `Ok`. Reads of the
@@ -149,6 +178,14 @@ pub trait FlowService: Send + Sync + 'static {
         holding: HoldingId,
         package: Checksum,
     ) -> Result<VnodeRecord, WorkerError>;
+    /// Replays the journal of each of a vnode's unfinished flows against
+    /// `package` (nothing live: no message, no commit) and says how each
+    /// fares.
+    async fn check_upgrade(
+        &self,
+        holding: HoldingId,
+        package: Checksum,
+    ) -> Result<Vec<ReplayCheck>, WorkerError>;
     /// Lets clients start flows on a vnode, or stops them.
     async fn set_flow_starts(
         &self,

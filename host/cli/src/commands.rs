@@ -238,6 +238,52 @@ pub fn package_upload(c: &Client, file: &PathBuf) -> anyhow::Result<ExitCode> {
     print(&c.post_bytes("/api/v1/package", "application/wasm", bytes)?)
 }
 
+/// `braid package check-upgrade FILE --vnode H`
+pub fn check_upgrade(
+    c: &Client,
+    file: &PathBuf,
+    vnode: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let pkg = c.post_bytes("/api/v1/package", "application/wasm", bytes)?;
+    let checksum = pkg["checksum"]
+        .as_str()
+        .context("the node's upload answer has no checksum")?;
+    let v = c.post(
+        &format!("/api/v1/virtualnode/{}/check-upgrade", seg(vnode)),
+        &json!({"packageChecksum": checksum}),
+    )?;
+    let check: braid_rest::openapi::UpgradeCheck = serde_json::from_value(v.clone())
+        .context("the node's check answer is not what this braid reads")?;
+    if json {
+        print(&v)?;
+    } else {
+        println!(
+            "{} against {} unfinished flow(s) of {vnode}:",
+            check.package_checksum,
+            check.flows.len()
+        );
+        for f in &check.flows {
+            let who = f.client_request_id.as_deref().unwrap_or("(responder)");
+            let what = match (f.verdict.as_str(), f.step) {
+                ("CLEAN", _) => format!("replays cleanly ({} steps)", f.journal_steps),
+                ("DIVERGES", Some(step)) => format!("diverges at step {step}"),
+                (v, _) => v.to_lowercase(),
+            };
+            println!("  {} {who} (flow {}): {what}", f.flow_name, f.flow_id);
+            if let Some(m) = &f.message {
+                println!("      {m}");
+            }
+        }
+    }
+    Ok(if check.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// `braid package list`
 pub fn package_list(c: &Client) -> anyhow::Result<ExitCode> {
     print(&c.get_all("/api/v1/package", "packages")?)

@@ -138,6 +138,22 @@ enum PackageCommand {
     ///
     /// Example: braid package list
     List,
+    /// Before an upgrade: upload a package and replay the journals of a
+    /// virtual node's unfinished flows against it, running nothing live.
+    /// Prints, per flow, whether it replays cleanly or where it diverges;
+    /// exits 0 when all replay cleanly, 1 when one does not.
+    ///
+    /// Example: braid package check-upgrade ping-v2.wasm --vnode 1a2b3c4d5e6f
+    CheckUpgrade {
+        /// The new package (.wasm) file.
+        file: PathBuf,
+        /// The virtual node whose flows to replay.
+        #[arg(long)]
+        vnode: String,
+        /// Print the REST API's JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -189,6 +205,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Package {
             command: PackageCommand::List,
         } => commands::package_list(&conn.client()?),
+        Command::Package {
+            command: PackageCommand::CheckUpgrade { file, vnode, json },
+        } => commands::check_upgrade(&conn.client()?, &file, &vnode, json),
         Command::Init { password_env } => {
             let path = conn.init(password_env)?;
             eprintln!("wrote {}", path.display());

@@ -42,6 +42,7 @@ mod run;
 mod service;
 mod settings;
 mod state;
+mod upgrade_check;
 mod vnodes;
 
 pub use braid_api::{

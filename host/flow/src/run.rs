@@ -71,14 +71,7 @@ impl FlowEnv for Env {
     }
 
     fn resolve(&self, name: &X500Name) -> Option<HoldingId> {
-        let inner = &self.worker.inner;
-        if let Some(h) = inner.lock().names.get(name).copied() {
-            return Some(h);
-        }
-        match &inner.remote {
-            Some(r) if r.is_member(name) => Some(HoldingId::derive(name, &inner.config.group)),
-            _ => None,
-        }
+        resolve_member(&self.worker, name)
     }
 
     fn derive(&self, name: &X500Name) -> HoldingId {
@@ -90,6 +83,19 @@ impl FlowEnv for Env {
             self.worker.catch_up_catalog().await;
         }
         self.resolve(name)
+    }
+}
+
+/// The holding id of `name` if it is a vnode of this node or a member of
+/// its network.
+pub(crate) fn resolve_member(w: &FlowWorker, name: &X500Name) -> Option<HoldingId> {
+    let inner = &w.inner;
+    if let Some(h) = inner.lock().names.get(name).copied() {
+        return Some(h);
+    }
+    match &inner.remote {
+        Some(r) if r.is_member(name) => Some(HoldingId::derive(name, &inner.config.group)),
+        _ => None,
     }
 }
 

@@ -82,6 +82,13 @@ impl FlowService for FlowWorker {
     ) -> Result<VnodeRecord, WorkerError> {
         FlowWorker::force_package(self, holding, package).await
     }
+    async fn check_upgrade(
+        &self,
+        holding: HoldingId,
+        package: Checksum,
+    ) -> Result<Vec<braid_api::ReplayCheck>, WorkerError> {
+        FlowWorker::check_upgrade(self, holding, package).await
+    }
     async fn set_flow_starts(
         &self,
         holding: HoldingId,

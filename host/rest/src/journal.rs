@@ -138,15 +138,9 @@ async fn journal_view(
     let failed_at_step = match (&record.status, &record.error) {
         // Where replay with the flow's (new) code diverged, as the
         // runtime's failure says ("... at step N: ...").
-        (FlowStatus::Failed, Some(e)) if e.kind == braid_types::FailureKind::NonDeterminism => e
-            .message
-            .split_once("at step ")
-            .and_then(|(_, rest)| {
-                rest.split(|c: char| !c.is_ascii_digit())
-                    .next()
-                    .and_then(|n| n.parse().ok())
-            })
-            .or(Some(raw.len() as u32)),
+        (FlowStatus::Failed, Some(e)) if e.kind == braid_types::FailureKind::NonDeterminism => {
+            braid_types::journal::diverged_at(&e.message).or(Some(raw.len() as u32))
+        }
         (FlowStatus::Failed | FlowStatus::Killed, _) => Some(raw.len() as u32),
         _ => None,
     };

@@ -165,6 +165,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<Ctx> {
         .routes(routes!(vnodes::get_vnode))
         .routes(routes!(vnodes::vnode_flows))
         .routes(routes!(vnodes::upgrade_vnode))
+        .routes(routes!(vnodes::check_upgrade))
         .routes(routes!(vnodes::vnode_state))
         .routes(routes!(packages::get_package, packages::delete_package))
         .routes(routes!(vnodes::vnode_events))

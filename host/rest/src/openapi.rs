@@ -307,6 +307,40 @@ pub struct Flow {
     pub timestamp: String,
 }
 
+/// How a virtual node's unfinished flows fare when their journals are
+/// replayed against another package.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeCheck {
+    /// The package checked.
+    pub package_checksum: String,
+    /// Whether every flow replays cleanly.
+    pub clean: bool,
+    /// One per unfinished flow, oldest first.
+    pub flows: Vec<FlowReplay>,
+}
+
+/// One flow's replay against the new package.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowReplay {
+    /// The flow's id.
+    pub flow_id: String,
+    /// The client's request id; `null` for responder flows.
+    pub client_request_id: Option<String>,
+    /// The flow's name.
+    pub flow_name: String,
+    /// Its journal's length: the steps replayed.
+    pub journal_steps: u32,
+    /// `CLEAN` (the new code does what the journal says), `DIVERGES` (it
+    /// called something else at `step`) or `FAILS` (it failed otherwise).
+    pub verdict: String,
+    /// `DIVERGES`: the journal entry where it diverged.
+    pub step: Option<u32>,
+    /// `DIVERGES` and `FAILS`: what happened.
+    pub message: Option<String>,
+}
+
 /// What a flow did: its status, how it started, every journal entry in
 /// order, and the same for each counterparty flow of its sessions that
 /// runs on this node (and that the caller may read).

@@ -178,6 +178,60 @@ pub(crate) async fn upgrade_vnode(
 }
 
 #[utoipa::path(
+    post,
+    path = "/api/v1/virtualnode/{holding}/check-upgrade",
+    tag = "virtual nodes",
+    summary = "Replay the virtual node's unfinished flows against another package, running nothing live",
+    description = "Each unfinished flow's journal is replayed against the package's code until its end: the answer says, per flow, whether the new code replays it cleanly or where it diverges. Nothing is sent, committed or changed.",
+    params(
+        ("holding" = String, Path, description = "The virtual node's holdingId (12 hex digits)"),
+    ),
+    request_body = openapi::SetPackage,
+    responses(
+        (status = 200, description = "The check, per flow", body = openapi::UpgradeCheck),
+        (status = 400, description = "Malformed JSON, a missing or invalid field", body = openapi::Problem),
+        (status = 404, description = "No such virtual node or package", body = openapi::Problem),
+        (status = 413, description = "The request body is too large (`BODY_TOO_LARGE`)", body = openapi::Problem),
+        (status = 503, description = "The store is unavailable; retry later", body = openapi::Problem),
+    ),
+)]
+pub(crate) async fn check_upgrade(
+    State(c): State<Ctx>,
+    Path(h): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<openapi::UpgradeCheck>, ApiError> {
+    use braid_api::ReplayVerdict;
+    let h = holding(&h)?;
+    let checksum = package_checksum(body)?;
+    let checks = c.worker.check_upgrade(h, checksum).await?;
+    let flows: Vec<openapi::FlowReplay> = checks
+        .into_iter()
+        .map(|r| {
+            let (verdict, step, message) = match r.verdict {
+                ReplayVerdict::Clean => ("CLEAN", None, None),
+                ReplayVerdict::Diverges { step, message } => ("DIVERGES", step, Some(message)),
+                ReplayVerdict::Fails(f) => ("FAILS", None, Some(f.message)),
+            };
+            let view = flows::flow_view(&r.flow);
+            openapi::FlowReplay {
+                flow_id: view.flow_id,
+                client_request_id: view.client_request_id,
+                flow_name: view.flow_name,
+                journal_steps: r.journal_len,
+                verdict: verdict.into(),
+                step,
+                message,
+            }
+        })
+        .collect();
+    Ok(Json(openapi::UpgradeCheck {
+        package_checksum: checksum.to_string(),
+        clean: flows.iter().all(|f| f.verdict == "CLEAN"),
+        flows,
+    }))
+}
+
+#[utoipa::path(
     put,
     path = "/api/v1/virtualnode/{holding}/state",
     tag = "virtual nodes",

@@ -223,6 +223,13 @@ mod tests {
         async fn set_flow_starts(&self, _: HoldingId, _: bool) -> Result<VnodeRecord, WorkerError> {
             refused()
         }
+        async fn check_upgrade(
+            &self,
+            _: HoldingId,
+            _: Checksum,
+        ) -> Result<Vec<braid_api::ReplayCheck>, WorkerError> {
+            refused()
+        }
         fn events(&self) -> &EventLog {
             &self.events
         }

@@ -266,6 +266,10 @@ impl FlowState {
     /// A call of another kind than the journal holds is a divergence.
     fn replay(&mut self, call: &Call<'_>) -> wasmtime::Result<Option<Entry>> {
         if !self.replaying() {
+            if self.env.replay_only() {
+                // The journal replayed cleanly up to here: a check stops.
+                return Err(self.halt(Stop::Evicted));
+            }
             self.count_host_call()?;
             return Ok(None);
         }
@@ -466,6 +470,11 @@ impl FlowState {
         if let Some(why) = self.kill.get() {
             let why = why.clone();
             return Err(self.halt(Stop::Killed(why)));
+        }
+        if self.env.replay_only() {
+            // Past the journal (a sleep or receive it ended on): a check
+            // stops here.
+            return Err(self.halt(Stop::Evicted));
         }
         self.wake_at = deadline_ms;
         let cp = self.take_checkpoint();

@@ -183,6 +183,12 @@ pub trait FlowEnv: Send + Sync + 'static {
     fn now_millis(&self) -> u64 {
         braid_types::now_millis()
     }
+    /// Whether the flow is only to be replayed (checking new code against
+    /// its journal): its first call past the journal ends the run as
+    /// [`RunOutcome::Evicted`], nothing live is done.
+    fn replay_only(&self) -> bool {
+        false
+    }
 }
 
 /// Delivered to a live flow.

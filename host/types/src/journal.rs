@@ -224,6 +224,16 @@ impl Entry {
     }
 }
 
+/// The step a `NON_DETERMINISM` failure names ("... at step N: ..."), as
+/// the runtime words it.
+pub fn diverged_at(message: &str) -> Option<u32> {
+    let (_, rest) = message.split_once("at step ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// FNV-1a: a stable digest of a sent payload, so replay notices a flow
 /// that sends something different at the same step.
 pub fn digest(bytes: &[u8]) -> u64 {

@@ -124,3 +124,123 @@ fn replaying_with_changed_code_fails_with_non_determinism() {
         st.describe()
     );
 }
+
+#[test]
+fn check_upgrade_says_which_flows_replay_cleanly_and_where_the_others_diverge() {
+    const N: usize = 3;
+    let node = Node::start();
+    let alice = node.vnode(ALICE, Pkg::Ping);
+    let bob = node.vnode(BOB, Pkg::Ping);
+    let api = node.api().clone();
+    let ids = start_pings(&api, &alice, BOB, "cu", N, 8000);
+    wait_until("pings to be suspended", Duration::from_secs(60), || {
+        let running = api
+            .list_flows(&alice)
+            .iter()
+            .filter(|f| f.status == "RUNNING")
+            .count();
+        let responders = api
+            .list_flows(&bob)
+            .iter()
+            .filter(|f| f.client_request_id.is_none() && f.status == "RUNNING")
+            .count();
+        if running == N && responders == N {
+            Ok(())
+        } else {
+            Err(format!(
+                "{running}/{N} initiators, {responders}/{N} responders"
+            ))
+        }
+    });
+
+    // Through the CLI: it uploads ping-v2 and checks Bob's flows. ping-v2
+    // keeps ping's responder: Bob's sleeping responders replay cleanly.
+    let dir = braid_e2e::fresh_dir("check-upgrade");
+    let wasm = dir.join("ping-v2.wasm");
+    std::fs::write(&wasm, package_bytes(Pkg::PingV2)).unwrap();
+    let ca = node.ca_path();
+    let cli = |vnode: &str| {
+        let mut cmd = std::process::Command::new(braid_e2e::braid_bin());
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("BRAID_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args([
+            "package",
+            "check-upgrade",
+            wasm.to_str().unwrap(),
+            "--vnode",
+            vnode,
+        ])
+        .env("BRAID_URL", api.base())
+        .env("BRAID_CA", &ca)
+        .env("BRAID_USER", "admin")
+        .env("BRAID_PASSWORD", braid_e2e::ADMIN_PASSWORD)
+        .output()
+        .expect("run braid package check-upgrade")
+    };
+    let out = cli(&bob);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("replays cleanly").count(), N, "{text}");
+    // ping-v2's initiator takes the time first: Alice's pings diverge at
+    // their first entry, and the CLI says so with exit code 1.
+    let out = cli(&alice);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(text.matches("diverges at step 0").count(), N, "{text}");
+
+    // The REST answer, in detail.
+    let v2 = api.upload_package(&package_bytes(Pkg::PingV2));
+    let check = |h: &str| {
+        let r = api
+            .post_json(
+                &format!("/api/v1/virtualnode/{h}/check-upgrade"),
+                &json!({"packageChecksum": v2}),
+            )
+            .expect("check-upgrade");
+        r.expect_status(&[200], "check-upgrade");
+        r.json
+    };
+    let on_bob = check(&bob);
+    assert_eq!(on_bob["clean"], true, "{on_bob}");
+    let flows = on_bob["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), N, "{on_bob}");
+    for f in flows {
+        assert_eq!(f["verdict"], "CLEAN", "{f}");
+        assert_eq!(f["flowName"], "ping_responder", "{f}");
+        assert!(f["journalSteps"].as_u64().is_some_and(|n| n >= 2), "{f}");
+    }
+    let on_alice = check(&alice);
+    assert_eq!(on_alice["clean"], false, "{on_alice}");
+    let flows = on_alice["flows"].as_array().unwrap();
+    assert_eq!(flows.len(), N, "{on_alice}");
+    for f in flows {
+        assert_eq!(f["verdict"], "DIVERGES", "{f}");
+        assert_eq!(f["step"], 0, "{f}");
+        let m = f["message"].as_str().unwrap_or_default();
+        assert!(m.contains("initiate") && m.contains("now-millis"), "{f}");
+    }
+    // A package or a vnode that does not exist.
+    api.post_json(
+        &format!("/api/v1/virtualnode/{bob}/check-upgrade"),
+        &json!({"packageChecksum": "00".repeat(32)}),
+    )
+    .expect("check-upgrade")
+    .expect_problem(&[404], "check against an unknown package");
+
+    // The checks ran nothing live: every ping completes, once, on ping.
+    let done = api.wait_all_terminal(&alice, &ids, Duration::from_secs(60));
+    for (i, st) in done.iter().enumerate() {
+        crate::assert_ping_ok(st, i as i64, BOB);
+    }
+    let responders = api.wait_responders_terminal(&bob, N, Duration::from_secs(60));
+    braid_e2e::assert_all_completed(&responders, "Bob's responders after the checks");
+    let _ = std::fs::remove_dir_all(&dir);
+}

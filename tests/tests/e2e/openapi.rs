@@ -136,6 +136,10 @@ impl World {
                 format!("/api/v1/virtualnode/{}/package", self.throwaway_vnode()),
                 json!({"packageChecksum": self.ping_v2}),
             ),
+            "check_upgrade" => Call::json(
+                format!("/api/v1/virtualnode/{a}/check-upgrade"),
+                json!({"packageChecksum": self.ping_v2}),
+            ),
             "vnode_state" => Call::json(
                 format!("/api/v1/virtualnode/{}/state", self.throwaway_vnode()),
                 json!({"flowStartsEnabled": true}),
