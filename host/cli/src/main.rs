@@ -157,7 +157,31 @@ enum PackageCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // The demo prints what it does and its result; its nodes' logs go to a
+    // file it names.
+    let demo_log = match &mut cli.command {
+        Command::Demo { data_dir } => {
+            let dir = data_dir
+                .get_or_insert_with(|| {
+                    std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()))
+                })
+                .clone();
+            let file = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::File::create(dir.join("braid.log")));
+            match file {
+                Ok(f) => Some((dir.join("braid.log"), f)),
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot write the demo's log in {}: {e}",
+                        dir.display()
+                    );
+                    return ExitCode::from(ERROR_EXIT);
+                }
+            }
+        }
+        _ => None,
+    };
     let local = matches!(
         cli.command,
         Command::Node { .. } | Command::Demo { .. } | Command::Bench(_) | Command::Network { .. }
@@ -168,18 +192,28 @@ fn main() -> ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        // When stderr cannot be written (its file is on a full disk), the
-        // line is lost; by default tracing would report that with
-        // `eprintln!`, which panics on the same error in whatever thread
-        // logged (the store's writer, a flow), taking it down.
-        .log_internal_errors(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // When the log cannot be written (its file is on a full disk), the line
+    // is lost; by default tracing would report that with `eprintln!`, which
+    // panics on the same error in whatever thread logged (the store's
+    // writer, a flow), taking it down.
+    match demo_log {
+        Some((path, file)) => {
+            eprintln!("the nodes' logs: {}", path.display());
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .log_internal_errors(false)
+                .init();
+        }
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
+            .init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -590,5 +590,18 @@ fn the_demo_pings_across_a_two_node_network() {
         2,
         "the demo should run two nodes:\n{stderr}"
     );
+    // What a person reads: what it does, then the result; the nodes' logs
+    // are in the file it names.
+    assert!(
+        !stderr.contains(" INFO "),
+        "log lines on the demo's stderr:\n{stderr}"
+    );
+    let log = dir.join("demo").join("braid.log");
+    assert!(
+        stderr.contains(&format!("the nodes' logs: {}", log.display())),
+        "{stderr}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("node started"), "{logged}");
     let _ = std::fs::remove_dir_all(&dir);
 }
