@@ -497,24 +497,15 @@ impl Network {
 
     /// Kills `flow` with `reason`.
     pub fn kill(&self, flow: &Flow, reason: &str) {
-        let st = self.shared.state();
+        let mut st = self.shared.state();
         let f = st
             .flows
-            .get(&flow.0)
+            .get_mut(&flow.0)
             .unwrap_or_else(|| panic!("no flow {}", flow.0));
-        if let Some(live) = &f.live {
+        if let Some(live) = f.live.as_mut() {
             let _ = live.kill.set(reason.to_string());
             let _ = live.events.send(Event::Kill(reason.to_string()));
-        }
-        drop(st);
-        if let Some(l) = self
-            .shared
-            .state()
-            .flows
-            .get_mut(&flow.0)
-            .and_then(|f| f.live.as_mut())
-        {
-            l.waiting = None; // it runs, to end
+            live.waiting = None; // it runs, to end
         }
     }
 

@@ -406,6 +406,32 @@ fn networked_worker(
         .arg(config)
 }
 
+/// `n` loopback addresses for the gateways of `node`'s cluster, and a TCP
+/// balancer spreading the gateway address its network map lists over them.
+fn balanced_gateways(
+    net: &braid_e2e::network::Network,
+    node: &str,
+    n: usize,
+) -> (braid_e2e::balancer::Balancer, Vec<std::net::SocketAddr>) {
+    let gateways: Vec<std::net::SocketAddr> = (0..n)
+        .map(|_| {
+            format!("127.0.0.1:{}", braid_testkit::free_port())
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let balancer = braid_e2e::balancer::Balancer::start(net.gateway_addr(node), gateways.clone());
+    (balancer, gateways)
+}
+
+/// A gateway worker (`opts` of `--roles gateway`) listening on `addr`.
+fn gateway_at(opts: NodeOptions, addr: &std::net::SocketAddr) -> Node {
+    opts.arg("--gateway-listen")
+        .arg(addr.to_string())
+        .no_rest()
+        .start()
+}
+
 /// The partitions a link manager or gateway said last (`said ... held=`)
 /// that it holds.
 fn last_held(worker: &Node, said: &str) -> Vec<u16> {
@@ -447,23 +473,9 @@ fn a_cluster_with_its_own_link_managers_and_gateways_and_an_embedded_node_ping_e
     let broker = Broker::start();
     let db = braid_testkit::fresh_database();
     let beta = net.config_path("beta").to_string_lossy().into_owned();
-    let gateways: Vec<std::net::SocketAddr> = (0..2)
-        .map(|_| {
-            format!("127.0.0.1:{}", braid_testkit::free_port())
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    let _balancer =
-        braid_e2e::balancer::Balancer::start(net.gateway_addr("beta"), gateways.clone());
+    let (_balancer, gateways) = balanced_gateways(&net, "beta", 2);
     let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 8);
-    let gateway = |addr: &std::net::SocketAddr| {
-        opts("gateway")
-            .arg("--gateway-listen")
-            .arg(addr.to_string())
-            .no_rest()
-            .start()
-    };
+    let gateway = |addr: &std::net::SocketAddr| gateway_at(opts("gateway"), addr);
     let mut workers = vec![
         opts("flow").no_rest().start(),
         opts("flow").no_rest().start(),
@@ -639,23 +651,9 @@ fn an_operator_cluster_approves_members_through_any_of_its_rest_workers() {
     let broker = Broker::start();
     let db = braid_testkit::fresh_database();
     let beta = net.config_path("beta").to_string_lossy().into_owned();
-    let gateways: Vec<std::net::SocketAddr> = (0..2)
-        .map(|_| {
-            format!("127.0.0.1:{}", braid_testkit::free_port())
-                .parse()
-                .unwrap()
-        })
-        .collect();
-    let _balancer =
-        braid_e2e::balancer::Balancer::start(net.gateway_addr("beta"), gateways.clone());
+    let (_balancer, gateways) = balanced_gateways(&net, "beta", 2);
     let opts = |roles: &str| networked_worker(&db, &broker, &beta, roles, 4);
-    let gateway = |addr: &std::net::SocketAddr| {
-        opts("gateway")
-            .arg("--gateway-listen")
-            .arg(addr.to_string())
-            .no_rest()
-            .start()
-    };
+    let gateway = |addr: &std::net::SocketAddr| gateway_at(opts("gateway"), addr);
     let mut workers = [
         gateway(&gateways[0]),
         gateway(&gateways[1]),
